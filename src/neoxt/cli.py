@@ -1,0 +1,46 @@
+"""The `neoxt` command: one argparse subcommand per job, each a thin call into a module.
+
+Each area owns a ``commands.py`` with ``register(subparsers)``; this file lists them explicitly.
+Handlers import their heavy dependencies (torch, transformers) lazily so ``neoxt --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from neoxt.errors import NeoxtError
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "neoxt.config.commands",
+    "neoxt.doctor",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neoxt",
+        description="Train, post-train, convert, generate and evaluate language models (GPT-NeoX compatible).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except NeoxtError as err:
+        print(f"neoxt: {err}" if not str(err).startswith("config error") else str(err), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neoxt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Reader and writer of the Megatron / GPT-NeoX memory-mapped indexed dataset (``.bin`` + ``.idx``).
+
+Users hold terabytes of these files and keep running old tooling on them, so the format is
+reproduced byte for byte (upstream: megatron/data/indexed_dataset.py, MMapIndexedDataset):
+
+``.idx`` (little-endian, no padding)::
+
+    magic     9 bytes  b"MMIDIDX\\x00\\x00"
+    version   <Q       1
+    dtype     <B       code from DTYPE_CODES
+    len       <Q       number of items (sequences)
+    doc_count <Q       number of document-index entries (documents + 1)
+    sizes     int32[len]        tokens per item
+    pointers  int64[len]        byte offset of each item in the .bin
+    doc_idx   int64[doc_count]  item index where each document starts; last entry = len
+
+``.bin`` is the items' tokens back to back in ``dtype``. A *prefix* names both files.
+
+The reader memory-maps both files (nothing is copied) and checks the header and that every item
+lies inside the ``.bin`` up front, so a truncated or mismatched pair fails when opened, naming the
+file, instead of returning garbage deep inside training.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from neoxt.errors import DataError
+
+HEADER_MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+# Upstream's dtype codes (indexed_dataset.dtypes); a file's third header field is one of these keys.
+DTYPE_CODES: dict[int, np.dtype] = {
+    1: np.dtype(np.uint8),
+    2: np.dtype(np.int8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.int32),
+    5: np.dtype(np.int64),
+    6: np.dtype(np.float32),
+    7: np.dtype(np.float64),
+    8: np.dtype(np.uint16),
+}
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, len, doc_count
+HEADER_SIZE = _HEADER.size  # 34 bytes
+# Items checked per step when validating pointers against the .bin size (bounds temporary memory).
+_CHECK_CHUNK = 1 << 22
+
+
+def best_fitting_dtype(vocab_size: int | None) -> np.dtype:
+    """Upstream's choice (``__best_fitting_dtype``): uint16 below 65500 tokens, else int32."""
+    if vocab_size is not None and vocab_size < 65500:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
+def dtype_code(dtype: np.dtype | type) -> int:
+    dt = np.dtype(dtype)
+    for code, known in DTYPE_CODES.items():
+        if known == dt:
+            return code
+    raise DataError(f"dtype {dt} cannot be stored in an indexed dataset (supported: "
+                    f"{', '.join(str(d) for d in DTYPE_CODES.values())})")
+
+
+def index_file_path(prefix: str | os.PathLike) -> str:
+    return os.fspath(prefix) + ".idx"
+
+
+def data_file_path(prefix: str | os.PathLike) -> str:
+    return os.fspath(prefix) + ".bin"
+
+
+def dataset_exists(prefix: str | os.PathLike) -> bool:
+    return os.path.isfile(index_file_path(prefix)) and os.path.isfile(data_file_path(prefix))
+
+
+def _strip_suffix(prefix: str | os.PathLike) -> str:
+    """Accept ``foo``, ``foo.bin`` or ``foo.idx`` for the prefix ``foo`` (users paste either)."""
+    p = os.fspath(prefix)
+    for suffix in (".bin", ".idx"):
+        if p.endswith(suffix) and os.path.isfile(p[: -len(suffix)] + ".idx"):
+            return p[: -len(suffix)]
+    return p
+
+
+class IndexedDataset:
+    """Read-only view of one ``.bin``/``.idx`` pair; items are numpy views into the mapped ``.bin``.
+
+    Picklable (it pickles only its prefix), so DataLoader workers re-map the files themselves.
+    """
+
+    def __init__(self, prefix: str | os.PathLike):
+        self._open(_strip_suffix(prefix))
+
+    def _open(self, prefix: str) -> None:
+        self.prefix = prefix
+        idx_path, bin_path = index_file_path(prefix), data_file_path(prefix)
+        for path in (idx_path, bin_path):
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: indexed dataset file not found (prefix {prefix!r} needs "
+                                f"both {os.path.basename(idx_path)} and {os.path.basename(bin_path)})")
+        idx_size = os.path.getsize(idx_path)
+        with open(idx_path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+        if len(head) < 9 or head[:9] != HEADER_MAGIC:
+            hint = " (legacy 'cached' TNTIDX format is not supported)" if head[:6] == b"TNTIDX" else ""
+            raise DataError(f"{idx_path}: not a GPT-NeoX/Megatron mmap index (bad magic {head[:9]!r}){hint}")
+        if len(head) < HEADER_SIZE:
+            raise DataError(f"{idx_path}: truncated header ({idx_size} bytes, need {HEADER_SIZE})")
+        _, version, code, length, doc_count = _HEADER.unpack(head)
+        if version != VERSION:
+            raise DataError(f"{idx_path}: unsupported index version {version} (only version {VERSION})")
+        if code not in DTYPE_CODES:
+            raise DataError(f"{idx_path}: unknown dtype code {code} (known: {sorted(DTYPE_CODES)})")
+        self._dtype = DTYPE_CODES[code]
+        expected = HEADER_SIZE + length * 4 + length * 8 + doc_count * 8
+        if idx_size != expected:
+            raise DataError(f"{idx_path}: size {idx_size} bytes does not match its header "
+                            f"({length} items, {doc_count} document entries need {expected} bytes); "
+                            "the file is truncated or corrupt")
+        idx_map = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        self._idx_map = idx_map
+        self._sizes = np.frombuffer(idx_map, dtype=np.int32, count=length, offset=HEADER_SIZE)
+        self._pointers = np.frombuffer(idx_map, dtype=np.int64, count=length, offset=HEADER_SIZE + 4 * length)
+        self._doc_idx = np.frombuffer(idx_map, dtype=np.int64, count=doc_count,
+                                      offset=HEADER_SIZE + 12 * length)
+        bin_size = os.path.getsize(bin_path)
+        self._check_bounds(idx_path, bin_path, bin_size)
+        # np.memmap refuses empty files; an empty dataset has nothing to map.
+        self._bin = np.memmap(bin_path, mode="r", dtype=np.uint8) if bin_size else np.empty(0, np.uint8)
+
+    def _check_bounds(self, idx_path: str, bin_path: str, bin_size: int) -> None:
+        itemsize = self._dtype.itemsize
+        n = len(self._sizes)
+        for start in range(0, n, _CHECK_CHUNK):
+            sizes = self._sizes[start : start + _CHECK_CHUNK].astype(np.int64)
+            pointers = self._pointers[start : start + _CHECK_CHUNK]
+            if sizes.size and (sizes.min() < 0 or pointers.min() < 0):
+                bad = start + int(np.argmax((sizes < 0) | (pointers < 0)))
+                raise DataError(f"{idx_path}: item {bad} has a negative size or pointer; the index is corrupt")
+            ends = pointers + sizes * itemsize
+            if ends.size and ends.max() > bin_size:
+                bad = start + int(np.argmax(ends > bin_size))
+                raise DataError(
+                    f"{bin_path}: item {bad} runs to byte {int(ends[bad - start])} but the file has "
+                    f"{bin_size} bytes; the .bin is truncated or does not belong to {idx_path}")
+        doc_idx = self._doc_idx
+        if doc_idx.size and (doc_idx[0] != 0 or doc_idx.min() < 0 or doc_idx.max() > n
+                             or np.any(np.diff(doc_idx) < 0)):
+            raise DataError(f"{idx_path}: document index is not a non-decreasing list of item "
+                            f"indices in [0, {n}]; the index is corrupt")
+
+    def __getstate__(self) -> str:
+        return self.prefix
+
+    def __setstate__(self, state: str) -> None:
+        self._open(state)
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def __getitem__(self, idx: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(idx, slice):
+            start, stop, step = idx.indices(len(self))
+            if step != 1:
+                raise ValueError("slices of an indexed dataset must be contiguous")
+            return [self.get(i) for i in range(start, stop)]
+        return self.get(idx)
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Item ``idx`` from token ``offset`` on, ``length`` tokens (default: to the end of the item)."""
+        n = len(self)
+        i = int(idx)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"item {idx} out of range for {self.prefix} ({n} items)")
+        size = int(self._sizes[i])
+        if offset < 0 or offset > size:
+            raise IndexError(f"offset {offset} out of range for item {i} of size {size}")
+        if length is None:
+            length = size - offset
+        if length < 0 or offset + length > size:
+            raise IndexError(f"length {length} at offset {offset} runs past item {i} of size {size}")
+        ptr = int(self._pointers[i]) + offset * self._dtype.itemsize
+        return np.frombuffer(self._bin, dtype=self._dtype, count=length, offset=ptr)
+
+    def document(self, doc: int) -> list[np.ndarray]:
+        """The items of document ``doc`` (one item per document in everything preprocess writes)."""
+        num_docs = self.num_documents
+        d = doc + num_docs if doc < 0 else doc
+        if not 0 <= d < num_docs:
+            raise IndexError(f"document {doc} out of range for {self.prefix} ({num_docs} documents)")
+        return [self.get(i) for i in range(int(self._doc_idx[d]), int(self._doc_idx[d + 1]))]
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self._sizes
+
+    @property
+    def pointers(self) -> np.ndarray:
+        return self._pointers
+
+    @property
+    def doc_idx(self) -> np.ndarray:
+        return self._doc_idx
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def num_documents(self) -> int:
+        return max(len(self._doc_idx) - 1, 0)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._sizes.sum(dtype=np.int64))
+
+
+class IndexedDatasetWriter:
+    """Appends items to ``<prefix>.bin``/``.idx`` exactly as upstream's MMapIndexedDatasetBuilder.
+
+    Writes go to ``<file>.tmp``; ``finalize`` writes the index and renames both into place, so an
+    interrupted run never leaves a half-written dataset under the final names. As a context manager
+    it finalizes on success and discards the temporary files on an exception.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type):
+        self.prefix = os.fspath(prefix)
+        self.dtype = np.dtype(dtype)
+        self._code = dtype_code(self.dtype)
+        self._bin_path = data_file_path(self.prefix)
+        self._idx_path = index_file_path(self.prefix)
+        self._bin_tmp = self._bin_path + ".tmp"
+        self._idx_tmp = self._idx_path + ".tmp"
+        Path(self._bin_path).parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._bin_tmp, "wb")  # noqa: SIM115 -- closed in finalize/discard
+        self._sizes = array("i")
+        self._doc_idx = array("q", [0])
+        self._done = False
+        if self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            self._range: tuple[int, int] | None = (int(info.min), int(info.max))
+        else:
+            self._range = None
+
+    def add_item(self, tokens: np.ndarray | Iterable[int]) -> None:
+        """Append one item (a sequence); values must fit the writer's dtype (checked, never wrapped)."""
+        if self._done:
+            raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
+        arr = np.asarray(tokens)
+        if arr.dtype != self.dtype:
+            if arr.size and self._range is not None and arr.dtype.kind in "iub":
+                lo, hi = int(arr.min()), int(arr.max())
+                if lo < self._range[0] or hi > self._range[1]:
+                    raise DataError(f"{self._bin_path}: value {lo if lo < self._range[0] else hi} does "
+                                    f"not fit dtype {self.dtype}")
+            arr = arr.astype(self.dtype)
+        if arr.ndim != 1:
+            arr = arr.reshape(-1)
+        if arr.size > np.iinfo(np.int32).max:
+            raise DataError(f"{self._bin_path}: item of {arr.size} tokens exceeds the format's int32 size field")
+        self._file.write(arr.tobytes(order="C"))
+        self._sizes.append(arr.size)
+
+    def end_document(self) -> None:
+        self._doc_idx.append(len(self._sizes))
+
+    def add_document(self, tokens: np.ndarray | Iterable[int]) -> None:
+        """One item that is a whole document (what preprocess writes)."""
+        self.add_item(tokens)
+        self.end_document()
+
+    @property
+    def num_items(self) -> int:
+        return len(self._sizes)
+
+    def finalize(self) -> None:
+        """Write the index and move both files to their final names."""
+        if self._done:
+            raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
+        try:
+            self._file.close()
+            sizes = np.frombuffer(self._sizes, dtype=np.int32) if len(self._sizes) else np.empty(0, np.int32)
+            pointers = np.zeros(len(sizes), dtype=np.int64)
+            if len(sizes) > 1:
+                np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
+            pointers *= self.dtype.itemsize
+            doc_idx = np.frombuffer(self._doc_idx, dtype=np.int64)
+            with open(self._idx_tmp, "wb") as f:
+                f.write(_HEADER.pack(HEADER_MAGIC, VERSION, self._code, len(sizes), len(doc_idx)))
+                f.write(sizes.astype("<i4", copy=False).tobytes())
+                f.write(pointers.astype("<i8", copy=False).tobytes())
+                f.write(doc_idx.astype("<i8", copy=False).tobytes())
+            # Remove a stale index first: at no moment does a final-named .idx describe another .bin.
+            if os.path.exists(self._idx_path):
+                os.remove(self._idx_path)
+            os.replace(self._bin_tmp, self._bin_path)
+            os.replace(self._idx_tmp, self._idx_path)
+        except BaseException:
+            self.discard()
+            raise
+        self._done = True
+
+    def discard(self) -> None:
+        """Drop everything written so far; the final names are left untouched."""
+        self._done = True
+        if not self._file.closed:
+            self._file.close()
+        for path in (self._bin_tmp, self._idx_tmp):
+            if os.path.exists(path):
+                os.remove(path)
+
+    def __enter__(self) -> IndexedDatasetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.discard()
+        elif not self._done:
+            self.finalize()

@@ -1,0 +1,295 @@
+"""neoxt checkpoints: one directory per saved iteration, written atomically.
+
+Layout (see DESIGN.md)::
+
+    <save>/latest                     text "global_step<N>", replaced atomically
+    <save>/global_step<N>/            a torch.distributed.checkpoint (DCP) directory, plus
+                         config.yml   the resolved run config (text given by the caller)
+                         meta.json    iteration, consumed tokens/samples, neoxt version, time
+
+A checkpoint is written to ``global_step<N>.tmp/`` and renamed only once every file is complete and
+fsynced, so a crash (or ``kill -9``) at any moment leaves either the previous checkpoint or the new
+one, never half of one. ``latest`` is written to a temporary name and ``os.replace``d for the same
+reason. Readers ignore ``*.tmp`` directories.
+
+DCP is used because it stores each tensor under its fully-qualified name and reshards on load:
+a checkpoint written by an FSDP2 run loads into a plain single-process model and vice versa, and a
+caller can load a subset of the saved state (e.g. only ``"model"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from neoxt.errors import CheckpointError
+
+LATEST_FILE = "latest"
+CONFIG_FILE = "config.yml"
+META_FILE = "meta.json"
+DCP_METADATA_FILE = ".metadata"
+_STEP_RE = re.compile(r"^global_step(\d+)$")
+
+# Test-only hook: "<seconds>" or "<seconds>@<iteration>": sleep after the files are written and
+# before the rename, so a test can kill the process in the middle of a checkpoint write.
+_TEST_SLEEP_ENV = "NEOXT_TEST_CHECKPOINT_SLEEP"
+
+
+def _test_sleep(iteration: int) -> None:
+    spec = os.environ.get(_TEST_SLEEP_ENV)
+    if not spec:
+        return
+    seconds, _, only = spec.partition("@")
+    if not only or int(only) == iteration:
+        time.sleep(float(seconds))
+
+
+def step_dir_name(iteration: int) -> str:
+    return f"global_step{iteration}"
+
+
+def _dist_info() -> tuple[bool, int]:
+    """(process group initialised?, rank). Checkpoint files other than DCP's are written by rank 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return True, dist.get_rank()
+    return False, 0
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a directory entry (a rename or a new file) on POSIX filesystems."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    state: dict[str, Any],
+    config_yaml: str,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``state`` as ``<save_dir>/global_step<iteration>/`` and point ``latest`` at it.
+
+    ``state`` is a (nested) dict of tensors and picklable values, e.g. ``{"model": sd, "optimizer":
+    osd, "scheduler": {...}, "rng": {...}, "data": {...}}``. Under a process group every rank must call
+    this (DCP is collective); rank 0 writes config, meta and ``latest``. An existing checkpoint of the
+    same iteration is replaced. Returns the final checkpoint directory.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from neoxt import __version__
+
+    save_dir = Path(save_dir)
+    distributed, rank = _dist_info()
+    final = save_dir / step_dir_name(iteration)
+    tmp = save_dir / (step_dir_name(iteration) + ".tmp")
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftover of a crashed write
+        tmp.mkdir()
+    _barrier(distributed)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
+    except OSError as err:
+        raise CheckpointError(f"{tmp}: cannot write checkpoint: {err}") from err
+    _barrier(distributed)
+
+    if rank == 0:
+        full_meta = dict(meta or {})
+        full_meta["iteration"] = int(iteration)
+        full_meta.setdefault("neoxt_version", __version__)
+        full_meta.setdefault("time", time.time())
+        full_meta["state_keys"] = sorted(state.keys())
+        (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync_file(f)
+        _fsync_dir(tmp)
+
+        _test_sleep(iteration)
+
+        old = None
+        if final.exists():
+            old = save_dir / f"{final.name}.old.{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(save_dir)
+        _write_text_atomic(save_dir / LATEST_FILE, final.name + "\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(distributed)
+    return final
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """A complete neoxt checkpoint directory: DCP metadata and meta.json present."""
+    p = Path(path)
+    return (p / DCP_METADATA_FILE).is_file() and (p / META_FILE).is_file()
+
+
+def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``<save_dir>/latest`` names, or None when the directory holds none.
+
+    Without a ``latest`` file (e.g. a crash between rename and pointer update) the highest complete
+    ``global_step<N>`` directory is used. A ``latest`` naming a missing or incomplete directory is an
+    error rather than a silent fresh start: that run's progress would be lost.
+    """
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return None
+    pointer = save_dir / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        target = save_dir / name
+        if not name or not is_checkpoint_dir(target):
+            raise CheckpointError(
+                f"{pointer}: names '{name}', which is not a complete checkpoint directory in {save_dir}"
+            )
+        return target
+    steps = list_checkpoints(save_dir)
+    return steps[-1] if steps else None
+
+
+def list_checkpoints(save_dir: str | os.PathLike) -> list[Path]:
+    """Complete ``global_step<N>`` directories, oldest first (``.tmp`` and stray dirs ignored)."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    found = []
+    for p in save_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and is_checkpoint_dir(p):
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory resolves to its latest checkpoint; a ``global_step<N>`` directory to itself."""
+    p = Path(path)
+    if is_checkpoint_dir(p):
+        return p
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint or run directory")
+    if p.name.endswith(".tmp") and _STEP_RE.match(p.name[:-4]):
+        raise CheckpointError(f"{p}: an incomplete checkpoint (interrupted write); use the run directory")
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"{p}: holds no neoxt checkpoint (no 'latest' file and no global_step<N>/)")
+    return latest
+
+
+def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(ckpt_dir) / META_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: missing (not a neoxt checkpoint directory)") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+def read_config_text(ckpt_dir: str | os.PathLike) -> str:
+    path = Path(ckpt_dir) / CONFIG_FILE
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: missing (not a neoxt checkpoint directory)") from err
+
+
+def load_state(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> dict[str, Any]:
+    """Load the checkpoint into ``state`` in place and return it.
+
+    ``state`` gives the keys and (for tensors) the shapes/placements to fill; it may be any subset of
+    what was saved, e.g. ``{"model": model.state_dict()}``. Non-tensor values are replaced by the saved
+    ones. Works with or without a process group.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    ckpt_dir = Path(ckpt_dir)
+    if not is_checkpoint_dir(ckpt_dir):
+        raise CheckpointError(f"{ckpt_dir}: not a complete neoxt checkpoint (missing {DCP_METADATA_FILE} or {META_FILE})")
+    distributed, _ = _dist_info()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not distributed)
+    except (CheckpointException, RuntimeError, KeyError, ValueError) as err:
+        first = str(err).strip().splitlines()
+        detail = _summarise_dcp_error(str(err)) or (first[0] if first else type(err).__name__)
+        raise CheckpointError(f"{ckpt_dir}: state does not match the checkpoint: {detail}") from err
+    return state
+
+
+def _summarise_dcp_error(text: str) -> str:
+    """DCP wraps per-rank failures in a long multi-line report; keep the line that names the tensor."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(("ValueError:", "RuntimeError:", "KeyError:")):
+            return line.split(":", 1)[1].strip()[:300]
+    return ""
+
+
+def prune_checkpoints(save_dir: str | os.PathLike, keep_last_n: int | None) -> list[Path]:
+    """Delete all but the newest ``keep_last_n`` checkpoints (never the one ``latest`` names).
+
+    Returns the removed directories. ``None`` or a value < 1 keeps everything.
+    """
+    if keep_last_n is None or keep_last_n < 1:
+        return []
+    save_dir = Path(save_dir)
+    steps = list_checkpoints(save_dir)
+    try:
+        protected = latest_checkpoint(save_dir)
+    except CheckpointError:
+        protected = None
+    removed = []
+    for p in steps[:-keep_last_n]:
+        if protected is not None and p.resolve() == protected.resolve():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed

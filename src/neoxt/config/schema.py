@@ -291,7 +291,7 @@ class RunConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     # The files this config was merged from, in order (for error messages and checkpoints).
-    source_files: tuple[str, ...] = ()
+    source_files: tuple[str, ...] = field(default=(), compare=False)
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(RunConfig) if f.name != "source_files")

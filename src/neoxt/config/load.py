@@ -1,0 +1,687 @@
+"""Merge GPT-NeoX-style YAML files into one resolved ``RunConfig``.
+
+The order of work: read each file (YAML as GPT-NeoX writes it: JSON-like, ``#`` comments, trailing
+commas, ``6e-4`` meaning a float), fold ``-`` into ``_`` in key names, refuse a key set twice, apply
+``--set`` overrides, then resolve: every plain key lands in its dataclass field with a type check,
+and the derived values (batch triple, warmup, MLP width, per-layer attention) are computed once.
+Every error names the file (and line) and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from neoxt.config import neox_keys
+from neoxt.config.schema import SECTIONS, RunConfig
+from neoxt.errors import ConfigError
+
+log = logging.getLogger("neoxt.config")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key as the user wrote it: its value and where it came from."""
+
+    value: Any
+    source: str  # "file.yml:12", "--set" or "<dict>"
+    spelling: str  # the key as written (dashes kept), for messages
+
+
+class _NeoxLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``6e-4`` / ``1E5`` as floats (YAML 1.2 style, as JSON does)."""
+
+
+_FLOAT_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+_NeoxLoader.yaml_implicit_resolvers = {
+    k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_NeoxLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse one YAML scalar the way a config file would (used for --set values)."""
+    return yaml.load(text, Loader=_NeoxLoader) if text.strip() else ""
+
+
+def normalize_key(key: str) -> str:
+    return str(key).strip().replace("-", "_")
+
+
+def read_config_file(path: str | Path) -> dict[str, Entry]:
+    """Read one YAML file into {normalized key: Entry}, refusing duplicate keys inside it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        node = yaml.compose(text, Loader=_NeoxLoader)
+        data = yaml.load(text, Loader=_NeoxLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or node is None or not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+    out: dict[str, Entry] = {}
+    seen_lines: dict[str, int] = {}
+    for key_node, _ in node.value:
+        key = normalize_key(key_node.value)
+        line = key_node.start_mark.line + 1
+        if key in seen_lines:
+            raise ConfigError(
+                f"{path}:{line}: key '{key_node.value}' is already set at line {seen_lines[key]} of the same file"
+            )
+        seen_lines[key] = line
+    for raw_key, value in data.items():
+        key = normalize_key(raw_key)
+        out[key] = Entry(value, f"{path}:{lines.get(str(raw_key), '?')}", str(raw_key))
+    return out
+
+
+def merge_entries(per_file: Iterable[dict[str, Entry]], overrides: Sequence[str] = ()) -> dict[str, Entry]:
+    """Merge files in order; a key set in two files is an error naming both (``-``/``_`` alike)."""
+    merged: dict[str, Entry] = {}
+    for entries in per_file:
+        for key, entry in entries.items():
+            if key in merged:
+                first = merged[key]
+                raise ConfigError(
+                    f"{entry.source.rsplit(':', 1)[0]}: key '{entry.spelling}' is already set in "
+                    f"{first.source.rsplit(':', 1)[0]} (as '{first.spelling}'); set it in one file only"
+                )
+            merged[key] = entry
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        raw_key, text = item.split("=", 1)
+        key = normalize_key(raw_key)
+        try:
+            value = _parse_scalar(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: cannot parse the value") from None
+        merged[key] = Entry(value, "--set", raw_key.strip())
+    return merged
+
+
+def load_config(
+    paths: Sequence[str | Path], overrides: Sequence[str] = (), world_size: int | None = None
+) -> RunConfig:
+    """Load and merge GPT-NeoX-style YAML files (plus ``--set key=value`` overrides).
+
+    ``world_size`` (default: ``$WORLD_SIZE`` or 1) fixes the data-parallel size used to derive the
+    global batch.
+    """
+    merged = merge_entries((read_config_file(p) for p in paths), overrides)
+    return resolve(merged, tuple(str(p) for p in paths), world_size)
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>", world_size: int | None = None) -> RunConfig:
+    """Build a RunConfig from a dict written with the same keys as a YAML file."""
+    entries = {normalize_key(k): Entry(v, source, str(k)) for k, v in data.items()}
+    return resolve(entries, (), world_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolution
+
+
+def _field_index() -> dict[str, tuple[str, type]]:
+    """field name -> (section, dataclass) for every plain field of every section."""
+    index: dict[str, tuple[str, type]] = {}
+    for section in SECTIONS:
+        cls = _section_class(section)
+        for f in fields(cls):
+            index[f.name] = (section, cls)
+    return index
+
+
+def _section_class(section: str) -> type:
+    hints = typing.get_type_hints(RunConfig)
+    return hints[section]
+
+
+_FIELDS = _field_index()
+KNOWN_KEYS: frozenset[str] = frozenset(
+    set(_FIELDS) | set(neox_keys.ALIASES) | neox_keys.STRUCTURED | neox_keys.IGNORED | set(neox_keys.UNSUPPORTED)
+)
+# Derived fields a user does not write directly (they come from structured keys).
+_DERIVED_FIELDS = frozenset(
+    {"attention_types", "warmup_iters", "optimizer_type", "betas", "eps", "momentum", "data_parallel_size"}
+)
+
+
+def _where(entry: Entry, key: str) -> str:
+    return f"{entry.source}: {key}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " (or null)"
+    if origin is tuple:
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against a dataclass field type; return it in the field's form (lists → tuples)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if isinstance(value, str):
+            for choice in choices:
+                if isinstance(choice, str) and choice.lower() == value.lower():
+                    return choice
+        if value in choices:
+            return value
+        raise bad
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    return value
+
+
+class _Resolver:
+    """Resolves merged entries into section dicts; one instance per load."""
+
+    def __init__(self, entries: dict[str, Entry]):
+        self.entries = entries
+        self.values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        self.hints = {s: typing.get_type_hints(_section_class(s)) for s in SECTIONS}
+
+    def has(self, key: str) -> bool:
+        return key in self.entries and self.entries[key].value is not None
+
+    def get(self, key: str, tp: Any, default: Any = None) -> Any:
+        if key not in self.entries or self.entries[key].value is None:
+            return default
+        entry = self.entries[key]
+        return coerce(entry.value, tp, _where(entry, entry.spelling))
+
+    def src(self, key: str) -> str:
+        return self.entries[key].source.rsplit(":", 1)[0] if key in self.entries else "default"
+
+    def set(self, section: str, name: str, value: Any, key: str | None = None) -> None:
+        tp = self.hints[section][name]
+        where = _where(self.entries[key], self.entries[key].spelling) if key in self.entries else name
+        self.values[section][name] = coerce(value, tp, where)
+
+
+def resolve(entries: dict[str, Entry], sources: tuple[str, ...], world_size: int | None = None) -> RunConfig:
+    r = _Resolver(entries)
+    ignored: list[str] = []
+    for key, entry in entries.items():
+        if key in neox_keys.IGNORED:
+            ignored.append(entry.spelling)
+        elif key in neox_keys.UNSUPPORTED:
+            default = neox_keys.UNSUPPORTED[key]
+            if entry.value is not None and entry.value != default:
+                raise ConfigError(
+                    f"{_where(entry, entry.spelling)}: {entry.value!r} is not supported by neoxt "
+                    f"(only the GPT-NeoX default {default!r} is accepted)"
+                )
+        elif key in neox_keys.STRUCTURED:
+            continue
+        elif key in neox_keys.ALIASES:
+            section, name = neox_keys.ALIASES[key]
+            other = next((k for k, v in neox_keys.ALIASES.items() if v == (section, name) and k != key), None)
+            if name in entries:
+                raise ConfigError(
+                    f"{entry.source}: '{entry.spelling}' and '{entries[name].spelling}' "
+                    f"({entries[name].source}) set the same thing; keep one"
+                )
+            del other
+            if entry.value is not None:
+                r.set(section, name, entry.value, key)
+        elif key in _FIELDS and key not in _DERIVED_FIELDS:
+            section, _ = _FIELDS[key]
+            if entry.value is None:
+                hint = r.hints[section][key]
+                if type(None) not in typing.get_args(hint):
+                    continue  # null means "default" for keys that cannot be null
+            r.set(section, key, entry.value, key)
+        else:
+            raise ConfigError(_unknown_key_message(entry))
+    if ignored:
+        log.warning(
+            "config: ignoring %d GPT-NeoX key(s) that only tune DeepSpeed/fused kernels/launchers: %s",
+            len(ignored),
+            ", ".join(sorted(ignored)),
+        )
+
+    _resolve_precision(r)
+    _resolve_optimizer(r)
+    _resolve_model(r)
+    _resolve_data(r)
+    _resolve_batch(r, world_size)
+    _resolve_schedule(r)
+    _check_consistency(r)
+
+    sections = {s: _section_class(s)(**r.values[s]) for s in SECTIONS}
+    return RunConfig(**sections, source_files=sources)
+
+
+def _unknown_key_message(entry: Entry) -> str:
+    key = normalize_key(entry.spelling)
+    close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    file = entry.source.rsplit(":", 1)[0] if entry.source not in ("--set", "<dict>") else entry.source
+    return f"config error: {file}: unknown key '{entry.spelling}'{hint}"
+
+
+def _resolve_precision(r: _Resolver) -> None:
+    enabled: dict[str, str] = {}
+    for key in ("fp16", "bf16"):
+        if not r.has(key):
+            continue
+        block = r.entries[key].value
+        if not isinstance(block, dict):
+            raise ConfigError(f"{_where(r.entries[key], key)}: expected a block like {{enabled: true}}")
+        if block.get("enabled", False):
+            enabled[key] = r.src(key)
+        if key == "fp16":
+            mapping = {
+                "loss_scale": "loss_scale",
+                "initial_scale_power": "initial_scale_power",
+                "loss_scale_window": "loss_scale_window",
+                "hysteresis": "hysteresis",
+                "min_loss_scale": "min_loss_scale",
+            }
+            for sub, name in mapping.items():
+                if sub in block:
+                    r.set("training", name, block[sub], key)
+            unknown = set(block) - set(mapping) - {"enabled", "fp16", "type", "auto_cast"}
+            if unknown:
+                raise ConfigError(f"{_where(r.entries[key], key)}: unknown key '{sorted(unknown)[0]}' in the fp16 block")
+    if len(enabled) > 1:
+        raise ConfigError(
+            f"fp16.enabled ({enabled['fp16']}) and bf16.enabled ({enabled['bf16']}) are both true; pick one"
+        )
+    from_blocks = "fp16" if "fp16" in enabled else "bf16" if "bf16" in enabled else None
+    precision = None
+    if r.has("precision"):
+        entry = r.entries["precision"]
+        name = str(entry.value).lower()
+        if name not in neox_keys.PRECISION_NAMES:
+            raise ConfigError(f"{_where(entry, 'precision')}: expected one of fp32, fp16, bfloat16, got {entry.value!r}")
+        precision = neox_keys.PRECISION_NAMES[name]
+        if from_blocks and precision != from_blocks:
+            raise ConfigError(
+                f"precision: {entry.value!r} ({r.src('precision')}) contradicts "
+                f"{from_blocks}.enabled: true ({enabled[from_blocks]})"
+            )
+    r.values["training"]["precision"] = precision or from_blocks or "fp32"
+
+
+def _resolve_optimizer(r: _Resolver) -> None:
+    lr_keys: dict[str, tuple[float, str]] = {}
+    if r.has("optimizer"):
+        entry = r.entries["optimizer"]
+        block = entry.value
+        if not isinstance(block, dict):
+            raise ConfigError(f"{_where(entry, 'optimizer')}: expected a block {{type: ..., params: {{...}}}}")
+        unknown = set(block) - {"type", "params"}
+        if unknown:
+            raise ConfigError(f"{_where(entry, 'optimizer')}: unknown key '{sorted(unknown)[0]}' in the optimizer block")
+        kind = str(block.get("type", "adam"))
+        if kind.lower() not in neox_keys.OPTIMIZER_TYPES:
+            raise ConfigError(
+                f"{_where(entry, 'optimizer.type')}: unsupported optimizer {kind!r} "
+                f"(supported: {', '.join(sorted(set(neox_keys.OPTIMIZER_TYPES)))})"
+            )
+        r.values["optimizer"]["optimizer_type"] = neox_keys.OPTIMIZER_TYPES[kind.lower()]
+        params = block.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{_where(entry, 'optimizer.params')}: expected a mapping")
+        for name, value in params.items():
+            if name not in neox_keys.OPTIMIZER_PARAMS:
+                raise ConfigError(
+                    f"{_where(entry, 'optimizer.params')}: unknown optimizer parameter '{name}' "
+                    f"(known: {', '.join(sorted(neox_keys.OPTIMIZER_PARAMS))})"
+                )
+            if name == "lr":
+                lr_keys["optimizer.params.lr"] = (coerce(value, float, _where(entry, "optimizer.params.lr")), r.src("optimizer"))
+            elif name == "weight_decay" and r.has("weight_decay"):
+                raise ConfigError(
+                    f"optimizer.params.weight_decay ({r.src('optimizer')}) and weight_decay ({r.src('weight_decay')}) "
+                    "are both set; keep one"
+                )
+            else:
+                tp = r.hints["optimizer"][name]
+                r.values["optimizer"][name] = coerce(value, tp, _where(entry, f"optimizer.params.{name}"))
+    if r.has("lr"):
+        lr_keys["lr"] = (r.get("lr", float), r.src("lr"))
+    if len(lr_keys) == 2 and lr_keys["lr"][0] != lr_keys["optimizer.params.lr"][0]:
+        (a, (va, sa)), (b, (vb, sb)) = lr_keys.items()
+        raise ConfigError(f"{a} = {va} ({sa}) contradicts {b} = {vb} ({sb})")
+    if lr_keys:
+        r.values["optimizer"]["lr"] = next(iter(lr_keys.values()))[0]
+
+
+def _resolve_model(r: _Resolver) -> None:
+    m = r.values["model"]
+    hidden = m.get("hidden_size", 64)
+    heads = m.get("num_attention_heads", 4)
+    layers = m.get("num_layers", 2)
+    m["attention_types"] = _attention_types(r, layers)
+    if hidden % heads:
+        raise ConfigError(
+            f"hidden_size = {hidden} ({r.src('hidden_size')}) is not divisible by "
+            f"num_attention_heads = {heads} ({r.src('num_attention_heads')})"
+        )
+    kv = r.get("num_kv_heads", int, heads)
+    if heads % kv:
+        raise ConfigError(
+            f"num_attention_heads = {heads} ({r.src('num_attention_heads')}) is not divisible by "
+            f"num_kv_heads = {kv} ({r.src('num_kv_heads')})"
+        )
+    m["num_kv_heads"] = kv
+    m["intermediate_size"] = _mlp_width(r, hidden)
+
+    seq = r.get("seq_length", int, 2048)
+    r.values["data"]["seq_length"] = seq
+    max_pos = r.get("max_position_embeddings", int, seq)
+    if max_pos < seq:
+        raise ConfigError(
+            f"max_position_embeddings = {max_pos} ({r.src('max_position_embeddings')}) is smaller than "
+            f"seq_length = {seq} ({r.src('seq_length')})"
+        )
+    m["max_position_embeddings"] = max_pos
+
+    if "sliding" in m["attention_types"] and not m.get("sliding_window_width"):
+        raise ConfigError(
+            f"attention_config ({r.src('attention_config')}) has sliding-window layers but "
+            "sliding_window_width is not set"
+        )
+    placement = m.get("norm_placement", "pre")
+    if placement == "olmo3" and m.get("gpt_j_residual"):
+        raise ConfigError(
+            f"norm_placement: olmo3 ({r.src('norm_placement')}) contradicts gpt_j_residual: true "
+            f"({r.src('gpt_j_residual')})"
+        )
+    if m.get("use_qk_layernorm") and m.get("use_separate_qk_norms"):
+        raise ConfigError(
+            f"use_qk_layernorm ({r.src('use_qk_layernorm')}) and use_separate_qk_norms "
+            f"({r.src('use_separate_qk_norms')}) are both true; pick one"
+        )
+
+
+def _mlp_width(r: _Resolver, hidden: int) -> int:
+    """MLP hidden width: explicit intermediate_size as given (HF convention: each branch's width for
+    gated activations), else GPT-NeoX's rule (4h or expansion_factor·h; ×2/3 for gated; rounded up
+    to mlp_multiple_of)."""
+    activation = r.values["model"].get("activation", "gelu")
+    gated = activation in ("swiglu", "geglu", "reglu")
+    multiple = r.get("mlp_multiple_of", int, 1)
+    if r.has("intermediate_size"):
+        width = r.get("intermediate_size", int)
+        if gated and width >= 5 * hidden:
+            upstream = _round_up(int(width * 2 / 3), 2 * multiple) // 2
+            log.warning(
+                "config: %s: intermediate_size = %d is read as the width of each SwiGLU branch (HF convention), "
+                "giving %d; upstream GPT-NeoX would scale it to %d. If this config comes from upstream, set "
+                "intermediate_size: %d",
+                r.src("intermediate_size"), width, width, upstream, upstream,
+            )
+        return width
+    if r.has("expansion_factor"):
+        width = int(r.get("expansion_factor", float) * hidden)
+    else:
+        width = 4 * hidden
+    if gated:
+        width = int(width * 2 / 3)
+    return _round_up(width, multiple)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple) if multiple > 1 else value
+
+
+def _attention_types(r: _Resolver, layers: int) -> tuple[str, ...]:
+    if r.has("attention_types"):
+        raw = r.get("attention_types", tuple[str, ...])
+        types_ = [_attention_name(r, "attention_types", t) for t in raw]
+    elif r.has("attention_config"):
+        # GPT-NeoX: [[pattern, n], ...] repeats each pattern n times (n may be "all"); a flat list of
+        # strings is already one type per layer.
+        entry = r.entries["attention_config"]
+        spec = entry.value
+        if not isinstance(spec, list):
+            raise ConfigError(f"{_where(entry, 'attention_config')}: expected a list like [[[\"global\"], {layers}]]")
+        types_ = []
+        if all(isinstance(item, str) for item in spec):
+            types_ = [_attention_name(r, "attention_config", n) for n in spec]
+        for item in spec if not types_ else ():
+            ok = isinstance(item, list) and len(item) == 2 and isinstance(item[0], list)
+            count = item[1] if ok else None
+            if count == "all" and item[0] and layers % len(item[0]) == 0:
+                count = layers // len(item[0])
+            if not ok or isinstance(count, bool) or not isinstance(count, int):
+                raise ConfigError(
+                    f"{_where(entry, 'attention_config')}: expected entries like [[\"global\", \"sliding\"], N], got {item!r}"
+                )
+            types_.extend([_attention_name(r, "attention_config", n) for n in item[0]] * count)
+    else:
+        return ("global",) * layers
+    if len(types_) != layers:
+        raise ConfigError(
+            f"{r.src('attention_config' if r.has('attention_config') else 'attention_types')}: attention layer types "
+            f"cover {len(types_)} layers but num_layers = {layers} ({r.src('num_layers')})"
+        )
+    return tuple(types_)
+
+
+def _attention_name(r: _Resolver, key: str, name: Any) -> str:
+    if isinstance(name, str):
+        low = name.lower()
+        if low in neox_keys.GLOBAL_ATTENTION_NAMES:
+            return "global"
+        if low in neox_keys.SLIDING_ATTENTION_NAMES:
+            return "sliding"
+    raise ConfigError(
+        f"{_where(r.entries[key], key)}: attention type {name!r} is not supported "
+        "(supported: global, flash, sliding/local)"
+    )
+
+
+def _resolve_data(r: _Resolver) -> None:
+    d = r.values["data"]
+    if r.has("data_impl"):
+        entry = r.entries["data_impl"]
+        if str(entry.value).lower() not in ("mmap", "infer"):
+            raise ConfigError(f"{_where(entry, 'data_impl')}: only 'mmap' datasets are supported, got {entry.value!r}")
+    if d.get("data_path") and d.get("train_data_paths"):
+        raise ConfigError(
+            f"data_path ({r.src('data_path')}) and train_data_paths ({r.src('train_data_paths')}) are both set; "
+            "use one (data_path is split by `split`; train/valid/test_data_paths are explicit)"
+        )
+    for split in ("train", "valid", "test"):
+        paths = d.get(f"{split}_data_paths", ())
+        wkey = f"{split}_data_weights"
+        if r.has(wkey):
+            weights = r.get(wkey, tuple[float, ...])
+            if paths and len(weights) != len(paths):
+                raise ConfigError(
+                    f"{wkey} ({r.src(wkey)}) has {len(weights)} weights but {split}_data_paths "
+                    f"({r.src(f'{split}_data_paths')}) has {len(paths)} paths"
+                )
+            if any(w < 0 for w in weights):
+                raise ConfigError(f"{_where(r.entries[wkey], wkey)}: weights must be non-negative")
+            d[wkey] = weights
+        elif paths:
+            d[wkey] = (1.0,) * len(paths)
+        for kind in ("label", "reward"):
+            key = f"{split}_{kind}_data_paths"
+            extra = d.get(key, ())
+            if extra and len(extra) != len(paths):
+                raise ConfigError(
+                    f"{key} ({r.src(key)}) has {len(extra)} paths but {split}_data_paths "
+                    f"({r.src(f'{split}_data_paths')}) has {len(paths)}"
+                )
+            if extra and not paths:
+                raise ConfigError(f"{key} ({r.src(key)}) needs {split}_data_paths as well")
+
+
+def _resolve_batch(r: _Resolver, world_size: int | None) -> None:
+    t = r.values["training"]
+    p = r.values["parallelism"]
+    model_parallel = max(p.get("model_parallel_size", 1), 1) * max(p.get("pipe_parallel_size", 0), 1)
+    if world_size is None:
+        # Outside a launched job (e.g. `neoxt config`), assume the smallest world the config fits.
+        world_size = int(os.environ.get("WORLD_SIZE", model_parallel))
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by model_parallel_size × pipe_parallel_size = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    micro = r.get("train_micro_batch_size_per_gpu", int)
+    if micro is None and "train_micro_batch_size_per_gpu" in t:
+        micro = t["train_micro_batch_size_per_gpu"]  # set through the batch_size alias
+    accum = r.get("gradient_accumulation_steps", int)
+    total = r.get("train_batch_size", int)
+    names = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
+    if total is not None and micro is not None and accum is not None:
+        if total != micro * accum * dp:
+            raise ConfigError(
+                f"train_batch_size = {total} ({r.src(names[0])}) contradicts train_micro_batch_size_per_gpu = "
+                f"{micro} ({r.src(names[1])}) × gradient_accumulation_steps = {accum} ({r.src(names[2])}) × "
+                f"data-parallel size {dp}"
+            )
+    elif total is not None and micro is not None:
+        if total % (micro * dp):
+            raise ConfigError(
+                f"train_batch_size = {total} ({r.src(names[0])}) is not a multiple of train_micro_batch_size_per_gpu "
+                f"= {micro} ({r.src(names[1])}) × data-parallel size {dp}"
+            )
+        accum = total // (micro * dp)
+    elif total is not None and accum is not None:
+        if total % (accum * dp):
+            raise ConfigError(
+                f"train_batch_size = {total} ({r.src(names[0])}) is not a multiple of gradient_accumulation_steps "
+                f"= {accum} ({r.src(names[2])}) × data-parallel size {dp}"
+            )
+        micro = total // (accum * dp)
+    elif total is not None:
+        accum = 1
+        if total % dp:
+            raise ConfigError(f"train_batch_size = {total} ({r.src(names[0])}) is not divisible by data-parallel size {dp}")
+        micro = total // dp
+    micro = 1 if micro is None else micro
+    accum = 1 if accum is None else accum
+    for name, value in ((names[1], micro), (names[2], accum)):
+        if value < 1:
+            raise ConfigError(f"{name} = {value} ({r.src(name)}) must be at least 1")
+    t["train_micro_batch_size_per_gpu"] = micro
+    t["gradient_accumulation_steps"] = accum
+    t["train_batch_size"] = micro * accum * dp
+    t["data_parallel_size"] = dp
+
+
+def _resolve_schedule(r: _Resolver) -> None:
+    s = r.values["schedule"]
+    train_iters = r.get("train_iters", int, 0)
+    r.values["training"]["train_iters"] = train_iters
+    if r.has("lr_decay_iters") and r.has("lr_decay_fraction"):
+        raise ConfigError(
+            f"lr_decay_iters ({r.src('lr_decay_iters')}) and lr_decay_fraction ({r.src('lr_decay_fraction')}) "
+            "are both set; keep one"
+        )
+    if r.has("lr_decay_iters"):
+        decay = r.get("lr_decay_iters", int)
+    elif r.has("lr_decay_fraction"):
+        decay = int(math.floor(train_iters * r.get("lr_decay_fraction", float)))
+    else:
+        decay = train_iters
+    s["lr_decay_iters"] = decay
+    if r.has("warmup") and r.has("warmup_iters"):
+        raise ConfigError(f"warmup ({r.src('warmup')}) and warmup_iters ({r.src('warmup_iters')}) are both set; keep one")
+    if r.has("warmup_iters"):
+        s["warmup_iters"] = r.get("warmup_iters", int)
+    else:
+        # GPT-NeoX: warmup is a fraction of the decay iterations (default 0.01). A value above 1 is
+        # read as a number of iterations.
+        warmup = r.get("warmup", float, 0.01)
+        if warmup < 0:
+            raise ConfigError(f"{_where(r.entries['warmup'], 'warmup')}: must be non-negative")
+        s["warmup_iters"] = int(warmup * decay) if warmup <= 1 else int(warmup)
+    lr = r.values["optimizer"].get("lr", 6e-4)
+    min_lr = s.get("min_lr", 0.0)
+    if min_lr > lr:
+        raise ConfigError(f"min_lr = {min_lr} ({r.src('min_lr')}) is larger than lr = {lr}")
+
+
+def _check_consistency(r: _Resolver) -> None:
+    c = r.values["checkpoint"]
+    if c.get("finetune") and not c.get("load"):
+        # Not an error at config time: a job may give the checkpoint on its command line.
+        log.info("config: finetune is set without load")
+
+
+def with_overrides(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """Return ``cfg`` with some section fields replaced, e.g. ``with_overrides(cfg, model={...})``."""
+    return replace(cfg, **{name: replace(getattr(cfg, name), **values) for name, values in sections.items()})

@@ -1,0 +1,640 @@
+"""The training loop: micro-batches, gradient accumulation, precision, NaN policy, checkpoints.
+
+One step = ``gradient_accumulation_steps`` micro-batches. Their unmasked tokens are counted first
+and each micro-batch's summed loss is divided by that global count, so the gradient is the gradient
+of the mean over every counted token of the global batch, whatever the accumulation split; a
+micro-batch with no counted token adds exactly zero.
+
+Where a run starts (decided once, printed as the first line of the log):
+
+1. ``save`` already holds a checkpoint → resume from its latest *exactly* (model, optimizer, schedule,
+   RNG, data position), whatever ``finetune`` / ``load`` / ``iteration`` say. Re-running the same
+   command after a crash, walltime or SIGTERM continues the run; nobody edits the config.
+2. ``finetune: true`` and ``load`` → weights only (a neoxt checkpoint or an HF model directory), fresh
+   optimizer, iteration ``iteration`` (default 0).
+3. ``load`` alone → resume exactly from that checkpoint (``iteration`` picks ``global_step<N>``).
+4. Otherwise from scratch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from neoxt.config.schema import RunConfig
+from neoxt.errors import CheckpointError, ConfigError, NeoxtError
+from neoxt.train import checkpoint as ckpt
+from neoxt.train.losses import lm_loss_sum, token_mask
+from neoxt.train.metrics import MetricsLogger, StepStats, default_peak_tflops, wandb_settings
+from neoxt.train.optim import build_optimizer, set_lr
+from neoxt.train.precision import LossScaler, autocast
+from neoxt.train.schedule import build_schedule
+
+
+class TrainingStopped(NeoxtError):
+    """Training stopped on purpose with an error status (on_nan: stop); the last good state is saved."""
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a data loader: an endless iterator of micro-batches plus a position.
+
+    A micro-batch is a dict of [micro_batch, seq] tensors: ``tokens``, ``labels`` (negative = no
+    target), optional ``loss_mask`` (0/1) and ``position_ids``. ``state_dict()`` taken between two
+    ``next()`` calls restores, via ``load_state_dict``, the exact batch sequence that follows.
+    """
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
+
+    def __next__(self) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainData:
+    train: BatchSource
+    valid: BatchSource | None = None
+
+
+@dataclass
+class TrainResult:
+    iteration: int
+    status: str  # "finished" | "signal" | "exit_interval" | "stopped"
+    start_iteration: int
+    losses: list[float] = field(default_factory=list)  # per step, in order (NaN for skipped steps)
+    last_checkpoint: Path | None = None
+    nan_count: int = 0
+    resumed_from: Path | None = None
+
+
+@dataclass
+class _State:
+    iteration: int = 0
+    consumed_tokens: int = 0
+    consumed_samples: int = 0
+    nan_count: int = 0
+    skipped_count: int = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def resolve_vocab(cfg: RunConfig) -> RunConfig:
+    """Fill ``padded_vocab_size`` from the tokenizer (rounded up, GPT-NeoX style) when unset."""
+    from dataclasses import replace
+
+    if cfg.model.padded_vocab_size is not None:
+        return cfg
+    vocab_file = cfg.tokenizer.vocab_file
+    if not vocab_file:
+        raise ConfigError("padded_vocab_size is not set and there is no vocab_file to derive it from")
+    size = _tokenizer_vocab_size(cfg)
+    multiple = max(1, cfg.model.make_vocab_size_divisible_by)
+    padded = (size + multiple - 1) // multiple * multiple
+    return replace(cfg, model=replace(cfg.model, padded_vocab_size=padded))
+
+
+def _tokenizer_vocab_size(cfg: RunConfig) -> int:
+    try:
+        from neoxt.tokenizer import load_tokenizer
+    except ImportError:
+        load_tokenizer = None
+    if load_tokenizer is not None:
+        return int(load_tokenizer(cfg.tokenizer).vocab_size)
+    from tokenizers import Tokenizer
+
+    path = cfg.tokenizer.vocab_file
+    if not Path(path).is_file():
+        raise ConfigError(f"vocab_file: {path}: no such file")
+    return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
+    from neoxt.model import Transformer
+
+    return Transformer(cfg.model).to(device)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint state
+
+
+def _model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    """FQN-keyed state dicts (DCP-friendly, reshardable). A never-stepped optimizer has no state."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None or not optimizer.state:
+        return get_model_state_dict(model), None
+    return get_state_dict(model, optimizer)
+
+
+def _checkpoint_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    st: _State,
+    schedule_sd: dict[str, Any],
+    scaler: LossScaler,
+    data: TrainData,
+    data_state: dict[str, Any] | None,
+    cfg: RunConfig,
+) -> dict[str, Any]:
+    msd, osd = _model_optim_state(model, None if cfg.checkpoint.no_save_optim else optimizer)
+    rank, _ = _rank_world()
+    state: dict[str, Any] = {"model": msd}
+    if osd is not None:
+        state["optimizer"] = osd
+    state["scheduler"] = schedule_sd
+    state["loss_scaler"] = scaler.state_dict()
+    state["counters"] = {"nan_count": st.nan_count, "skipped_count": st.skipped_count}
+    if not cfg.checkpoint.no_save_rng:
+        state["rng"] = {f"rank{rank}": _rng_state()}
+    data_sd = {"train": data_state if data_state is not None else data.train.state_dict()}
+    if data.valid is not None:
+        data_sd["valid"] = data.valid.state_dict()
+    state["data"] = data_sd
+    return state
+
+
+def _save(
+    run_dir: Path, st: _State, state: dict[str, Any], config_yaml: str, log: Callable[[str], None]
+) -> Path:
+    t0 = time.time()
+    meta = {
+        "consumed_tokens": st.consumed_tokens,
+        "consumed_samples": st.consumed_samples,
+        "nan_count": st.nan_count,
+    }
+    path = ckpt.save_checkpoint(run_dir, st.iteration, state, config_yaml, meta)
+    log(f"saved checkpoint {path} ({time.time() - t0:.2f} s)")
+    return path
+
+
+def _load_full(
+    ckpt_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: LossScaler,
+    data: TrainData,
+    cfg: RunConfig,
+    st: _State,
+) -> None:
+    """Restore everything a checkpoint holds (exact resume)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+
+    meta = ckpt.read_meta(ckpt_dir)
+    saved_keys = set(meta.get("state_keys", ()))
+    with_optim = "optimizer" in saved_keys and not cfg.checkpoint.no_load_optim
+    if with_optim:
+        msd, osd = get_state_dict(model, optimizer)
+    else:
+        msd, osd = get_model_state_dict(model), None
+    rank, _ = _rank_world()
+    template: dict[str, Any] = {"model": msd}
+    if osd is not None:
+        template["optimizer"] = osd
+    for key, value in (("scheduler", {}), ("loss_scaler", scaler.state_dict()), ("counters", {})):
+        if key in saved_keys:
+            template[key] = value
+    if "data" in saved_keys:
+        template["data"] = {"train": data.train.state_dict()}
+        if data.valid is not None:
+            template["data"]["valid"] = data.valid.state_dict()
+    want_rng = "rng" in saved_keys and not cfg.checkpoint.no_load_rng
+    if want_rng:
+        template["rng"] = {f"rank{rank}": _rng_state()}
+    try:
+        ckpt.load_state(ckpt_dir, template)
+    except CheckpointError as err:
+        if want_rng and f"rank{rank}" in str(err):
+            # Saved with a different number of ranks: RNG streams cannot be matched one to one.
+            warnings.warn(f"{ckpt_dir}: no RNG state for rank {rank}; continuing with fresh RNG", stacklevel=2)
+            template.pop("rng")
+            want_rng = False
+            ckpt.load_state(ckpt_dir, template)
+        else:
+            raise
+    if osd is not None:
+        set_state_dict(model, optimizer, model_state_dict=template["model"], optim_state_dict=template["optimizer"])
+    else:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(model, template["model"])
+        if "optimizer" in saved_keys or cfg.checkpoint.no_load_optim:
+            pass
+        else:
+            warnings.warn(
+                f"{ckpt_dir}: holds no optimizer state (saved with no_save_optim or before the first step); "
+                "the optimizer starts fresh, so this resume is not exact",
+                stacklevel=2,
+            )
+    if "loss_scaler" in template:
+        scaler.load_state_dict(template["loss_scaler"])
+    if "data" in template:
+        data.train.load_state_dict(template["data"]["train"])
+        if data.valid is not None and "valid" in template["data"]:
+            data.valid.load_state_dict(template["data"]["valid"])
+    counters = template.get("counters", {})
+    st.iteration = int(meta["iteration"])
+    st.consumed_tokens = int(meta.get("consumed_tokens", 0))
+    st.consumed_samples = int(meta.get("consumed_samples", 0))
+    st.nan_count = int(counters.get("nan_count", meta.get("nan_count", 0)))
+    st.skipped_count = int(counters.get("skipped_count", 0))
+    if want_rng:
+        _set_rng_state(template["rng"][f"rank{rank}"])
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module) -> Path:
+    """Weights only, from a neoxt checkpoint/run directory or an HF model directory (finetune)."""
+    p = Path(path)
+    if (p / "config.json").is_file() and not ckpt.is_checkpoint_dir(p) and not (p / ckpt.LATEST_FILE).exists():
+        import neoxt
+
+        source = neoxt.load_model(p, device="cpu")
+        src_sd = source.state_dict()
+        own = model.state_dict()
+        for name, tensor in own.items():
+            if name not in src_sd:
+                raise CheckpointError(f"{p}: converted model has no tensor '{name}'")
+            if tuple(src_sd[name].shape) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{p}: tensor '{name}' has shape {tuple(src_sd[name].shape)}, the configured model "
+                    f"expects {tuple(tensor.shape)}"
+                )
+        model.load_state_dict({k: src_sd[k] for k in own}, strict=True)
+        return p
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    target = ckpt.resolve_checkpoint(p)
+    msd = get_model_state_dict(model)
+    ckpt.load_state(target, {"model": msd})
+    set_model_state_dict(model, msd)
+    return target
+
+
+def _save_iterations(cfg: RunConfig) -> tuple[set[int], int | None]:
+    """(explicit save iterations, linear factor or None)."""
+    c = cfg.checkpoint
+    explicit = set(int(i) for i in c.extra_save_iters)
+    factor = c.checkpoint_factor
+    if factor and c.checkpoint_scale == "log":
+        it = float(factor)
+        n = 1
+        while it <= cfg.training.train_iters and factor > 1:
+            explicit.add(int(it))
+            n += 1
+            it = float(factor) ** n
+        return explicit, None
+    return explicit, (int(factor) if factor else None)
+
+
+class _SignalFlag:
+    """SIGTERM / SIGUSR1 → finish the current step, save, exit 0 (a scheduler's walltime warning)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], precision: str, device_type: str, z_loss: float):
+    with autocast(precision, device_type):
+        logits = model(batch["tokens"], positions=batch.get("position_ids"), attn_mask=batch.get("attention_mask"))
+    return lm_loss_sum(logits, batch["labels"], batch.get("loss_mask"), z_loss)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, source: BatchSource, iters: int, cfg: RunConfig, device: torch.device) -> tuple[float, int]:
+    """Mean loss over the counted tokens of ``iters`` global validation batches."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for _ in range(iters * cfg.training.gradient_accumulation_steps):
+            batch = _move(next(source), device)
+            s, n = _forward_loss(model, batch, cfg.training.precision, device.type, 0.0)
+            total += s.double()
+            count += n.double()
+    finally:
+        model.train(was_training)
+    _all_reduce_sum(total)
+    _all_reduce_sum(count)
+    return (total / count.clamp(min=1)).item(), int(count.item())
+
+
+def train(
+    cfg: RunConfig,
+    config_yaml: str | None = None,
+    *,
+    data: TrainData | None = None,
+    model: nn.Module | None = None,
+    log: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Run (or continue) training as ``cfg`` says; see the module docstring for where it starts.
+
+    ``data`` / ``model`` override what ``cfg`` would build (tests, benchmarks, post-training).
+    ``stop_after``: return after this many steps of this call, without saving (tests simulate a kill).
+    """
+    rank, world = _rank_world()
+    say = log or (lambda msg: print(msg, flush=True) if rank == 0 else None)
+    t_cfg, c_cfg = cfg.training, cfg.checkpoint
+    if t_cfg.train_iters <= 0:
+        raise ConfigError("train_iters must be set to a positive number of iterations")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
+    if config_yaml is None:
+        from neoxt.config import config_to_yaml
+
+        config_yaml = config_to_yaml(cfg)
+
+    run_dir = Path(c_cfg.save) if c_cfg.save else (Path(cfg.logging.log_dir) if cfg.logging.log_dir else None)
+
+    # Where do we start? Decided before anything is built, so it can be the first log line.
+    resume_from: Path | None = None
+    finetune_from: str | None = None
+    if c_cfg.save and ckpt.latest_checkpoint(c_cfg.save) is not None:
+        resume_from = ckpt.latest_checkpoint(c_cfg.save)
+        say(f"resuming from {resume_from} (iteration {ckpt.read_meta(resume_from)['iteration']}): "
+            f"'{c_cfg.save}' already holds a checkpoint; finetune/load/iteration are ignored")
+    elif c_cfg.load and c_cfg.finetune:
+        finetune_from = c_cfg.load
+        say(f"finetuning from weights in {c_cfg.load} (fresh optimizer, iteration {c_cfg.iteration or 0})")
+    elif c_cfg.load:
+        base = Path(c_cfg.load)
+        resume_from = base / ckpt.step_dir_name(c_cfg.iteration) if c_cfg.iteration is not None else ckpt.resolve_checkpoint(base)
+        if not ckpt.is_checkpoint_dir(resume_from):
+            raise CheckpointError(f"load: {resume_from}: not a complete neoxt checkpoint")
+        say(f"resuming from {resume_from} (load: {c_cfg.load})")
+    else:
+        say(f"starting from scratch (seed {t_cfg.seed})" + (f"; checkpoints go to {c_cfg.save}" if c_cfg.save else ""))
+
+    seed_everything(t_cfg.seed + rank)
+    device = _device()
+    cfg = resolve_vocab(cfg) if model is None else cfg
+    if model is None:
+        model = build_model(cfg, device)
+    model.train()
+    if data is None:
+        data = open_train_data(cfg)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t_cfg.train_iters)
+    scaler = LossScaler.from_config(t_cfg)
+    st = _State()
+
+    if resume_from is not None:
+        _load_full(resume_from, model, optimizer, scaler, data, cfg, st)
+    elif finetune_from is not None:
+        loaded = load_weights(finetune_from, model)
+        st.iteration = int(c_cfg.iteration or 0)
+        say(f"loaded weights from {loaded}")
+    if c_cfg.no_save_optim and c_cfg.save:
+        say("warning: no_save_optim is set: checkpoints hold no optimizer state, so a run resumed from "
+            "them (e.g. the next job of a chain) cannot continue exactly")
+
+    start_iteration = st.iteration
+    params = [p for p in model.parameters() if p.requires_grad]
+    clip = cfg.optimizer.gradient_clipping
+    grad_acc = t_cfg.gradient_accumulation_steps
+    save_iters, save_factor = _save_iterations(cfg)
+    exit_interval = t_cfg.exit_interval
+    is_fp16_dynamic = t_cfg.precision == "fp16" and scaler.dynamic
+    seq_len = cfg.data.seq_length
+
+    try:
+        from neoxt.model import flops_per_token
+
+        fpt = flops_per_token(cfg.model, seq_len) if cfg.model.padded_vocab_size else 0.0
+    except (ImportError, ValueError):
+        fpt = 0.0
+    metrics = MetricsLogger(
+        run_dir=run_dir,
+        train_iters=t_cfg.train_iters,
+        flops_per_token=fpt,
+        peak_tflops=cfg.logging.peak_theoretical_tflops or default_peak_tflops(device.type),
+        log_interval=cfg.logging.log_interval,
+        tensorboard_dir=cfg.logging.tensorboard_dir,
+        wandb=wandb_settings(cfg.logging, run_dir),
+        enabled=rank == 0,
+        nan_count=st.nan_count,
+        skipped_count=st.skipped_count,
+    )
+    result = TrainResult(iteration=st.iteration, status="finished", start_iteration=start_iteration, resumed_from=resume_from)
+
+    def save_now(data_state: dict[str, Any] | None = None) -> Path | None:
+        if not c_cfg.save:
+            return None
+        state = _checkpoint_state(
+            model, optimizer, st, schedule.state_dict(st.iteration), scaler, data, data_state, cfg
+        )
+        path = _save(Path(c_cfg.save), st, state, config_yaml, say)
+        removed = ckpt.prune_checkpoints(c_cfg.save, c_cfg.keep_last_n_checkpoints) if rank == 0 else []
+        for p in removed:
+            say(f"removed old checkpoint {p}")
+        result.last_checkpoint = path
+        return path
+
+    status = "failed"
+    try:
+        with _SignalFlag() as signals:
+            if st.iteration in save_iters and resume_from is None:
+                save_now()  # e.g. extra_save_iters: [0] keeps the base model
+            steps_this_call = 0
+            while st.iteration < t_cfg.train_iters:
+                t0 = time.perf_counter()
+                data_state_before = data.train.state_dict()
+                micro = [_move(next(data.train), device) for _ in range(grad_acc)]
+                counted = torch.zeros((), dtype=torch.float64, device=device)
+                for b in micro:
+                    counted += token_mask(b["labels"], b.get("loss_mask")).sum()
+                _all_reduce_sum(counted)
+                denom = counted.clamp(min=1.0)
+
+                lr = schedule.lr_at(st.iteration)
+                set_lr(optimizer, lr)
+                loss_total = torch.zeros((), dtype=torch.float64, device=device)
+                for b in micro:
+                    loss_sum, _ = _forward_loss(model, b, t_cfg.precision, device.type, t_cfg.z_loss)
+                    loss = loss_sum / denom.to(loss_sum.dtype)
+                    (loss * scaler.scale if scaler.scale != 1.0 else loss).backward()
+                    loss_total += loss.detach().double()
+                _all_reduce_sum(loss_total)  # every rank's share of the global mean
+                if scaler.scale != 1.0:
+                    inv = 1.0 / scaler.scale
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(inv)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, max_norm=clip if clip and clip > 0 else float("inf"), foreach=True
+                )
+                loss_value = loss_total.item()
+                norm_value = float(grad_norm)
+                loss_ok, norm_ok = math.isfinite(loss_value), math.isfinite(norm_value)
+                overflow = is_fp16_dynamic and loss_ok and not norm_ok
+                nan = not loss_ok or (not norm_ok and not overflow)
+                if nan or overflow:
+                    optimizer.zero_grad(set_to_none=True)
+                    if nan and t_cfg.on_nan == "stop":
+                        st.nan_count += 1
+                        metrics.nan_count = st.nan_count
+                        # The state before this step is the last good one (weights and optimizer are
+                        # untouched, the data position is rewound to this step's first batch).
+                        path = save_now(data_state_before)
+                        status = "stopped"
+                        where = f"; last good state saved to {path}" if path else ""
+                        raise TrainingStopped(
+                            f"non-finite {'loss' if not loss_ok else 'gradient norm'} at iteration "
+                            f"{st.iteration + 1} (on_nan: stop){where}"
+                        )
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                scaler.update(overflow)
+                if nan:
+                    st.nan_count += 1
+                if overflow or nan:
+                    st.skipped_count += 1
+
+                st.iteration += 1
+                tokens = sum(int(b["tokens"].numel()) for b in micro) * world
+                st.consumed_tokens += tokens
+                st.consumed_samples += sum(int(b["tokens"].shape[0]) for b in micro) * world
+                result.losses.append(loss_value if not (nan or overflow) else float("nan"))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                stats = StepStats(
+                    iteration=st.iteration,
+                    loss=loss_value,
+                    lr=lr,
+                    grad_norm=norm_value,
+                    tokens=tokens,
+                    seconds=time.perf_counter() - t0,
+                    skipped=nan or overflow,
+                    loss_scale=scaler.scale if t_cfg.precision == "fp16" else None,
+                )
+                metrics.record(stats, nan)
+
+                if data.valid is not None and t_cfg.eval_interval and st.iteration % t_cfg.eval_interval == 0:
+                    with torch.random.fork_rng(devices=[]):
+                        v_loss, v_tokens = evaluate(model, data.valid, t_cfg.eval_iters, cfg, device)
+                    metrics.record_eval(st.iteration, v_loss, v_tokens)
+
+                steps_this_call += 1
+                at_exit_interval = bool(exit_interval) and st.iteration % exit_interval == 0
+                wants_save = st.iteration in save_iters or (save_factor and st.iteration % save_factor == 0)
+                if signals.received is not None:
+                    save_now()
+                    say(f"received signal {signal.Signals(signals.received).name}: saved at iteration "
+                        f"{st.iteration}, exiting")
+                    result.status = "signal"
+                    status = "interrupted"
+                    break
+                if wants_save or at_exit_interval or st.iteration == t_cfg.train_iters:
+                    save_now()
+                if stop_after is not None and steps_this_call >= stop_after:
+                    result.status = status = "killed"
+                    break
+                if at_exit_interval and st.iteration < t_cfg.train_iters:
+                    say(f"exit_interval {exit_interval}: stopping at iteration {st.iteration}")
+                    result.status = "exit_interval"
+                    status = "interrupted"
+                    break
+            else:
+                status = "finished"
+    finally:
+        metrics.close(st.iteration, status)
+    result.iteration = st.iteration
+    result.nan_count = st.nan_count
+    if result.status == "finished":
+        say(f"training finished at iteration {st.iteration}")
+    return result
+
+
+def open_train_data(cfg: RunConfig) -> TrainData:
+    """Train/valid micro-batch sources for ``cfg`` from ``neoxt.data.loader``."""
+    from neoxt.data.loader import build_data
+
+    return build_data(cfg)

@@ -1,0 +1,266 @@
+"""What a training run reports: a console line, metrics.jsonl, heartbeat.json, TensorBoard, W&B.
+
+``metrics.jsonl`` (one object per logged step) and ``heartbeat.json`` (rewritten atomically every
+step) are the files ``neoxt status`` reads; their keys are a contract (DESIGN.md). Validation results
+go to ``eval.jsonl`` beside them so every ``metrics.jsonl`` line has the same shape.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from neoxt.config.schema import LoggingConfig
+from neoxt.errors import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+HEARTBEAT_FILE = "heartbeat.json"
+
+# Dense bf16/fp16 peak TFLOP/s per accelerator, matched against the CUDA device name.
+_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0), ("V100", 125.0))
+
+
+def default_peak_tflops(device_type: str) -> float | None:
+    """The accelerator's dense half-precision peak, or None where unknown (CPU): MFU is then not shown."""
+    if device_type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name()
+    for key, tflops in _PEAK_TFLOPS:
+        if key in name:
+            return tflops
+    return None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return str(_dt.timedelta(seconds=int(seconds)))
+
+
+def _num(x: float | None) -> float | None:
+    """JSON has no NaN/inf; keep them readable as null plus the nan counter."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step produced (loss is the global-batch mean over unmasked tokens)."""
+
+    iteration: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens: int
+    seconds: float
+    skipped: bool = False
+    loss_scale: float | None = None
+
+
+@dataclass
+class MetricsLogger:
+    """Accumulates step stats between log lines and writes every sink; rank 0 only."""
+
+    run_dir: Path | None
+    train_iters: int
+    flops_per_token: float
+    peak_tflops: float | None
+    log_interval: int = 100
+    tensorboard_dir: str | None = None
+    wandb: dict[str, Any] | None = None
+    enabled: bool = True
+    nan_count: int = 0
+    skipped_count: int = 0
+    _window: list[StepStats] = field(default_factory=list)
+    _recent_step_s: deque = field(default_factory=lambda: deque(maxlen=50))
+    _tb: Any = None
+    _wandb_run: Any = None
+    _start: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        if self.run_dir is not None:
+            self.run_dir = Path(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=self.tensorboard_dir)
+        if self.wandb is not None:
+            self._wandb_run = _start_wandb(self.wandb)
+
+    # ---------------------------------------------------------------- per step
+    def record(self, stats: StepStats, nan: bool) -> dict[str, Any] | None:
+        """Account one step; returns the logged record when this step is a log step."""
+        if nan:
+            self.nan_count += 1
+        if stats.skipped:
+            self.skipped_count += 1
+        self._window.append(stats)
+        self._recent_step_s.append(stats.seconds)
+        if not self.enabled:
+            return None
+        self.heartbeat(stats.iteration, "running")
+        if stats.iteration % max(1, self.log_interval) != 0 and stats.iteration != self.train_iters:
+            return None
+        return self._flush(stats.iteration)
+
+    def _flush(self, iteration: int) -> dict[str, Any]:
+        window, self._window = self._window, []
+        secs = sum(s.seconds for s in window) or 1e-9
+        tokens = sum(s.tokens for s in window)
+        good = [s.loss for s in window if math.isfinite(s.loss) and not s.skipped]
+        loss = sum(good) / len(good) if good else float("nan")
+        norms = [s.grad_norm for s in window if s.grad_norm is not None and math.isfinite(s.grad_norm)]
+        last = window[-1]
+        tokens_per_s = tokens / secs
+        tflops = tokens_per_s * self.flops_per_token / 1e12
+        mfu = tflops / self.peak_tflops if self.peak_tflops else None
+        step_s = sum(self._recent_step_s) / len(self._recent_step_s)
+        eta = step_s * (self.train_iters - iteration)
+        record = {
+            "iteration": iteration,
+            "loss": _num(loss),
+            "lr": last.lr,
+            "grad_norm": _num(norms[-1]) if norms else None,
+            "tokens_per_s": round(tokens_per_s, 3),
+            "tflops": round(tflops, 6),
+            "mfu": _num(mfu),
+            "nan_count": self.nan_count,
+            "skipped_count": self.skipped_count,
+            "step_time_s": round(secs / len(window), 6),
+            "time": time.time(),
+        }
+        if last.loss_scale is not None:
+            record["loss_scale"] = last.loss_scale
+        if self.run_dir is not None:
+            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        parts = [
+            f"iteration {iteration:>8d}/{self.train_iters:>8d}",
+            f"lr {last.lr:.3E}",
+            f"loss {loss:.6E}",
+            f"grad norm {record['grad_norm']:.3f}" if record["grad_norm"] is not None else "grad norm n/a",
+            f"tokens/s {tokens_per_s:,.0f}",
+            f"TFLOP/s {tflops:.3f}",
+            f"MFU {100 * mfu:.2f}%" if mfu is not None else "MFU n/a",
+        ]
+        if last.loss_scale is not None:
+            parts.append(f"loss scale {last.loss_scale:.1f}")
+        parts += [
+            f"nan {self.nan_count}",
+            f"skipped {self.skipped_count}",
+            f"{1000 * secs / len(window):.1f} ms/it",
+            f"ETA {_fmt_eta(eta)}",
+        ]
+        print(" | ".join(parts), flush=True)
+        self._emit(
+            iteration,
+            {
+                "train/lm_loss": record["loss"],
+                "learning_rate": last.lr,
+                "train/grad_norm": record["grad_norm"],
+                "runtime/tokens_per_sec": tokens_per_s,
+                "runtime/flops_per_sec_per_gpu": tflops * 1e12,
+                "runtime/mfu": mfu,
+                "train/nan_count": self.nan_count,
+            },
+        )
+        return record
+
+    def record_eval(self, iteration: int, loss: float, tokens: int) -> dict[str, Any]:
+        ppl = math.exp(min(loss, 80.0)) if math.isfinite(loss) else float("nan")
+        record = {"iteration": iteration, "valid_loss": _num(loss), "valid_ppl": _num(ppl), "tokens": tokens, "time": time.time()}
+        if not self.enabled:
+            return record
+        if self.run_dir is not None:
+            with open(self.run_dir / EVAL_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        print(f"validation at iteration {iteration} | lm_loss {loss:.6E} | lm_loss_ppl {ppl:.6E}", flush=True)
+        self._emit(iteration, {"validation/lm_loss": record["valid_loss"], "validation/lm_loss_ppl": record["valid_ppl"]})
+        return record
+
+    def _emit(self, iteration: int, scalars: dict[str, float | None]) -> None:
+        clean = {k: v for k, v in scalars.items() if v is not None and math.isfinite(v)}
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, iteration)
+            self._tb.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log(clean, step=iteration)
+
+    # ---------------------------------------------------------------- lifecycle
+    def heartbeat(self, iteration: int, status: str) -> None:
+        if not self.enabled or self.run_dir is None:
+            return
+        write_json_atomic(
+            self.run_dir / HEARTBEAT_FILE,
+            {
+                "iteration": iteration,
+                "train_iters": self.train_iters,
+                "time": time.time(),
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "status": status,
+                "nan_count": self.nan_count,
+            },
+        )
+
+    def close(self, iteration: int, status: str) -> None:
+        """Flush pending steps (so the last iteration is always logged) and mark the heartbeat."""
+        if self.enabled and self._window:
+            self._flush(self._window[-1].iteration)
+        self.heartbeat(iteration, status)
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def wandb_settings(cfg: LoggingConfig, run_dir: Path | None) -> dict[str, Any] | None:
+    if not cfg.use_wandb:
+        return None
+    return {
+        "project": cfg.wandb_project,
+        "group": cfg.wandb_group,
+        "entity": cfg.wandb_team,
+        "name": cfg.wandb_run_name,
+        "host": cfg.wandb_host,
+        "dir": str(run_dir) if run_dir is not None else None,
+    }
+
+
+def _start_wandb(settings: dict[str, Any]) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "use_wandb: true, but the wandb package is not installed (pip install 'neoxt[wandb]')"
+        ) from None
+    if settings.get("host"):
+        os.environ.setdefault("WANDB_BASE_URL", settings["host"])
+    kwargs = {k: v for k, v in settings.items() if k in ("project", "group", "entity", "name", "dir") and v}
+    return wandb.init(**kwargs)

@@ -1,0 +1,67 @@
+"""GPT-NeoX weight initialisation for training from scratch.
+
+Formulas follow upstream ``megatron/model/init_functions.py`` (H = hidden_size, L = num_layers,
+sigma = init_method_std):
+
+- ``normal``: N(0, sigma)
+- ``scaled_normal``: N(0, sigma / sqrt(2 L))  (two residual branches per layer)
+- ``small_init``: N(0, sqrt(2 / (5 H)))  (Nguyen & Salazar 2019)
+- ``wang_init``: N(0, 2 / (L sqrt(H)))
+- ``xavier_uniform`` / ``xavier_normal``: torch's Glorot initialisers.
+
+As upstream, ``init_method`` initialises the embeddings, the output head and every projection that
+*reads* the residual stream (q, k, v, MLP up/gate); ``output_layer_init_method`` initialises the two
+projections that *write* it (attention ``o`` and MLP ``down``). Biases start at zero, norm gains at one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from neoxt.config.schema import ModelConfig
+from neoxt.errors import ConfigError
+
+InitFn = Callable[[torch.Tensor], None]
+
+INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "xavier_uniform", "xavier_normal")
+
+
+def init_fn(name: str, cfg: ModelConfig, generator: torch.Generator | None = None) -> InitFn:
+    """The in-place initialiser GPT-NeoX calls ``name`` (see module docstring for the formulas)."""
+    H, L = cfg.hidden_size, cfg.num_layers
+    stds = {
+        "normal": cfg.init_method_std,
+        "scaled_normal": cfg.init_method_std / math.sqrt(2 * L),
+        "small_init": math.sqrt(2 / (5 * H)),
+        "wang_init": 2 / L / math.sqrt(H),
+    }
+    if name in stds:
+        std = stds[name]
+        return lambda t: nn.init.normal_(t, mean=0.0, std=std, generator=generator)
+    if name == "xavier_uniform":
+        return lambda t: nn.init.xavier_uniform_(t, generator=generator)
+    if name == "xavier_normal":
+        return lambda t: nn.init.xavier_normal_(t, generator=generator)
+    raise ConfigError(f"unknown init method {name!r} (init_method / output_layer_init_method); "
+                      f"supported: {', '.join(INIT_METHODS)}")
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, cfg: ModelConfig, generator: torch.Generator | None = None) -> None:
+    """(Re)initialise every parameter of a ``Transformer`` in place, GPT-NeoX style."""
+    base = init_fn(cfg.init_method, cfg, generator)
+    out = init_fn(cfg.output_layer_init_method, cfg, generator)
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 2)
+        if name.endswith(".bias"):
+            nn.init.zeros_(param)
+        elif "norm" in leaf[-2]:
+            nn.init.ones_(param)
+        elif leaf[-2] in ("o", "down"):
+            out(param)
+        else:
+            base(param)

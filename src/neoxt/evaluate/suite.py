@@ -1,0 +1,444 @@
+"""The eval suite: every model × system prompt × task folder, resumable, gathered into one table.
+
+A suite file (YAML; relative paths are relative to it)::
+
+    models:                      # alias: local path | Hub id | {path: ..., chat_template: ...}
+      pythia-sft: /runs/pythia-sft          # neoxt run dir, global_step dir or HF dir
+      llama-chat: meta-llama/Llama-3.1-8B-Instruct
+      base: {path: ./hf/base, chat_template: ./chat.jinja}   # a template for a model without one
+    groups:                      # optional: name: [aliases or groups]
+      mine: [pythia-sft, base]
+    run: [mine, llama-chat]      # optional (default: every model): aliases and groups
+    task_folders:                # each holds task YAMLs and system_prompts.json
+      - tasks/safety
+      - {path: tasks/refusals, tasks: [refusal_mc]}   # default: every `task:` in the folder
+    output_dir: results          # default: <suite dir>/results
+    num_fewshot: 0               # optional; also limit, batch_size, max_length, seed
+    wandb: {project: evals, entity: my-team, group: suite-1}   # optional
+
+``system_prompts.json`` is ``{"name": "prompt text", ...}`` (or a list of texts, named p1, p2, …).
+
+Each (model, folder, system prompt) writes ``<output_dir>/<model>/<folder>/<prompt>.json`` — lm-eval's
+results JSON, written atomically — so a rerun skips the pairs already done and a pair can equally be
+produced by ``neoxt eval ... --output`` in a SLURM job (see ``job_command``). System prompts go
+through the chat template, so every model's template is checked before the first job starts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neoxt.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SUITE_KEYS = {
+    "models", "groups", "run", "task_folders", "output_dir", "num_fewshot", "limit", "batch_size",
+    "max_length", "seed", "wandb",
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    alias: str
+    source: str  # a local path (absolute) or a Hub id
+    chat_template: str | None = None  # template text, resolved from the suite entry
+
+
+@dataclass(frozen=True)
+class TaskFolder:
+    name: str
+    path: Path
+    tasks: tuple[str, ...]
+    prompts: tuple[tuple[str, str], ...]  # (name, text)
+
+
+@dataclass(frozen=True)
+class Suite:
+    path: Path
+    models: tuple[ModelEntry, ...]  # the ones to run, in order
+    folders: tuple[TaskFolder, ...]
+    output_dir: Path
+    num_fewshot: int | None = None
+    limit: float | None = None
+    batch_size: int = 8
+    max_length: int | None = None
+    seed: int = 1234
+    wandb: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SuiteJob:
+    model: ModelEntry
+    folder: TaskFolder
+    prompt_name: str
+    prompt_text: str
+    result_path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.model.alias} × {self.prompt_name} × {self.folder.name}"
+
+
+def safe_name(text: str) -> str:
+    return _SAFE.sub("_", text).strip("_") or "_"
+
+
+def _looks_local(value: str) -> bool:
+    return value.startswith(("/", ".", "~")) or value.count("/") != 1
+
+
+def _resolve_template(value: str, base: Path, where: str) -> str:
+    if "{" in value:
+        return value
+    path = (base / value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{where}: chat_template {value!r} is neither a Jinja template nor a file")
+    return path.read_text(encoding="utf-8")
+
+
+def _read_models(raw: Any, base: Path, where: str) -> dict[str, ModelEntry]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}: 'models' must map aliases to paths or Hub ids")
+    models = {}
+    for alias, spec in raw.items():
+        key = f"{where}: models.{alias}"
+        template = None
+        if isinstance(spec, dict):
+            unknown = set(spec) - {"path", "chat_template"}
+            if unknown:
+                raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r} (known: path, chat_template)")
+            if "chat_template" in spec:
+                template = _resolve_template(str(spec["chat_template"]), base, key)
+            spec = spec.get("path")
+        if not isinstance(spec, str) or not spec:
+            raise ConfigError(f"{key}: needs a path or Hub id")
+        local = base / Path(spec).expanduser() if _looks_local(spec) else None
+        if local is not None and not local.exists():
+            raise ConfigError(f"{key}: {spec} does not exist")
+        source = str(local.resolve()) if local is not None else spec
+        models[str(alias)] = ModelEntry(str(alias), source, template)
+    return models
+
+
+def _expand(names: Sequence[Any], models: dict[str, ModelEntry], groups: dict[str, list], where: str,
+            seen: tuple[str, ...] = ()) -> list[str]:
+    out: list[str] = []
+    for name in names:
+        name = str(name)
+        if name in models:
+            out.append(name)
+        elif name in groups:
+            if name in seen:
+                raise ConfigError(f"{where}: group {name!r} contains itself")
+            out.extend(_expand(groups[name], models, groups, where, (*seen, name)))
+        else:
+            known = ", ".join(sorted([*models, *groups]))
+            raise ConfigError(f"{where}: {name!r} is neither a model alias nor a group (known: {known})")
+    return list(dict.fromkeys(out))
+
+
+def folder_tasks(folder: Path) -> tuple[str, ...]:
+    """Task (and group) names declared by the YAML files of a folder, in file-name order."""
+    names = []
+    for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+        try:
+            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=_LenientLoader)
+        except yaml.YAMLError as err:
+            raise DataError(f"{path}: invalid YAML ({err})") from None
+        if isinstance(doc, dict):
+            name = doc.get("task") if isinstance(doc.get("task"), str) else doc.get("group")
+            if isinstance(name, str):
+                names.append(name)
+    return tuple(names)
+
+
+class _LenientLoader(yaml.SafeLoader):
+    """Task YAMLs may use lm-eval's ``!function`` tag; reading names must not choke on it."""
+
+
+_LenientLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def read_system_prompts(folder: Path) -> tuple[tuple[str, str], ...]:
+    path = folder / "system_prompts.json"
+    if not path.is_file():
+        raise ConfigError(f"task folder {folder}: system_prompts.json is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+    if isinstance(data, list):
+        data = {f"p{i + 1}": text for i, text in enumerate(data)}
+    if not isinstance(data, dict) or not data or not all(isinstance(v, str) for v in data.values()):
+        raise DataError(f"{path}: expected {{\"name\": \"prompt text\", ...}} or a list of prompt texts")
+    names = [safe_name(str(k)) for k in data]
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: two system prompt names map to the same file name")
+    return tuple(zip(names, data.values()))
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and check a suite file; every error names the file and key."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: suite file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: invalid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with 'models' and 'task_folders'")
+    unknown = set(raw) - _SUITE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_SUITE_KEYS))})")
+    base = path.parent.resolve()
+    models = _read_models(raw.get("models"), base, where)
+    groups = raw.get("groups") or {}
+    if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
+        raise ConfigError(f"{where}: 'groups' must map names to lists of aliases")
+    clash = set(groups) & set(models)
+    if clash:
+        raise ConfigError(f"{where}: {sorted(clash)[0]!r} is both a model alias and a group")
+    run = raw.get("run")
+    selected = _expand(run if run is not None else list(models), models, groups, f"{where}: run")
+    if not selected:
+        raise ConfigError(f"{where}: 'run' selects no model")
+
+    folders = []
+    specs = raw.get("task_folders")
+    if not isinstance(specs, list) or not specs:
+        raise ConfigError(f"{where}: 'task_folders' must be a non-empty list")
+    for i, spec in enumerate(specs):
+        key = f"{where}: task_folders[{i}]"
+        tasks = None
+        if isinstance(spec, dict):
+            tasks = spec.get("tasks")
+            spec = spec.get("path")
+        if not isinstance(spec, str):
+            raise ConfigError(f"{key}: needs a folder path")
+        folder = (base / spec).expanduser().resolve()
+        if not folder.is_dir():
+            raise ConfigError(f"{key}: {spec} is not a directory")
+        names = tuple(str(t) for t in tasks) if tasks else folder_tasks(folder)
+        if not names:
+            raise ConfigError(f"{key}: {spec} declares no lm-eval task (no YAML with a 'task:' key)")
+        folders.append(TaskFolder(safe_name(folder.name), folder, names, read_system_prompts(folder)))
+    if len({f.name for f in folders}) != len(folders):
+        raise ConfigError(f"{where}: two task folders have the same name; results would collide")
+
+    wandb = raw.get("wandb")
+    if wandb is not None and not isinstance(wandb, dict):
+        raise ConfigError(f"{where}: 'wandb' must be a mapping (project, entity, group, name)")
+    try:
+        return Suite(
+            path=path,
+            models=tuple(models[a] for a in selected),
+            folders=tuple(folders),
+            output_dir=(base / str(raw.get("output_dir", "results"))).resolve(),
+            num_fewshot=None if raw.get("num_fewshot") is None else int(raw["num_fewshot"]),
+            limit=None if raw.get("limit") is None else float(raw["limit"]),
+            batch_size=int(raw.get("batch_size", 8)),
+            max_length=None if raw.get("max_length") is None else int(raw["max_length"]),
+            seed=int(raw.get("seed", 1234)),
+            wandb=wandb,
+        )
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def build_jobs(suite: Suite) -> list[SuiteJob]:
+    """Every model × task folder × system prompt, model-major so each model loads once."""
+    return [
+        SuiteJob(model, folder, name, text, suite.output_dir / safe_name(model.alias) / folder.name / f"{name}.json")
+        for model in suite.models
+        for folder in suite.folders
+        for name, text in folder.prompts
+    ]
+
+
+def job_command(job: SuiteJob, suite: Suite) -> list[str]:
+    """The ``neoxt eval`` command line that produces one pair's result file (for SLURM jobs)."""
+    cmd = ["neoxt", "eval", "--model", job.model.source, "--tasks", *job.folder.tasks,
+           "--include-path", str(job.folder.path), "--apply-chat-template", "--system-prompt", job.prompt_text,
+           "--output", str(job.result_path), "--batch-size", str(suite.batch_size), "--seed", str(suite.seed)]
+    if job.model.chat_template is not None:
+        cmd += ["--chat-template", job.model.chat_template]
+    if suite.num_fewshot is not None:
+        cmd += ["--num-fewshot", str(suite.num_fewshot)]
+    if suite.limit is not None:
+        cmd += ["--limit", str(suite.limit)]
+    if suite.max_length is not None:
+        cmd += ["--max-length", str(suite.max_length)]
+    return cmd
+
+
+def shell_line(cmd: Sequence[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
+
+
+def check_chat_templates(suite: Suite, has_template: Callable[[ModelEntry], bool]) -> None:
+    """Fail before any job when a model has no chat template (system prompts need one)."""
+    missing = [m for m in suite.models if m.chat_template is None and not has_template(m)]
+    if missing:
+        names = ", ".join(f"'{m.alias}' ({m.source})" for m in missing)
+        raise ConfigError(
+            f"{suite.path}: model {names} has no chat template, and system prompts are applied through it; "
+            "fix: give the model entry a template, e.g. `models: {alias: {path: ..., chat_template: chat.jinja}}`, "
+            "or save one in the model's tokenizer_config.json / tokenizer.chat_template"
+        )
+
+
+# --- gathering -----------------------------------------------------------------------------------
+
+
+def _metric_columns(rows: list[dict[str, Any]], with_stderr: bool) -> list[str]:
+    cols: list[str] = []
+    for row in rows:
+        for key in row["metrics"]:
+            if (with_stderr or "_stderr" not in key) and key not in cols:
+                cols.append(key)
+    return sorted(cols, key=lambda c: (c.replace("_stderr", ""), "_stderr" in c))
+
+
+def gather(suite: Suite, jobs: Sequence[SuiteJob]) -> list[dict[str, Any]]:
+    """One row per (model, system prompt, folder, task) from the result files that exist."""
+    rows = []
+    for job in jobs:
+        if not job.result_path.is_file():
+            continue
+        try:
+            results = json.loads(job.result_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{job.result_path}: invalid JSON ({err.msg}); delete it to rerun the pair") from None
+        for task, metrics in sorted(results.get("results", {}).items()):
+            values = {}
+            for key, value in metrics.items():
+                if key == "alias" or not isinstance(value, int | float):
+                    continue
+                metric, _, filt = key.partition(",")
+                values[metric if filt in ("", "none") else f"{metric}[{filt}]"] = float(value)
+            rows.append({"model": job.model.alias, "system_prompt": job.prompt_name,
+                         "task_folder": job.folder.name, "task": task, "metrics": values})
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = _metric_columns(rows, with_stderr=False)
+    head = ["model", "system_prompt", "task_folder", "task", *cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [r["model"], r["system_prompt"], r["task_folder"], r["task"], *(_fmt(r["metrics"].get(c)) for c in cols)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(rows: list[dict[str, Any]]) -> str:
+    cols = _metric_columns(rows, with_stderr=True)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["model", "system_prompt", "task_folder", "task", *cols])
+    for r in rows:
+        writer.writerow([r["model"], r["system_prompt"], r["task_folder"], r["task"],
+                         *(r["metrics"].get(c, "") for c in cols)])
+    return buf.getvalue()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_tables(suite: Suite, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+    md, csv_path = suite.output_dir / "results.md", suite.output_dir / "results.csv"
+    _write_text_atomic(md, table_markdown(rows))
+    _write_text_atomic(csv_path, table_csv(rows))
+    return md, csv_path
+
+
+def log_wandb(suite: Suite, rows: list[dict[str, Any]]) -> None:
+    """One W&B run per suite invocation: the gathered table plus one summary value per cell."""
+    try:
+        import wandb
+    except ModuleNotFoundError:
+        raise ConfigError(f"{suite.path}: 'wandb' is configured but the wandb package is missing "
+                          "(pip install wandb, or remove the 'wandb' block)") from None
+    cfg = dict(suite.wandb or {})
+    run = wandb.init(project=cfg.get("project", "neoxt-eval"), entity=cfg.get("entity"), group=cfg.get("group"),
+                     name=cfg.get("name", f"eval-suite-{suite.path.stem}"), config={"suite": str(suite.path)})
+    cols = _metric_columns(rows, with_stderr=False)
+    table = wandb.Table(columns=["model", "system_prompt", "task_folder", "task", *cols])
+    for r in rows:
+        table.add_data(r["model"], r["system_prompt"], r["task_folder"], r["task"],
+                       *(r["metrics"].get(c) for c in cols))
+        for c, v in r["metrics"].items():
+            run.summary[f"{r['model']}/{r['system_prompt']}/{r['task']}/{c}"] = v
+    run.log({"eval_suite": table})
+    run.finish()
+
+
+def check_wandb(suite: Suite) -> None:
+    if suite.wandb is not None:
+        try:
+            import wandb  # noqa: F401
+        except ModuleNotFoundError:
+            raise ConfigError(f"{suite.path}: 'wandb' is configured but the wandb package is missing "
+                              "(pip install wandb, or remove the 'wandb' block)") from None
+
+
+def run_suite(
+    suite: Suite,
+    evaluate_pair: Callable[[SuiteJob], dict[str, Any]],
+    has_template: Callable[[ModelEntry], bool],
+    *,
+    echo: Callable[[str], None] = print,
+) -> tuple[list[SuiteJob], list[SuiteJob], list[dict[str, Any]]]:
+    """Run the pending pairs one after another; returns (ran, skipped, table rows).
+
+    ``evaluate_pair`` returns lm-eval's results dict for a job (loading/caching models is its
+    business); each is written atomically as soon as it finishes, so an interrupted suite resumes.
+    """
+    from neoxt.evaluate.harness import write_results
+
+    check_chat_templates(suite, has_template)
+    check_wandb(suite)
+    jobs = build_jobs(suite)
+    pending = [j for j in jobs if not j.result_path.is_file()]
+    skipped = [j for j in jobs if j.result_path.is_file()]
+    echo(f"eval-suite: {len(jobs)} pairs, {len(skipped)} already done, {len(pending)} to run")
+    for i, job in enumerate(pending, 1):
+        began = time.time()
+        results = evaluate_pair(job)
+        results = {k: v for k, v in results.items() if k != "samples"}
+        results["neoxt_suite"] = {"model": job.model.alias, "source": job.model.source,
+                                  "task_folder": job.folder.name, "system_prompt": job.prompt_name,
+                                  "system_prompt_text": job.prompt_text}
+        write_results(job.result_path, results)
+        echo(f"eval-suite: [{i}/{len(pending)}] {job.label} done in {time.time() - began:.1f} s → {job.result_path}")
+    rows = gather(suite, jobs)
+    md, csv_path = write_tables(suite, rows)
+    echo(f"eval-suite: table → {md} and {csv_path}")
+    if suite.wandb is not None:
+        log_wandb(suite, rows)
+    return pending, skipped, rows

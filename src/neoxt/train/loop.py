@@ -563,7 +563,7 @@ def train(
                         # The state before this step is the last good one (weights and optimizer are
                         # untouched, the data position is rewound to this step's first batch).
                         path = save_now(data_state_before)
-                        status = "stopped"
+                        status = "failed"
                         where = f"; last good state saved to {path}" if path else ""
                         raise TrainingStopped(
                             f"non-finite {'loss' if not loss_ok else 'gradient norm'} at iteration "

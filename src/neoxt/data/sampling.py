@@ -1,0 +1,493 @@
+"""GPT-NeoX sample construction: document, sample and shuffle indices over an indexed dataset.
+
+A run imported from GPT-NeoX must keep drawing the samples it would have drawn there, so this module
+reproduces upstream's ``megatron/data/gpt2_dataset.py`` (and the C++ ``build_sample_idx`` helper)
+sample for sample: the same ``np.random.RandomState(seed)`` draws in the same order, the same
+``num_epochs`` rule, the same dtypes in the cached ``.npy`` files, the same ``__len__`` (the last
+shuffled sample is never drawn directly) and the same modulo fallback for out-of-range indices.
+Upstream's cache files (``{prefix}_{name}_indexmap_..._{doc,sample,shuffle}_idx.npy``) are read and
+written under the same names, so either stack can reuse the other's.
+
+What is built, per ``pack_impl``:
+
+* ``packed`` — the documents, tiled ``num_epochs`` times and shuffled as one array, form one token
+  stream; sample ``j`` is tokens ``[j*seq_length, (j+1)*seq_length]`` of that stream (``seq_length+1``
+  tokens, overlapping the next sample by one token); the samples are then shuffled.
+* ``pack_until_overflow`` — documents in a shuffled order (reshuffled on every pass) are appended
+  to the current sample until the next one would overflow ``seq_length+1`` tokens.
+* ``unpacked`` — one document per sample, documents in order.
+
+As upstream, a non-packed sample also carries the first token of the document that follows it (the
+span ends at ``(next_doc, offset 0)`` inclusive) and is then padded (text 0, labels -100) or truncated
+to ``seq_length+1``; ``allow_chopped: false`` skips documents longer than ``seq_length+1``.
+
+Deliberate differences from upstream (each only where upstream crashes or reads the wrong data):
+``pack_until_overflow`` / ``unpacked`` index the split's own documents (upstream uses document
+``k`` where it means ``documents[k]``, which only differs for the valid/test part of a ``split``);
+``unpacked`` works without a label dataset; a pass that skips its last document wraps around
+instead of raising IndexError; a dataset whose documents can never fill a sample raises DataError
+instead of looping forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+
+from neoxt.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PackImpl = Literal["packed", "pack_until_overflow", "unpacked"]
+PACK_IMPLS: tuple[str, ...] = ("packed", "pack_until_overflow", "unpacked")
+LABEL_PAD = -100
+TEXT_PAD = 0
+
+
+class TokenSource(Protocol):
+    """What sampling needs from an indexed dataset (``neoxt.data.indexed.IndexedDataset`` fits)."""
+
+    @property
+    def sizes(self) -> np.ndarray: ...
+
+    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """The parameters an index map depends on; they also name its cache files."""
+
+    name: str
+    num_samples: int
+    seq_length: int
+    seed: int
+    pack_impl: str = "packed"
+    allow_chopped: bool = True
+
+    def stem(self, prefix: str) -> str:
+        """Upstream's cache file stem for a dataset at ``prefix`` (without ``_doc_idx.npy`` etc.)."""
+        stem = (
+            f"{prefix}_{self.name}_indexmap_{self.num_samples}ns_{self.seq_length}sl"
+            f"_{self.seed}s_{self.pack_impl}pi"
+        )
+        return stem + "_ac" if self.allow_chopped else stem
+
+
+@dataclass(frozen=True, eq=False)
+class IndexMaps:
+    """doc_idx: document order; sample_idx [N+1, 2]: (doc_idx position, token offset) where each sample
+    starts (the next row is where it ends, inclusive); shuffle_idx: the order samples are drawn."""
+
+    doc_idx: np.ndarray
+    sample_idx: np.ndarray
+    shuffle_idx: np.ndarray
+
+    def __len__(self) -> int:
+        # Upstream's __len__: min(len(shuffle) - 1, len(sample_idx) - 1); the last shuffled sample is
+        # reachable only through the modulo fallback of out-of-range indices.
+        return max(0, min(self.shuffle_idx.shape[0] - 1, self.sample_idx.shape[0] - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The packed index (upstream's default), vectorised.
+
+
+def num_epochs_needed(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
+    """Smallest ``e >= 1`` with ``(e * tokens_per_epoch - 1) // seq_length >= num_samples``."""
+    if tokens_per_epoch <= 0:
+        raise DataError("dataset has no tokens: cannot build samples from empty documents")
+    return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
+
+
+def build_doc_idx(documents: np.ndarray, num_epochs: int, rng: np.random.RandomState) -> np.ndarray:
+    """All documents tiled ``num_epochs`` times, as int32, shuffled as one array (not per epoch)."""
+    doc_idx = np.tile(np.asarray(documents, dtype=np.int32), num_epochs)
+    rng.shuffle(doc_idx)
+    return doc_idx
+
+
+def build_sample_idx(
+    sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, num_epochs: int, tokens_per_epoch: int
+) -> np.ndarray:
+    """Where each packed sample starts, as upstream's C++ ``build_sample_idx``.
+
+    Sample ``j`` covers stream tokens ``[j*seq_length, (j+1)*seq_length]``; row ``j`` holds the
+    position in ``doc_idx`` of the document containing stream token ``j*seq_length`` and the offset
+    of that token in it. A searchsorted over the cumulative document lengths finds them all at once.
+    """
+    num_samples = (num_epochs * tokens_per_epoch - 1) // seq_length
+    # Upstream picks the dtype with a float division; keep the same rule so cache files match.
+    wide = not 2 * ((num_epochs * tokens_per_epoch - 1) / seq_length + 1) < np.iinfo(np.int32).max
+    dtype = np.int64 if wide else np.int32
+    doc_sizes = np.asarray(sizes)[doc_idx].astype(np.int64)
+    ends = np.cumsum(doc_sizes)
+    out = np.empty((num_samples + 1, 2), dtype=dtype)
+    out[0] = (0, 0)
+    chunk = 1 << 22
+    for lo in range(1, num_samples + 1, chunk):
+        positions = np.arange(lo, min(lo + chunk, num_samples + 1), dtype=np.int64) * seq_length
+        # First document whose end lies past the position: the (non-empty) one containing it.
+        where = np.searchsorted(ends, positions, side="right")
+        out[lo : lo + len(positions), 0] = where
+        out[lo : lo + len(positions), 1] = positions - (ends[where] - doc_sizes[where])
+    return out
+
+
+def build_shuffle_idx(size: int, rng: np.random.RandomState) -> np.ndarray:
+    dtype = np.int64 if size >= np.iinfo(np.uint32).max - 1 else np.uint32
+    shuffle_idx = np.arange(size, dtype=dtype)
+    rng.shuffle(shuffle_idx)
+    return shuffle_idx
+
+
+def _build_packed(documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec) -> IndexMaps:
+    tokens_per_epoch = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
+    num_epochs = num_epochs_needed(tokens_per_epoch, spec.seq_length, spec.num_samples)
+    rng = np.random.RandomState(seed=spec.seed)
+    doc_idx = build_doc_idx(documents, num_epochs, rng)
+    sample_idx = build_sample_idx(sizes, doc_idx, spec.seq_length, num_epochs, tokens_per_epoch)
+    shuffle_idx = build_shuffle_idx(sample_idx.shape[0] - 1, rng)
+    return IndexMaps(doc_idx, sample_idx, shuffle_idx)
+
+
+# --------------------------------------------------------------------------------------------------
+# The document-per-sample modes. Their loops are sequential by nature (next-fit packing).
+
+
+def _fully_masked(label: TokenSource, doc: int, limit: int) -> bool:
+    """Upstream skips documents whose first ``limit`` labels are all -100 (nothing to learn)."""
+    size = int(label.sizes[doc])
+    head = label.get(doc, 0, min(size, limit))
+    return bool(np.all(head == LABEL_PAD))
+
+
+def _build_pack_until_overflow(
+    documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec, label: TokenSource | None
+) -> IndexMaps:
+    seq1 = spec.seq_length + 1
+    rng = np.random.RandomState(seed=spec.seed)
+    shuffle_idx = np.arange(spec.num_samples)
+    rng.shuffle(shuffle_idx)
+    n_docs = len(documents)
+    if n_docs == 0:
+        raise DataError(f"{spec.name}: no documents to build samples from")
+    perm = np.arange(n_docs)
+    rng.shuffle(perm)
+    all_sizes = np.asarray(sizes)
+    starts: list[int] = []
+    doc_idx: list[int] = []
+    running = 0
+    pos = 0
+    accepted_this_pass = 0
+    order = np.asarray(documents, dtype=np.int64)[perm].tolist()
+    order_sizes = all_sizes[order].tolist()
+    while len(starts) < spec.num_samples:
+        if pos == n_docs:  # a pass ended on a skipped document (upstream raises IndexError here)
+            if accepted_this_pass == 0:
+                raise DataError(_nothing_fits(spec))
+            pos, accepted_this_pass = 0, 0
+            rng.shuffle(perm)
+            order = np.asarray(documents, dtype=np.int64)[perm].tolist()
+            order_sizes = all_sizes[order].tolist()
+        doc, length = order[pos], order_sizes[pos]
+        if (not spec.allow_chopped and length > seq1) or (
+            label is not None and _fully_masked(label, doc, seq1)
+        ):
+            pos += 1
+            continue
+        if running == 0:
+            starts.append(len(doc_idx))
+            running += length
+        elif running + length > seq1:
+            starts.append(len(doc_idx))
+            running = length
+        else:
+            running += length
+        doc_idx.append(doc)
+        accepted_this_pass += 1
+        pos += 1
+        if pos == n_docs:
+            pos, accepted_this_pass = 0, 0
+            rng.shuffle(perm)
+            order = np.asarray(documents, dtype=np.int64)[perm].tolist()
+            order_sizes = all_sizes[order].tolist()
+    starts.append(len(doc_idx))
+    sample_idx = np.zeros((len(starts), 2), dtype=np.int64)
+    sample_idx[:, 0] = starts
+    return IndexMaps(np.asarray(doc_idx, dtype=np.int64), sample_idx, shuffle_idx)
+
+
+def _build_unpacked(
+    documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec, label: TokenSource | None
+) -> IndexMaps:
+    rng = np.random.RandomState(seed=spec.seed)
+    shuffle_idx = np.arange(spec.num_samples)
+    rng.shuffle(shuffle_idx)
+    sample_idx = np.zeros((spec.num_samples + 1, 2), dtype=np.int64)
+    sample_idx[:, 0] = np.arange(spec.num_samples + 1)
+    docs = np.asarray(documents, dtype=np.int64)
+    need = spec.num_samples + 1
+    usable: list[np.ndarray] = []
+    found = 0
+    chunk = 1 << 16
+    # Documents are taken in order, cycling, skipping unusable ones; read only as many as needed.
+    for lo in range(0, len(docs), chunk):
+        part = docs[lo : lo + chunk]
+        ok = np.ones(len(part), dtype=bool)
+        if not spec.allow_chopped:
+            ok &= np.asarray(sizes)[part] <= spec.seq_length + 1
+        if label is not None:
+            for k in np.flatnonzero(ok).tolist():
+                ok[k] = not _fully_masked(label, int(part[k]), spec.seq_length)
+        usable.append(part[ok])
+        found += int(ok.sum())
+        if found >= need:
+            break
+    cycle = np.concatenate(usable) if usable else np.zeros(0, dtype=np.int64)
+    if len(cycle) == 0:
+        raise DataError(_nothing_fits(spec))
+    return IndexMaps(np.resize(cycle, need), sample_idx, shuffle_idx)
+
+
+def _nothing_fits(spec: IndexSpec) -> str:
+    why = [] if spec.allow_chopped else [f"longer than seq_length+1={spec.seq_length + 1}"]
+    why.append("or fully masked (all labels -100)")
+    return (
+        f"{spec.name}: every document is skipped ({' '.join(why)}); "
+        f"no {spec.pack_impl} sample can be built"
+    )
+
+
+def build_index_maps(
+    documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec, label: TokenSource | None = None
+) -> IndexMaps:
+    """Build (without caching) the index maps upstream would build for these documents."""
+    if spec.pack_impl not in PACK_IMPLS:
+        raise DataError(f"unknown pack_impl {spec.pack_impl!r} (expected one of {', '.join(PACK_IMPLS)})")
+    if spec.seq_length < 2:
+        raise DataError(f"seq_length must be at least 2, got {spec.seq_length}")
+    if spec.num_samples < 0:
+        raise DataError(f"{spec.name}: negative number of samples {spec.num_samples}")
+    documents = np.asarray(documents)
+    if len(documents) == 0:
+        raise DataError(f"{spec.name}: no documents to build samples from")
+    if spec.pack_impl == "packed":
+        return _build_packed(documents, sizes, spec)
+    if spec.pack_impl == "pack_until_overflow":
+        return _build_pack_until_overflow(documents, sizes, spec, label)
+    return _build_unpacked(documents, sizes, spec, label)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache: upstream's file names, written atomically.
+
+_PARTS = ("doc_idx", "sample_idx", "shuffle_idx")
+
+
+def cache_paths(prefix: str, spec: IndexSpec, cache_dir: str | None = None) -> dict[str, str]:
+    """The three cache files; next to the data unless ``cache_dir`` (then named by the prefix's basename)."""
+    base = prefix if cache_dir is None else os.path.join(cache_dir, os.path.basename(prefix))
+    stem = spec.stem(base)
+    return {part: f"{stem}_{part}.npy" for part in _PARTS}
+
+
+def _save_atomic(path: str, array: np.ndarray) -> str:
+    """Write to a temporary name in the same directory; the caller renames once all parts exist."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _load_cached(paths: dict[str, str]) -> IndexMaps | None:
+    if not all(os.path.isfile(p) for p in paths.values()):
+        return None
+    try:
+        arrays = {part: np.load(paths[part], mmap_mode="r", allow_pickle=False) for part in _PARTS}
+    except (OSError, ValueError) as err:
+        log.warning("ignoring unreadable index cache %s (%s); rebuilding", paths["doc_idx"], err)
+        return None
+    sample_idx = arrays["sample_idx"]
+    if sample_idx.ndim != 2 or sample_idx.shape[1] != 2 or arrays["doc_idx"].ndim != 1:
+        log.warning("ignoring malformed index cache %s; rebuilding", paths["sample_idx"])
+        return None
+    return IndexMaps(arrays["doc_idx"], sample_idx, arrays["shuffle_idx"])
+
+
+def _plausible(maps: IndexMaps, documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec) -> bool:
+    """Cheap staleness check: the cache name does not record the data, so confirm it still fits."""
+    if len(maps.doc_idx) and int(np.max(maps.doc_idx)) >= len(sizes):
+        return False
+    if spec.pack_impl == "packed":
+        tokens = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
+        epochs = num_epochs_needed(tokens, spec.seq_length, spec.num_samples)
+        return (
+            maps.doc_idx.shape[0] == epochs * len(documents)
+            and maps.sample_idx.shape[0] == (epochs * tokens - 1) // spec.seq_length + 1
+        )
+    return maps.shuffle_idx.shape[0] == spec.num_samples
+
+
+def load_or_build_index_maps(
+    prefix: str,
+    documents: np.ndarray,
+    sizes: np.ndarray,
+    spec: IndexSpec,
+    label: TokenSource | None = None,
+    cache_dir: str | None = None,
+) -> IndexMaps:
+    """Reuse the cached maps (ours or GPT-NeoX's) or build and cache them.
+
+    Every process may call this: the files are written under temporary names and renamed into
+    place, so concurrent builders (which compute identical arrays) never expose a partial file.
+    """
+    paths = cache_paths(prefix, spec, cache_dir)
+    cached = _load_cached(paths)
+    if cached is not None and _plausible(cached, np.asarray(documents), sizes, spec):
+        return cached
+    if cached is not None:
+        log.warning("index cache %s does not match the data; rebuilding", paths["doc_idx"])
+    maps = build_index_maps(documents, sizes, spec, label)
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+    arrays = {"doc_idx": maps.doc_idx, "sample_idx": maps.sample_idx, "shuffle_idx": maps.shuffle_idx}
+    temps: dict[str, str] = {}
+    try:
+        for part in _PARTS:
+            temps[part] = _save_atomic(paths[part], arrays[part])
+        for part in _PARTS:
+            os.replace(temps.pop(part), paths[part])
+    except OSError as err:
+        raise DataError(
+            f"cannot write index cache {paths['doc_idx']}: {err.strerror or err} "
+            "(set data.index_cache_dir to a writable directory)"
+        ) from err
+    finally:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return maps
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading samples.
+
+
+def read_span(source: TokenSource, doc_idx: np.ndarray, first: tuple[int, int], last: tuple[int, int]) -> np.ndarray:
+    """Tokens from (doc position, offset) ``first`` to ``last`` inclusive, across documents."""
+    (f, off_f), (e, off_e) = first, last
+    if f == e:
+        return source.get(int(doc_idx[f]), off_f, off_e - off_f + 1)
+    pieces = [source.get(int(doc_idx[f]), off_f)]
+    pieces.extend(source.get(int(doc_idx[k])) for k in range(f + 1, e))
+    last_doc = int(doc_idx[e])
+    # Non-packed spans end at offset 0 of the next document; an empty one has no token to give.
+    pieces.append(source.get(last_doc, 0, min(off_e + 1, int(source.sizes[last_doc]))))
+    return np.concatenate(pieces)
+
+
+def fit_length(tokens: np.ndarray, length: int, pad: int) -> np.ndarray:
+    """Pad with ``pad`` or truncate to ``length``, as int64 (upstream's item dtype)."""
+    out = np.full(length, pad, dtype=np.int64)
+    n = min(length, len(tokens))
+    out[:n] = tokens[:n]
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class GPTDataset:
+    """One indexed dataset (plus its aligned label dataset) seen through its index maps.
+
+    ``self[i]`` is upstream's ``GPT2Dataset[i]``: ``{"text": int64[seq_length+1]}`` and ``"label"``
+    when a label dataset is present.
+    """
+
+    name: str
+    prefix: str
+    text: TokenSource
+    maps: IndexMaps
+    seq_length: int
+    label: TokenSource | None = None
+    label_prefix: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def sample_row(self, idx: int) -> int:
+        """The sample_idx row drawn for index ``idx``, with upstream's IndexError → modulo fallback."""
+        maps, n = self.maps, len(self)
+        shuffle_len, rows, docs = maps.shuffle_idx.shape[0], maps.sample_idx.shape[0], maps.doc_idx.shape[0]
+        for _ in range(4):
+            if idx < 0 or idx >= shuffle_len:
+                if n == 0:
+                    break
+                idx = idx % n
+                continue
+            row = int(maps.shuffle_idx[idx])
+            if row + 1 < rows and max(int(maps.sample_idx[row, 0]), int(maps.sample_idx[row + 1, 0])) < docs:
+                return row
+            if n == 0:
+                break
+            # Upstream recomputes the index from the already-shuffled value before retrying.
+            idx = row % n
+        raise DataError(f"{self.prefix}: sample {idx} cannot be read (index maps are inconsistent)")
+
+    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
+        row = self.sample_row(int(idx))
+        sample_idx = self.maps.sample_idx
+        first = (int(sample_idx[row, 0]), int(sample_idx[row, 1]))
+        last = (int(sample_idx[row + 1, 0]), int(sample_idx[row + 1, 1]))
+        seq1 = self.seq_length + 1
+        item = {"text": fit_length(read_span(self.text, self.maps.doc_idx, first, last), seq1, TEXT_PAD)}
+        if self.label is not None:
+            labels = read_span(self.label, self.maps.doc_idx, first, last)
+            item["label"] = fit_length(labels, seq1, LABEL_PAD)
+        return item
+
+
+def check_aligned(text: TokenSource, label: TokenSource, text_prefix: str, label_prefix: str) -> None:
+    """Labels are read with the text's offsets, so every document must have the same length."""
+    ts, ls = np.asarray(text.sizes), np.asarray(label.sizes)
+    if ts.shape != ls.shape:
+        raise DataError(
+            f"label file {label_prefix} has {ls.shape[0]} documents but text file {text_prefix} has "
+            f"{ts.shape[0]}; they must be aligned token for token"
+        )
+    bad = np.flatnonzero(ts != ls)
+    if len(bad):
+        d = int(bad[0])
+        raise DataError(
+            f"label file {label_prefix} is not aligned with text file {text_prefix}: document {d} has "
+            f"{int(ls[d])} labels but {int(ts[d])} tokens ({len(bad)} documents differ)"
+        )
+
+
+def build_gpt_dataset(
+    name: str,
+    prefix: str,
+    text: TokenSource,
+    documents: np.ndarray,
+    spec: IndexSpec,
+    label: TokenSource | None = None,
+    label_prefix: str | None = None,
+    cache_dir: str | None = None,
+) -> GPTDataset:
+    """Check alignment, then load or build the cached maps and wrap them as a dataset."""
+    if label is not None:
+        check_aligned(text, label, prefix, label_prefix or "<label>")
+    sizes = np.asarray(text.sizes)
+    documents = np.asarray(documents)
+    if len(documents) and (documents.min() < 0 or documents.max() >= len(sizes)):
+        raise DataError(f"{prefix}: document range outside the {len(sizes)} documents of the file")
+    maps = load_or_build_index_maps(prefix, documents, sizes, spec, label, cache_dir)
+    return GPTDataset(name, prefix, text, maps, spec.seq_length, label, label_prefix)

@@ -136,34 +136,24 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    """FSDP2/TP-parallelised models (DTensor parameters) reduce their own gradients."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def resolve_vocab(cfg: RunConfig) -> RunConfig:
     """Fill ``padded_vocab_size`` from the tokenizer (rounded up, GPT-NeoX style) when unset."""
     from dataclasses import replace
 
+    from neoxt.tokenizer import load_tokenizer, padded_vocab_size
+
     if cfg.model.padded_vocab_size is not None:
         return cfg
-    vocab_file = cfg.tokenizer.vocab_file
-    if not vocab_file:
-        raise ConfigError("padded_vocab_size is not set and there is no vocab_file to derive it from")
-    size = _tokenizer_vocab_size(cfg)
-    multiple = max(1, cfg.model.make_vocab_size_divisible_by)
-    padded = (size + multiple - 1) // multiple * multiple
+    tok = load_tokenizer(cfg.tokenizer)
+    padded = padded_vocab_size(
+        tok.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallelism.model_parallel_size
+    )
     return replace(cfg, model=replace(cfg.model, padded_vocab_size=padded))
-
-
-def _tokenizer_vocab_size(cfg: RunConfig) -> int:
-    try:
-        from neoxt.tokenizer import load_tokenizer
-    except ImportError:
-        load_tokenizer = None
-    if load_tokenizer is not None:
-        return int(load_tokenizer(cfg.tokenizer).vocab_size)
-    from tokenizers import Tokenizer
-
-    path = cfg.tokenizer.vocab_file
-    if not Path(path).is_file():
-        raise ConfigError(f"vocab_file: {path}: no such file")
-    return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
@@ -542,6 +532,12 @@ def train(
                     (loss * scaler.scale if scaler.scale != 1.0 else loss).backward()
                     loss_total += loss.detach().double()
                 _all_reduce_sum(loss_total)  # every rank's share of the global mean
+                if world > 1 and not _is_sharded(model):
+                    # Plain data parallelism: each rank's loss is already divided by the global token
+                    # count, so the summed gradients are the global-mean gradient.
+                    for p in params:
+                        if p.grad is not None:
+                            _all_reduce_sum(p.grad)
                 if scaler.scale != 1.0:
                     inv = 1.0 / scaler.scale
                     for p in params:
@@ -633,8 +629,43 @@ def train(
     return result
 
 
-def open_train_data(cfg: RunConfig) -> TrainData:
-    """Train/valid micro-batch sources for ``cfg`` from ``neoxt.data.loader``."""
-    from neoxt.data.loader import build_data
+class _DictBatches:
+    """Adapts ``neoxt.data.loader.BatchLoader`` (``Batch`` objects) to the dict micro-batches here."""
 
-    return build_data(cfg)
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __iter__(self) -> _DictBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        b = next(self.loader)
+        out = {"tokens": b.tokens, "labels": b.labels, "loss_mask": b.loss_mask, "position_ids": b.position_ids}
+        if b.document_ids is not None:
+            out["attention_mask"] = b.attention_mask()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def open_train_data(cfg: RunConfig) -> TrainData:
+    """Train/valid micro-batch sources for ``cfg`` from ``neoxt.data.loader`` (this rank's slice)."""
+    from neoxt.data.loader import build_loader
+
+    eod_id = None
+    d = cfg.data
+    if d.eod_mask_loss or d.reset_position_ids or d.reset_attention_mask:
+        from neoxt.tokenizer import load_tokenizer
+
+        eod_id = load_tokenizer(cfg.tokenizer).eod_id
+    rank, world = _rank_world()
+    dp_rank = rank % max(1, cfg.training.data_parallel_size) if world > 1 else 0
+    train = build_loader(cfg, "train", dp_rank=dp_rank, eod_id=eod_id)
+    if train is None:
+        raise ConfigError("no training data: set data_path or train_data_paths")
+    valid = build_loader(cfg, "valid", dp_rank=dp_rank, eod_id=eod_id) if cfg.training.eval_iters > 0 else None
+    return TrainData(_DictBatches(train), _DictBatches(valid) if valid is not None else None)

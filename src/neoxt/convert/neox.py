@@ -920,20 +920,19 @@ def export_neox(
     model_parallel_size: int = 1,
     pipeline: bool = False,
 ) -> Path:
-    """neoxt checkpoint (run dir or ``global_stepN``) -> GPT-NeoX checkpoint. Returns the step dir."""
-    import torch
+    """neoxt checkpoint (run dir or ``global_stepN``) -> GPT-NeoX checkpoint. Returns the step dir.
 
-    from neoxt.config import load_config
-    from neoxt.train.checkpoint import CONFIG_FILE, load_state, read_meta, resolve_checkpoint
+    Tensors keep their saved dtype, so ``neoxt-to-neox`` then ``neox-to-neoxt`` is bit-exact.
+    """
+    from neoxt.convert.loading import read_checkpoint_config, read_checkpoint_model_state
+    from neoxt.train.checkpoint import read_meta, resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
-    run_cfg = load_config([str(ckpt / CONFIG_FILE)])
+    run_cfg = read_checkpoint_config(ckpt)
     model = run_cfg.model
     check_supported(model)
     iteration = int(read_meta(ckpt).get("iteration", 0))
-    shapes = expected_shapes(model)
-    template = {k: torch.empty(s, dtype=torch.float32) for k, s in shapes.items()}
-    sd = _load_model_state(ckpt, template, load_state)
+    sd = read_checkpoint_model_state(ckpt, model)
     full = neoxt_to_neox(sd, model)
     shards = split_tp(full, model, model_parallel_size)
     out_cfg = dataclasses.replace(
@@ -950,21 +949,3 @@ def export_neox(
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-
-
-def _load_model_state(ckpt: Path, template: dict[str, torch.Tensor], load_state: Any) -> dict[str, torch.Tensor]:
-    """Load the saved model weights in their saved dtype (DCP converts into the template's dtype)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    md = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    for k in list(template):
-        entry = md.get(f"model.{k}")
-        if entry is None:
-            raise CheckpointError(f"{ckpt}: tensor 'model.{k}' is missing (config and checkpoint disagree)")
-        props = getattr(entry, "properties", None)
-        size = tuple(getattr(entry, "size", ()))
-        if size != tuple(template[k].shape):
-            raise CheckpointError(f"{ckpt}: tensor 'model.{k}' has shape {size}, config expects {tuple(template[k].shape)}")
-        if props is not None:
-            template[k] = template[k].to(props.dtype)
-    return load_state(ckpt, {"model": template})["model"]

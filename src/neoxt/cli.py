@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "neoxt.config.commands",
     "neoxt.doctor",
     "neoxt.train.commands",
+    "neoxt.convert.commands",
 )
 
 

@@ -1,0 +1,377 @@
+"""Datasets for a RunConfig's train/valid/test splits and the resumable micro-batch loader.
+
+The sample stream is GPT-NeoX's: ``build_train_valid_test_data_loaders`` (sample counts from
+``train_iters``, ``eval_interval``, ``eval_iters`` and the global batch; a ``split`` of one
+``data_path`` or explicit per-split paths blended by weight), a sequential sampler, and
+``DistributedBatchSampler`` batches of ``micro_batch × dp`` samples in which data-parallel rank ``r``
+takes the ``r``-th contiguous slice, dropping the last incomplete batch and starting over when the
+stream runs out.
+
+The loader is a plain iterator over numpy indexing (no worker processes: reading a packed sample is a
+few memory-mapped slices, far cheaper than a step), so its whole state is one integer: the number of
+global micro-batches consumed. ``state_dict()`` / ``load_state_dict()`` carry it through
+checkpoints, and a restored loader yields exactly the batches the original would have yielded next.
+Upstream wraps its loader in ``itertools.cycle``, which after a resume replays only the batches from
+the resume point on; here a wrap always restarts at batch 0, so the stream depends only on the
+position, not on when the job was restarted.
+
+Document boundaries (``reset_attention_mask``) travel as ``document_ids [B, T]`` — the number of EOD
+tokens strictly before each position — rather than a ``[B, 1, T, T]`` mask: T× smaller, enough for
+flex_attention's document masking, and ``Batch.attention_mask()`` expands it to the dense boolean mask
+(causal and same document) that the model's SDPA path accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from neoxt.config.schema import RunConfig
+from neoxt.data.blend import (
+    BlendedDataset,
+    Dataset,
+    blend,
+    normalized_weights_and_num_samples,
+    split_boundaries,
+    weights_by_num_docs,
+)
+from neoxt.data.sampling import GPTDataset, IndexSpec, build_gpt_dataset
+from neoxt.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+
+def split_num_samples(cfg: RunConfig) -> dict[str, int]:
+    """How many samples each split's index maps are built for (GPT-NeoX's rule)."""
+    t = cfg.training
+    if t.eval_interval <= 0:
+        raise ConfigError(f"eval_interval must be positive, got {t.eval_interval}")
+    return {
+        "train": t.train_iters * t.train_batch_size,
+        "valid": (t.train_iters // t.eval_interval + 1) * t.eval_iters * t.train_batch_size,
+        "test": t.eval_iters * t.train_batch_size,
+    }
+
+
+def _open(prefix: str) -> Any:
+    from neoxt.data.indexed import IndexedDataset
+
+    return IndexedDataset(prefix)
+
+
+def _spec(cfg: RunConfig, name: str, num_samples: int) -> IndexSpec:
+    d = cfg.data
+    return IndexSpec(name, num_samples, d.seq_length, cfg.training.seed, d.pack_impl, d.allow_chopped)
+
+
+def _from_data_path(cfg: RunConfig, split: str, num_samples: int) -> GPTDataset | None:
+    d = cfg.data
+    assert d.data_path is not None
+    text = _open(d.data_path)
+    bounds = split_boundaries(d.split, len(text.sizes))
+    k = SPLITS.index(split)
+    if bounds[k + 1] <= bounds[k]:
+        return None
+    documents = np.arange(bounds[k], bounds[k + 1], dtype=np.int32)
+    return build_gpt_dataset(
+        split, d.data_path, text, documents, _spec(cfg, split, num_samples), cache_dir=d.index_cache_dir
+    )
+
+
+def _from_paths(cfg: RunConfig, split: str, num_samples: int) -> BlendedDataset | None:
+    d = cfg.data
+    paths: Sequence[str] = getattr(d, f"{split}_data_paths")
+    if not paths:
+        return None
+    labels: Sequence[str] = getattr(d, f"{split}_label_data_paths")
+    if labels and len(labels) != len(paths):
+        raise ConfigError(f"{split}_label_data_paths has {len(labels)} paths but {split}_data_paths has {len(paths)}")
+    weights = tuple(getattr(d, f"{split}_data_weights")) or (1.0,) * len(paths)
+    if len(weights) != len(paths):
+        raise ConfigError(f"{split}_data_weights has {len(weights)} weights but {split}_data_paths has {len(paths)}")
+    texts = [_open(p) for p in paths]
+    label_sets = [_open(p) for p in labels] if labels else [None] * len(paths)
+    if d.weight_by_num_documents:
+        weights = tuple(weights_by_num_docs([len(t.sizes) for t in texts], alpha=d.weighted_sampler_alpha))
+    norm, counts = normalized_weights_and_num_samples(weights, num_samples)
+    parts = [
+        build_gpt_dataset(
+            f"{split}_{i}",
+            path,
+            text,
+            np.arange(len(text.sizes), dtype=np.int32),
+            _spec(cfg, f"{split}_{i}", counts[i]),
+            label=label_sets[i],
+            label_prefix=labels[i] if labels else None,
+            cache_dir=d.index_cache_dir,
+        )
+        for i, (path, text) in enumerate(zip(paths, texts))
+    ]
+    return blend(parts, norm)
+
+
+def build_dataset(cfg: RunConfig, split: str) -> Dataset | None:
+    """The dataset the trainer draws ``split`` from, or None when the config gives it no data."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    d = cfg.data
+    if d.dataset_impl == "pairwise":
+        raise ConfigError("dataset_impl 'pairwise' (DPO preference data) is not supported by the loader yet")
+    num_samples = split_num_samples(cfg)[split]
+    if d.train_data_paths:
+        return _from_paths(cfg, split, num_samples)
+    if d.data_path:
+        return _from_data_path(cfg, split, num_samples)
+    raise ConfigError("no training data: set data_path or train_data_paths")
+
+
+def build_datasets(cfg: RunConfig, splits: Sequence[str] = SPLITS) -> dict[str, Dataset | None]:
+    """``{split: dataset or None}`` for the requested splits."""
+    return {split: build_dataset(cfg, split) for split in splits}
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches.
+
+
+def document_ids(tokens: np.ndarray, eod_id: int) -> np.ndarray:
+    """Per position, the number of EOD tokens strictly before it: an EOD ends its own document."""
+    is_eod = tokens == eod_id
+    return np.cumsum(is_eod, axis=-1) - is_eod
+
+
+def reset_positions(tokens: np.ndarray, eod_id: int) -> np.ndarray:
+    """Position ids that restart at 0 after every EOD (old Megatron's ``reset_position_ids``)."""
+    t = tokens.shape[-1]
+    ar = np.broadcast_to(np.arange(t, dtype=np.int64), tokens.shape)
+    starts = np.zeros(tokens.shape, dtype=bool)
+    starts[..., 0] = True
+    starts[..., 1:] = tokens[..., :-1] == eod_id
+    start_of_doc = np.maximum.accumulate(np.where(starts, ar, 0), axis=-1)
+    return ar - start_of_doc
+
+
+def make_batch_arrays(
+    text: np.ndarray,
+    label: np.ndarray | None = None,
+    *,
+    eod_id: int | None = None,
+    eod_mask_loss: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
+) -> dict[str, np.ndarray]:
+    """Upstream's ``_get_batch`` on ``[B, T+1]`` samples.
+
+    tokens = text[:, :-1]; labels = the next token, or the label file's value shifted by one with
+    negatives replaced by 0; loss_mask = (label >= 0) shifted, times "input token is not EOD" when
+    ``eod_mask_loss``.
+    """
+    text = np.asarray(text, dtype=np.int64)
+    if (eod_mask_loss or reset_position_ids or reset_attention_mask) and eod_id is None:
+        raise ConfigError("eod_mask_loss / reset_position_ids / reset_attention_mask need a tokenizer with an EOD token")
+    tokens = text[:, :-1]
+    if label is not None:
+        label = np.asarray(label, dtype=np.int64)
+        loss_mask = (label[:, 1:] >= 0).astype(np.float32)
+        labels = np.where(label >= 0, label, 0)[:, 1:]
+    else:
+        loss_mask = (text[:, 1:] >= 0).astype(np.float32)
+        labels = text[:, 1:]
+    if eod_mask_loss:
+        loss_mask *= tokens != eod_id
+    if reset_position_ids:
+        positions = reset_positions(tokens, eod_id)  # type: ignore[arg-type]
+    else:
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int64), tokens.shape)
+    out = {
+        "tokens": np.ascontiguousarray(tokens),
+        "labels": np.ascontiguousarray(labels),
+        "loss_mask": loss_mask,
+        "position_ids": np.ascontiguousarray(positions),
+    }
+    if reset_attention_mask:
+        out["document_ids"] = document_ids(tokens, eod_id)  # type: ignore[arg-type]
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """One micro-batch for one data-parallel rank (torch tensors, on CPU)."""
+
+    tokens: torch.Tensor  # int64 [B, T]
+    labels: torch.Tensor  # int64 [B, T]
+    loss_mask: torch.Tensor  # float32 [B, T]
+    position_ids: torch.Tensor  # int64 [B, T]
+    document_ids: torch.Tensor | None = None  # int64 [B, T], only with reset_attention_mask
+    sample_indices: tuple[int, ...] = ()  # dataset indices of the rows, for logging and debugging
+
+    def attention_mask(self) -> torch.Tensor:
+        """Dense ``BoolTensor [B, 1, T, T]``: True where query t may attend key s (s <= t, same document)."""
+        import torch
+
+        t = self.tokens.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool).tril_()
+        if self.document_ids is None:
+            return causal.expand(self.tokens.shape[0], 1, t, t)
+        same = self.document_ids[:, None, :, None] == self.document_ids[:, None, None, :]
+        return same & causal
+
+
+def _to_batch(arrays: dict[str, np.ndarray], indices: Sequence[int]) -> Batch:
+    import torch
+
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    return Batch(sample_indices=tuple(int(i) for i in indices), **tensors)
+
+
+class BatchLoader:
+    """Endless iterator over one rank's micro-batches of ``dataset``, resumable to the exact sample.
+
+    Global micro-batch ``b`` holds dataset samples ``[(b mod n) * G, (b mod n + 1) * G)`` with
+    ``G = micro_batch_size × dp_size`` and ``n = len(dataset) // G``; rank ``r`` takes rows
+    ``[r * micro_batch_size, (r + 1) * micro_batch_size)`` of it.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        micro_batch_size: int,
+        *,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        eod_id: int | None = None,
+        eod_mask_loss: bool = False,
+        reset_position_ids: bool = False,
+        reset_attention_mask: bool = False,
+        name: str = "train",
+    ):
+        if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ConfigError(f"bad batch layout: micro batch {micro_batch_size}, dp rank {dp_rank} of {dp_size}")
+        self.dataset = dataset
+        self.name = name
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.global_batch = micro_batch_size * dp_size
+        self.num_batches = len(dataset) // self.global_batch
+        if self.num_batches == 0:
+            raise DataError(
+                f"{name} data has {len(dataset)} samples, fewer than one global micro-batch of {self.global_batch}"
+            )
+        self._batch_options = {
+            "eod_id": eod_id,
+            "eod_mask_loss": eod_mask_loss,
+            "reset_position_ids": reset_position_ids,
+            "reset_attention_mask": reset_attention_mask,
+        }
+        self.position = 0  # global micro-batches consumed
+
+    def __len__(self) -> int:
+        """Global micro-batches before the stream starts over (upstream's ``len(dataloader)``)."""
+        return self.num_batches
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Dataset indices of all ranks' samples in global micro-batch ``step``."""
+        start = (step % self.num_batches) * self.global_batch
+        return np.arange(start, start + self.global_batch, dtype=np.int64)
+
+    def rank_indices(self, step: int) -> np.ndarray:
+        lo = self.dp_rank * self.micro_batch_size
+        return self.global_indices(step)[lo : lo + self.micro_batch_size]
+
+    def samples(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """Stacked dataset items (``text`` [B, T+1], ``label`` ...) for the given indices."""
+        items = [self.dataset[int(i)] for i in indices]
+        return {key: np.stack([item[key] for item in items]) for key in items[0]}
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        indices = self.rank_indices(self.position)
+        s = self.samples(indices)
+        arrays = make_batch_arrays(s["text"], s.get("label"), **self._batch_options)
+        self.position += 1
+        return _to_batch(arrays, indices)
+
+    def seek(self, micro_batches: int) -> None:
+        """Continue after ``micro_batches`` global micro-batches (e.g. iteration × gradient accumulation)."""
+        if micro_batches < 0:
+            raise DataError(f"{self.name} loader: negative position {micro_batches}")
+        self.position = int(micro_batches)
+
+    def state_dict(self) -> dict[str, int | str]:
+        return {
+            "name": self.name,
+            "micro_batches": self.position,
+            "consumed_samples": self.position * self.global_batch,
+            "global_batch": self.global_batch,
+            "dataset_len": len(self.dataset),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position; a different global batch is fine when the samples consumed divide it."""
+        consumed = int(state["consumed_samples"])
+        if int(state.get("dataset_len", len(self.dataset))) != len(self.dataset):
+            raise DataError(
+                f"{self.name} data changed since the checkpoint: {state['dataset_len']} samples then, "
+                f"{len(self.dataset)} now (different data, seq_length, seed, iterations or weights)"
+            )
+        if consumed % self.global_batch:
+            raise DataError(
+                f"{self.name} loader: checkpoint consumed {consumed} samples, not a whole number of "
+                f"global micro-batches of {self.global_batch}"
+            )
+        self.seek(consumed // self.global_batch)
+
+
+def neox_resume_positions(cfg: RunConfig, iteration: int) -> dict[str, int]:
+    """Loader positions (global micro-batches) GPT-NeoX uses when resuming at ``iteration``.
+
+    For checkpoints imported from GPT-NeoX, which record no data position: train starts at
+    ``iteration × gradient_accumulation_steps``; valid at
+    ``(iteration × gradient_accumulation_steps // eval_interval) × eval_iters`` (upstream's formula).
+    """
+    t = cfg.training
+    steps = iteration * t.gradient_accumulation_steps
+    return {"train": steps, "valid": steps // max(t.eval_interval, 1) * t.eval_iters, "test": 0}
+
+
+def build_loader(
+    cfg: RunConfig,
+    split: str = "train",
+    *,
+    dp_rank: int = 0,
+    eod_id: int | None = None,
+    dataset: Dataset | None = None,
+) -> BatchLoader | None:
+    """The loader the trainer uses for ``split`` (None when the config has no data for it)."""
+    dataset = build_dataset(cfg, split) if dataset is None else dataset
+    if dataset is None:
+        return None
+    d, t = cfg.data, cfg.training
+    return BatchLoader(
+        dataset,
+        t.train_micro_batch_size_per_gpu,
+        dp_rank=dp_rank,
+        dp_size=t.data_parallel_size,
+        eod_id=eod_id,
+        eod_mask_loss=d.eod_mask_loss,
+        reset_position_ids=d.reset_position_ids,
+        reset_attention_mask=d.reset_attention_mask,
+        name=split,
+    )
+
+
+def stream_index(loader_len_samples: int, global_batch: int, position: int) -> int:
+    """Dataset index of the ``position``-th sample the trainer draws (all ranks, in order)."""
+    num_batches = loader_len_samples // global_batch
+    if num_batches == 0:
+        raise DataError(f"{loader_len_samples} samples, fewer than one global micro-batch of {global_batch}")
+    step, row = divmod(position, global_batch)
+    return (step % num_batches) * global_batch + row

@@ -11,6 +11,10 @@ Pure functions (no file I/O beyond what the caller hands in):
 - ``hf_to_neoxt_state_dict`` / ``neoxt_to_hf_state_dict`` → renamed, re-laid-out tensors, exact
   (no arithmetic on values, so a round trip is bit-identical).
 
+At the bottom, ``convert_hf_to_neoxt`` / ``convert_neoxt_to_hf`` do the directory-level work the
+``neoxt convert`` commands call: everything is written under a hidden temporary directory beside the
+output and renamed into place only when complete, so a failure leaves nothing at the output path.
+
 Layout traps handled here: HF GPTNeoX fuses Q, K, V into ``query_key_value`` interleaved *per head*
 (output rows viewed as ``[heads, 3, head_dim]``); OLMo-3's ``q_norm``/``k_norm`` span the whole
 projection (``heads * head_dim`` and ``kv_heads * head_dim``), not one head; OLMo-3's two norms sit
@@ -19,13 +23,19 @@ projection (``heads * head_dim`` and ``kv_heads * head_dim``), not one head; OLM
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from neoxt.config.schema import ModelConfig
+from neoxt.config.schema import ModelConfig, TokenizerConfig
 from neoxt.errors import ConversionError
 
 ARCHITECTURES = {
@@ -389,3 +399,247 @@ def neoxt_to_hf_state_dict(
                 fused = torch.stack([p.reshape(heads, hd, *rest) for p in parts], dim=1)
                 out[f"gpt_neox.layers.{i}.attention.query_key_value.{leaf}"] = cast(fused.reshape(3 * heads * hd, *rest))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Directories (what `neoxt convert hf-to-neoxt` / `neoxt-to-hf` do)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+)
+
+
+def progress(desc: str) -> Callable[[Iterable], Iterator]:
+    """Wrap an iterable of tensors: tqdm on a TTY, else a one-line log every 10 s and at the end."""
+
+    def wrap(items: Iterable) -> Iterator:
+        items = list(items)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            yield from tqdm(items, desc=desc, unit="tensor")
+            return
+        last = time.monotonic()
+        for i, item in enumerate(items, 1):
+            yield item
+            if time.monotonic() - last >= 10 or i == len(items):
+                print(f"{desc}: {i}/{len(items)} tensors", file=sys.stderr, flush=True)
+                last = time.monotonic()
+
+    return wrap
+
+
+def _temp_beside(out: Path) -> Path:
+    """A fresh hidden directory next to ``out`` (same filesystem, so the final rename is atomic)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"{out}: output path already exists and is not empty; remove it or pick another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.rglob("*"):  # safetensors writes 0600 files; give them the usual permissions
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+    tmp.chmod(0o777 & ~umask)
+    if out.is_dir():
+        out.rmdir()  # empty (checked in _temp_beside)
+    os.replace(tmp, out)
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """The template text for a TokenizerConfig.chat_template (inline Jinja text or a file path)."""
+    if not value:
+        return None
+    if "{%" in value or "{{" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise ConversionError(f"chat_template: {value} is neither a Jinja template nor an existing file")
+    return path.read_text(encoding="utf-8")
+
+
+def _hf_chat_template(hf_dir: Path) -> str | None:
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg_path = hf_dir / "tokenizer_config.json"
+    if cfg_path.is_file():
+        template = json.loads(cfg_path.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def _copy_tokenizer(hf_dir: Path, tmp_tok: Path, final_tok: Path) -> TokenizerConfig:
+    """Copy the HF tokenizer files; return the tokenizer config pointing at their final place."""
+    present = [f for f in _TOKENIZER_FILES if (hf_dir / f).is_file()]
+    if not present:
+        print(f"neoxt: warning: {hf_dir} has no tokenizer files; the config has no vocab_file", file=sys.stderr)
+        return TokenizerConfig(tokenizer_type="HFTokenizer")
+    tmp_tok.mkdir()
+    for name in present:
+        shutil.copy2(hf_dir / name, tmp_tok / name)
+    template = _hf_chat_template(hf_dir)
+    if template is not None and not (tmp_tok / "chat_template.jinja").is_file():
+        (tmp_tok / "chat_template.jinja").write_text(template, encoding="utf-8")
+    chat = str(final_tok / "chat_template.jinja") if template is not None else None
+    if "tokenizer.json" in present:
+        return TokenizerConfig("HFTokenizer", str(final_tok / "tokenizer.json"), None, chat)
+    if "vocab.json" in present and "merges.txt" in present:
+        return TokenizerConfig("GPT2BPETokenizer", str(final_tok / "vocab.json"), str(final_tok / "merges.txt"), chat)
+    if "tokenizer.model" in present:
+        return TokenizerConfig("SPMTokenizer", str(final_tok / "tokenizer.model"), None, chat)
+    return TokenizerConfig("HFTokenizer", None, None, chat)
+
+
+def convert_hf_to_neoxt(
+    hf_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | None = None, iteration: int = 0
+) -> Path:
+    """HF model directory → neoxt run directory (checkpoint, config.yml, tokenizer/). Returns the step dir."""
+    from neoxt.config import config_to_yaml
+    from neoxt.config.schema import DataConfig, RunConfig, TrainingConfig
+    from neoxt.convert.loading import read_hf_model
+    from neoxt.train.checkpoint import save_checkpoint, step_dir_name
+
+    hf_dir, out = Path(hf_dir), Path(output_dir).absolute()
+    if not hf_dir.is_dir():
+        raise ConversionError(f"{hf_dir}: no such directory")
+    torch_dtype = DTYPES[dtype] if dtype else None
+    tmp = _temp_beside(out)
+    try:
+        cfg, sd, arch, _ = read_hf_model(hf_dir, torch_dtype, progress(f"hf-to-neoxt {hf_dir.name}"))
+        tokenizer = _copy_tokenizer(hf_dir, tmp / "tokenizer", out / "tokenizer")
+        precision = _PRECISION.get(sd["embed.weight"].dtype, "fp32")
+        run_cfg = RunConfig(
+            model=cfg,
+            tokenizer=tokenizer,
+            data=DataConfig(seq_length=min(2048, cfg.max_position_embeddings)),
+            training=TrainingConfig(precision=precision),
+        )
+        text = config_to_yaml(run_cfg)
+        meta = {"source": str(hf_dir.absolute()), "hf_architecture": HF_CLASS[arch], "consumed_tokens": 0,
+                "consumed_samples": 0}
+        save_checkpoint(tmp, iteration, {"model": sd}, text, meta=meta)
+        (tmp / "config.yml").write_text(text, encoding="utf-8")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / step_dir_name(iteration)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000000' → bytes (decimal units as transformers' max_shard_size)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B?)\s*", text.upper())
+    if not m or m.group(2) not in units:
+        raise ConversionError(f"--max-shard-size: cannot read {text!r} (use e.g. 5GB or 500MB)")
+    return int(float(m.group(1)) * units[m.group(2)])
+
+
+def write_safetensors(sd: Mapping[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[Path]:
+    """HF-style (sharded) safetensors: model.safetensors, or model-0000i-of-0000n + index json."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        path = out_dir / "model.safetensors"
+        save_file(shards[0], str(path), metadata={"format": "pt"})
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, 1):
+        path = out_dir / f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        paths.append(path)
+        weight_map.update({name: path.name for name in shard})
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return paths
+
+
+def _load_tokenizer(tok: TokenizerConfig):
+    """A transformers tokenizer for our tokenizer config, or None when it cannot be exported."""
+    from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+
+    if not tok.vocab_file:
+        return None
+    vocab = Path(tok.vocab_file)
+    if not vocab.is_file():
+        raise ConversionError(f"tokenizer vocab_file {vocab} (from the checkpoint's config.yml) does not exist")
+    if tok.tokenizer_type == "HFTokenizer":
+        if (vocab.parent / "tokenizer_config.json").is_file() and vocab.name == "tokenizer.json":
+            return AutoTokenizer.from_pretrained(str(vocab.parent))
+        return PreTrainedTokenizerFast(tokenizer_file=str(vocab))
+    if tok.tokenizer_type in ("GPT2BPETokenizer", "HFGPT2Tokenizer") and tok.merge_file:
+        return GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(tok.merge_file))
+    print(f"neoxt: warning: tokenizer_type {tok.tokenizer_type} is not exported; add tokenizer files by hand",
+          file=sys.stderr)
+    return None
+
+
+def convert_neoxt_to_hf(
+    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
+    """neoxt run dir or ``global_step<N>`` dir → HF model directory (safetensors, config, tokenizer)."""
+    from neoxt.convert.loading import read_checkpoint_config, read_checkpoint_model_state
+    from neoxt.train.checkpoint import resolve_checkpoint
+
+    out = Path(output_dir).absolute()
+    ckpt = resolve_checkpoint(checkpoint)
+    run_cfg = read_checkpoint_config(ckpt)
+    cfg = run_cfg.model
+    arch = architecture_for(cfg)
+    max_bytes = parse_size(max_shard_size)
+    tokenizer = _load_tokenizer(run_cfg.tokenizer)
+    template = read_chat_template(run_cfg.tokenizer.chat_template)
+    if tokenizer is not None and template is not None:
+        tokenizer.chat_template = template
+    ids = {}
+    if tokenizer is not None:
+        ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if getattr(tokenizer, k, None) is not None}
+    hf_cfg = hf_config_from_model_config(cfg, arch, **ids)  # fails on unexpressible configs before any I/O
+    tmp = _temp_beside(out)
+    try:
+        sd = read_checkpoint_model_state(ckpt, cfg)
+        torch_dtype = DTYPES[dtype] if dtype else None
+        hf_sd = neoxt_to_hf_state_dict(sd, cfg, arch, progress(f"neoxt-to-hf {ckpt.name}"), torch_dtype)
+        hf_cfg.dtype = str(next(iter(hf_sd.values())).dtype).removeprefix("torch.")
+        write_safetensors(hf_sd, tmp, max_bytes)
+        hf_cfg.save_pretrained(str(tmp))
+        _write_generation_config(tmp, ids)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_generation_config(out_dir: Path, ids: dict[str, int]) -> None:
+    from transformers import GenerationConfig
+
+    GenerationConfig(**ids).save_pretrained(str(out_dir))

@@ -251,10 +251,8 @@ class IndexedDatasetWriter:
         else:
             self._range = None
 
-    def add_item(self, tokens: np.ndarray | Iterable[int]) -> None:
-        """Append one item (a sequence); values must fit the writer's dtype (checked, never wrapped)."""
-        if self._done:
-            raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
+    def _convert(self, tokens: np.ndarray | Iterable[int]) -> np.ndarray:
+        """Tokens in the writer's dtype; a value that would wrap around is an error, not silent garbage."""
         arr = np.asarray(tokens)
         if arr.dtype != self.dtype:
             if arr.size and self._range is not None and arr.dtype.kind in "iub":
@@ -263,6 +261,13 @@ class IndexedDatasetWriter:
                     raise DataError(f"{self._bin_path}: value {lo if lo < self._range[0] else hi} does "
                                     f"not fit dtype {self.dtype}")
             arr = arr.astype(self.dtype)
+        return arr
+
+    def add_item(self, tokens: np.ndarray | Iterable[int]) -> None:
+        """Append one item (a sequence); values must fit the writer's dtype (checked, never wrapped)."""
+        if self._done:
+            raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
+        arr = self._convert(tokens)
         if arr.ndim != 1:
             arr = arr.reshape(-1)
         if arr.size > np.iinfo(np.int32).max:
@@ -277,6 +282,21 @@ class IndexedDatasetWriter:
         """One item that is a whole document (what preprocess writes)."""
         self.add_item(tokens)
         self.end_document()
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Many one-item documents at once: ``tokens`` is their concatenation (one write, no per-item loop)."""
+        if self._done:
+            raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(tokens):
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {len(tokens)} tokens were given")
+        if lengths.size and lengths.max() > np.iinfo(np.int32).max:
+            raise DataError(f"{self._bin_path}: an item exceeds the format's int32 size field")
+        arr = self._convert(tokens)
+        self._file.write(arr.tobytes(order="C"))
+        start = len(self._sizes)
+        self._sizes.frombytes(lengths.astype(np.int32).tobytes())
+        self._doc_idx.frombytes(np.arange(start + 1, start + 1 + lengths.size, dtype=np.int64).tobytes())
 
     @property
     def num_items(self) -> int:

@@ -1,0 +1,232 @@
+"""CLI for data preparation: ``preprocess``, ``preprocess-chat``, ``prepare-hf`` and the ``data`` group.
+
+Flags keep the names of GPT-NeoX's tools/datasets scripts so existing job scripts keep working.
+Handlers import the heavy modules lazily so ``neoxt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from neoxt.errors import DataError
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser, default_keys: list[str]) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="input files (.jsonl[.gz|.zst|.xz], .txt, .parquet), saved HF dataset directories "
+                        "or a Hub dataset name; several arguments, comma lists and globs allowed")
+    p.add_argument("--jsonl-keys", nargs="+", default=default_keys, metavar="KEY",
+                   help=f"fields to tokenize, one output dataset each (default: {' '.join(default_keys)})")
+    p.add_argument("--num-docs", type=int, default=None,
+                   help="number of documents in the input, for an accurate progress bar only")
+    p.add_argument("--output-prefix", required=True, help="output path without the _<key>_document suffix")
+    p.add_argument("--dataset-impl", default="mmap", choices=["lazy", "cached", "mmap"],
+                   help="accepted for GPT-NeoX compatibility; only mmap is written")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--log-interval", type=int, default=100,
+                   help="accepted for GPT-NeoX compatibility (progress is shown continuously)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip malformed records (bad JSON, missing key) and count them, instead of stopping")
+    p.add_argument("--split", default=None, help="split of a saved HF DatasetDict or Hub dataset")
+    p.add_argument("--subset", default=None, help="configuration name of a Hub dataset")
+    p.add_argument("--ftfy", action="store_true", help="accepted for GPT-NeoX compatibility; not applied")
+
+
+def _check_impl(args: argparse.Namespace) -> None:
+    if args.dataset_impl != "mmap":
+        raise DataError(f"--dataset-impl {args.dataset_impl}: only the mmap format is written "
+                        "(it is what GPT-NeoX trains on)")
+    if args.ftfy:
+        print("neoxt: --ftfy is not applied (text is tokenized as given)", file=sys.stderr)
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from neoxt.config.schema import TokenizerConfig
+    from neoxt.data.tokenize import format_summary, preprocess
+
+    _check_impl(args)
+    cfg = TokenizerConfig(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
+                          merge_file=args.merge_file)
+    result = preprocess(args.input, args.output_prefix, cfg, keys=args.jsonl_keys,
+                        append_eod=args.append_eod, workers=args.workers,
+                        skip_bad_lines=args.skip_bad_lines, num_docs=args.num_docs,
+                        split=args.split, subset=args.subset)
+    print(format_summary(result.outputs, result.stats, result.dtype))
+    return 0
+
+
+def _preprocess_chat(args: argparse.Namespace) -> int:
+    from neoxt.data.chat import preprocess_chat
+    from neoxt.data.tokenize import format_summary
+
+    _check_impl(args)
+    result = preprocess_chat(args.input, args.output_prefix, args.tokenizer_path, keys=args.jsonl_keys,
+                             generation_role=args.generation_role, only_last=args.only_last,
+                             no_mask=args.no_mask, for_rm=args.for_rm, reward_key=args.reward_key,
+                             binary_reward=args.binary_reward, chat_template=args.chat_template,
+                             workers=args.workers, skip_bad_lines=args.skip_bad_lines,
+                             num_docs=args.num_docs, split=args.split, subset=args.subset)
+    print(format_summary(result.outputs, result.stats, "int32"))
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def inspect_dataset(prefix: str, doc: int | None = None, tokenizer_type: str = "HFTokenizer",
+                    vocab_file: str | None = None, merge_file: str | None = None,
+                    max_tokens: int = 2000) -> str:
+    """A human summary of one .bin/.idx dataset, and optionally one document (decoded if possible)."""
+    import os
+
+    import numpy as np
+
+    from neoxt.data.indexed import DTYPE_CODES, IndexedDataset, data_file_path, index_file_path
+
+    ds = IndexedDataset(prefix)
+    sizes = ds.sizes
+    code = next(c for c, d in DTYPE_CODES.items() if d == ds.dtype)
+    lines = [
+        f"dataset    {ds.prefix}",
+        f"dtype      {ds.dtype.name} (code {code})",
+        f"documents  {ds.num_documents:,} ({len(ds):,} items)",
+        f"tokens     {ds.num_tokens:,}",
+    ]
+    if len(sizes):
+        lines.append(f"item size  min {int(sizes.min()):,} / mean {float(sizes.mean(dtype=np.float64)):,.1f} "
+                     f"/ max {int(sizes.max()):,} tokens")
+    lines.append(f"files      {os.path.basename(data_file_path(ds.prefix))} "
+                 f"{_size(os.path.getsize(data_file_path(ds.prefix)))}, "
+                 f"{os.path.basename(index_file_path(ds.prefix))} "
+                 f"{_size(os.path.getsize(index_file_path(ds.prefix)))}")
+    if doc is None:
+        return "\n".join(lines)
+    try:
+        items = ds.document(doc)
+    except IndexError as err:
+        raise DataError(f"{ds.prefix}: --doc {doc}: {err}") from None
+    tokens = np.concatenate(items) if items else np.empty(0, ds.dtype)
+    shown = tokens[:max_tokens]
+    more = f" (first {max_tokens} of {len(tokens):,})" if len(tokens) > max_tokens else ""
+    lines += ["", f"document {doc}: {len(items)} item(s), {len(tokens):,} tokens{more}",
+              f"ids        {shown.tolist()}"]
+    if vocab_file or tokenizer_type == "CharLevelTokenizer":
+        from neoxt.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_type=tokenizer_type, vocab_file=vocab_file, merge_file=merge_file)
+        ids = shown[shown >= 0] if shown.dtype.kind == "i" else shown
+        lines += ["text:", tok.decode(ids.tolist())]
+    return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    print(inspect_dataset(args.prefix, doc=args.doc, tokenizer_type=args.tokenizer_type,
+                          vocab_file=args.tokenizer or args.vocab_file, merge_file=args.merge_file,
+                          max_tokens=args.max_tokens))
+    return 0
+
+
+def _samples(args: argparse.Namespace) -> int:
+    from neoxt.data.loader import samples_command
+
+    return samples_command(args)
+
+
+def _prepare_hf(args: argparse.Namespace) -> int:
+    from neoxt.data.prepare_hf import PrepareOptions, prepare_hf
+
+    opts = PrepareOptions(
+        dataset=args.dataset, subset=args.subset, split=args.split, output_dir=args.output_dir,
+        tokenizer=args.vocab_file, text_key=args.text_key, count_only=args.count_only,
+        skip_count=args.skip_count, skip_tokenize=args.skip_tokenize, num_proc=args.num_proc,
+        tokenize_workers=args.tokenize_workers, append_eod=not args.no_append_eod,
+    )
+    prepare_hf(opts)
+    return 0
+
+
+def _add_tokenizer_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    from_types = ["HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "SPMTokenizer",
+                  "TiktokenTokenizer", "CharLevelTokenizer"]
+    p.add_argument("--tokenizer-type", required=required, default=None if required else "HFTokenizer",
+                   choices=from_types, help="GPT-NeoX tokenizer type")
+    p.add_argument("--vocab-file", default=None,
+                   help="tokenizer.json / HF tokenizer dir (HFTokenizer), vocab.json (GPT2BPETokenizer), "
+                        ".model (SPMTokenizer) or encoding name (TiktokenTokenizer)")
+    p.add_argument("--merge-file", default=None, help="merges.txt (GPT2BPETokenizer)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("preprocess", help="tokenize documents into GPT-NeoX .bin/.idx datasets",
+                       description="Tokenize text documents into <prefix>_<key>_document.bin/.idx "
+                                   "(GPT-NeoX tools/datasets/preprocess_data.py flags).")
+    _add_runtime_flags(p, ["text"])
+    _add_tokenizer_flags(p, required=True)
+    p.add_argument("--append-eod", action="store_true", help="append the end-of-document token")
+    p.set_defaults(handler=_preprocess)
+
+    c = sub.add_parser("preprocess-chat", help="tokenize conversations with a chat template, plus label files",
+                       description="Conversations -> <prefix>_<key>_document and <prefix>_<key>_label_document "
+                                   "(int32; labels -100 on every token the generation role did not produce).")
+    _add_runtime_flags(c, ["conversation"])
+    c.add_argument("--tokenizer-path", required=True, help="HF tokenizer directory, tokenizer.json or Hub name")
+    c.add_argument("--chat-template", default=None, help="chat template text or file (default: the tokenizer's)")
+    c.add_argument("--generation-role", default="assistant", help="role whose tokens are trained")
+    c.add_argument("--only-last", action="store_true", help="train only the final turn")
+    c.add_argument("--no-mask", action="store_true", help="train every token (labels = tokens)")
+    c.add_argument("--for-rm", action="store_true", help="reward-model data: all -100, then EOS EOS")
+    c.add_argument("--reward-key", default=None, help="field holding a reward; writes <key>_reward files")
+    c.add_argument("--binary-reward", action="store_true", help="reward is truthy/falsy -> 1/-1")
+    c.set_defaults(handler=_preprocess_chat)
+
+    h = sub.add_parser("prepare-hf", help="count, export and tokenize a Hugging Face dataset in one go",
+                       description="Detect a text or messages column, count tokens, export JSONL, tokenize "
+                                   "it and write pipeline_results.json plus the config line to paste.")
+    h.add_argument("--dataset", required=True, help="Hub dataset name or a saved dataset directory")
+    h.add_argument("--subset", default=None)
+    h.add_argument("--split", default="train")
+    h.add_argument("--output-dir", default=None, help="default: ./data/<dataset name>")
+    h.add_argument("--vocab-file", required=True, help="HF tokenizer directory, tokenizer.json or Hub name")
+    h.add_argument("--text-key", default=None, help="column to use (default: 'text' or 'messages', detected)")
+    h.add_argument("--count-only", action="store_true", help="only count tokens")
+    h.add_argument("--skip-count", action="store_true", help="skip the counting stage")
+    h.add_argument("--skip-tokenize", action="store_true", help="stop after exporting JSONL")
+    h.add_argument("--num-proc", type=int, default=1, help="processes for counting and export")
+    h.add_argument("--tokenize-workers", type=int, default=1, help="workers for the tokenize stage")
+    h.add_argument("--no-append-eod", action="store_true", help="text data: do not append EOD")
+    h.set_defaults(handler=_prepare_hf)
+
+    d = sub.add_parser("data", help="look at prepared datasets")
+    data_sub = d.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    i = data_sub.add_parser("inspect", help="documents, tokens, dtype and size of a .bin/.idx dataset",
+                            description="Summarise an indexed dataset; with --doc N show that document "
+                                        "(decoded when a tokenizer is given).")
+    i.add_argument("prefix", help="dataset prefix (or its .bin / .idx path)")
+    i.add_argument("--doc", type=int, default=None, help="show document N (negative counts from the end)")
+    i.add_argument("--tokenizer", default=None, help="HF tokenizer dir or tokenizer.json (HFTokenizer)")
+    i.add_argument("--tokenizer-type", default="HFTokenizer")
+    i.add_argument("--vocab-file", default=None)
+    i.add_argument("--merge-file", default=None)
+    i.add_argument("--max-tokens", type=int, default=2000, help="show at most this many tokens of a document")
+    i.set_defaults(handler=_inspect)
+    s = data_sub.add_parser("samples", help="the samples the trainer would draw, in global order",
+                            description="Show the training (or valid/test) samples exactly as the trainer "
+                                        "draws them: global order (all data-parallel ranks), seq_length+1 "
+                                        "tokens each, plus labels when a label file is configured.")
+    s.add_argument("config", nargs="+", help="GPT-NeoX style YAML config files, merged in order")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    s.add_argument("--split", default="train", choices=["train", "valid", "test"])
+    s.add_argument("--start", type=int, default=0, help="first sample position in the stream (default 0)")
+    s.add_argument("--count", type=int, default=4, help="number of samples to show (default 4)")
+    s.add_argument("--world-size", type=int, default=None,
+                   help="processes of the job (default $WORLD_SIZE or the model-parallel size); "
+                        "fixes the data-parallel size and so the global batch")
+    s.add_argument("--json", action="store_true", help="one JSON object per sample")
+    s.add_argument("--decode", action="store_true", help="also decode the tokens with the configured tokenizer")
+    s.set_defaults(handler=_samples)

@@ -16,6 +16,7 @@ from neoxt.errors import NeoxtError
 COMMAND_MODULES: tuple[str, ...] = (
     "neoxt.config.commands",
     "neoxt.doctor",
+    "neoxt.data.commands",
     "neoxt.train.commands",
     "neoxt.convert.commands",
 )

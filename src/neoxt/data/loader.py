@@ -375,3 +375,104 @@ def stream_index(loader_len_samples: int, global_batch: int, position: int) -> i
         raise DataError(f"{loader_len_samples} samples, fewer than one global micro-batch of {global_batch}")
     step, row = divmod(position, global_batch)
     return (step % num_batches) * global_batch + row
+
+
+# --------------------------------------------------------------------------------------------------
+# `neoxt data samples`: the stream the trainer draws, in global order.
+
+
+@dataclass(frozen=True, eq=False)
+class StreamSample:
+    """The ``position``-th sample the trainer draws for a split (all data-parallel ranks, in order)."""
+
+    position: int
+    index: int  # index into the split's (blended) dataset
+    source: str  # prefix of the indexed dataset the sample comes from
+    source_index: int  # index within that dataset
+    text: np.ndarray  # int64 [seq_length + 1]
+    label: np.ndarray | None
+
+
+def _source_of(dataset: Dataset, index: int) -> tuple[str, int]:
+    if isinstance(dataset, BlendedDataset):
+        d, s = dataset.source(index)
+        return str(getattr(dataset.datasets[d], "prefix", f"dataset {d}")), s
+    return str(getattr(dataset, "prefix", "dataset")), index
+
+
+def stream_samples(
+    cfg: RunConfig, split: str, start: int, count: int, dataset: Dataset | None = None
+) -> list[StreamSample]:
+    """Samples ``start .. start+count-1`` of ``split`` in the order the trainer draws them."""
+    if start < 0 or count < 0:
+        raise ConfigError(f"--start and --count must be non-negative (got {start}, {count})")
+    dataset = build_dataset(cfg, split) if dataset is None else dataset
+    if dataset is None:
+        raise DataError(f"the config gives no {split} data (check data_path/split or {split}_data_paths)")
+    t = cfg.training
+    global_batch = t.train_micro_batch_size_per_gpu * t.data_parallel_size
+    out = []
+    for position in range(start, start + count):
+        index = stream_index(len(dataset), global_batch, position)
+        item = dataset[index]
+        source, source_index = _source_of(dataset, index)
+        out.append(StreamSample(position, index, source, source_index, item["text"], item.get("label")))
+    return out
+
+
+def samples_command(args: Any) -> int:
+    """Handler of ``neoxt data samples`` (registered in ``neoxt.data.commands``)."""
+    import json
+    import sys
+
+    from neoxt.config import load_config
+
+    cfg = load_config(args.config, args.set or (), world_size=args.world_size)
+    if split_num_samples(cfg)[args.split] == 0:
+        raise ConfigError(
+            f"the config draws no {args.split} samples (train_iters={cfg.training.train_iters}, "
+            f"eval_iters={cfg.training.eval_iters}); set them to see the stream"
+        )
+    samples = stream_samples(cfg, args.split, args.start, args.count)
+    decode = None
+    if args.decode:
+        from neoxt.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(cfg.tokenizer)
+        decode = tok.decode
+    t = cfg.training
+    global_batch = t.train_micro_batch_size_per_gpu * t.data_parallel_size
+    for s in samples:
+        step, row = divmod(s.position, global_batch)
+        where = {
+            "position": s.position,
+            "micro_batch": step,
+            "dp_rank": row // t.train_micro_batch_size_per_gpu,
+        }
+        if args.split == "train":
+            where["iteration"] = step // t.gradient_accumulation_steps + 1
+        record: dict[str, Any] = {
+            **where,
+            "index": s.index,
+            "source": s.source,
+            "source_index": s.source_index,
+            "text": s.text.tolist(),
+        }
+        if s.label is not None:
+            record["label"] = s.label.tolist()
+        if decode is not None:
+            record["decoded"] = decode(s.text.tolist())
+        if args.json:
+            sys.stdout.write(json.dumps(record) + "\n")
+            continue
+        it = f"iteration {where['iteration']}, " if "iteration" in where else ""
+        sys.stdout.write(
+            f"sample {s.position} ({it}micro-batch {step}, dp rank {where['dp_rank']}) <- "
+            f"{s.source} [{s.source_index}] (index {s.index})\n"
+        )
+        sys.stdout.write(f"  tokens {record['text']}\n")
+        if s.label is not None:
+            sys.stdout.write(f"  labels {record['label']}\n")
+        if decode is not None:
+            sys.stdout.write(f"  text   {record['decoded']!r}\n")
+    return 0

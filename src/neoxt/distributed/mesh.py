@@ -1,0 +1,143 @@
+"""The process group and the 4-D device mesh ``(pp, dp_replicate, dp_shard, tp)`` a run trains on.
+
+Why four named dims, always: every consumer asks the mesh by name (``mesh["tp"]``, ``mesh["dp"]``)
+and a dim of size 1 costs nothing, so the code that parallelizes, loads data and saves checkpoints
+never branches on which kinds of parallelism are on. ``dp`` (replicate x shard flattened) is the
+data-parallel group: the data loader's rank/size and the loss all-reduce use it.
+
+Order matters for locality: ``tp`` is innermost so a tensor-parallel group lands on the GPUs of one
+node (NVLink), then FSDP's shard group, then HSDP replicas, then pipeline stages across nodes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from neoxt.config.schema import ParallelismConfig
+from neoxt.errors import ConfigError
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+
+
+def mesh_shape(par: ParallelismConfig, world_size: int) -> MeshShape:
+    """Split ``world_size`` processes as the config asks; data parallel takes what is left.
+
+    GPT-NeoX's ``pipe_parallel_size`` 0 (no pipeline module) and 1 both mean one stage here.
+    """
+    tp = par.model_parallel_size
+    pp = max(par.pipe_parallel_size, 1)
+    rep = par.data_parallel_replicate
+    if tp < 1:
+        raise ConfigError(f"model_parallel_size must be >= 1, got {tp}")
+    if rep < 1:
+        raise ConfigError(f"data_parallel_replicate must be >= 1, got {rep}")
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"model_parallel_size={tp} x pipe_parallel_size={pp} does not divide the {world_size} processes"
+        )
+    dp = world_size // (tp * pp)
+    if dp % rep:
+        raise ConfigError(
+            f"data_parallel_replicate={rep} does not divide the data-parallel size {dp} "
+            f"({world_size} processes / (model_parallel_size={tp} x pipe_parallel_size={pp}))"
+        )
+    return MeshShape(pp=pp, dp_replicate=rep, dp_shard=dp // rep, tp=tp)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits, read from torchrun's environment (a lone process is rank 0 of 1)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env() -> DistEnv:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    return DistEnv(rank, world, local, device)
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
+    """Initialise the default process group from torchrun's env (nccl on CUDA, gloo on CPU).
+
+    Idempotent, and a no-op for a single process not started by torchrun, so ``neoxt train`` runs
+    the same with or without a launcher.
+    """
+    env = dist_env()
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if env.distributed and not dist.is_initialized():
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=env.device if backend == "nccl" else None,
+        )
+    return env
+
+
+def build_mesh(
+    par: ParallelismConfig, world_size: int | None = None, device_type: str | None = None
+) -> DeviceMesh | None:
+    """The ``(pp, dp_replicate, dp_shard, tp)`` mesh plus a flattened ``dp`` dim.
+
+    Needs an initialised process group (``init_distributed``). A lone process without one gets
+    ``None``: ``parallelize(model, cfg, None)`` then applies only activation checkpointing and
+    compile, and ``dp_rank_size(None)`` is (0, 1).
+    """
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = mesh_shape(par, world_size)
+    if world_size == 1 and not dist.is_initialized():
+        return None
+    mesh = init_device_mesh(device_type, shape.as_tuple(), mesh_dim_names=MESH_DIMS)
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
+
+
+def dp_rank_size(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """(data-parallel rank, data-parallel size): which slice of the global batch this process reads."""
+    if mesh is None:
+        return 0, 1
+    dp = mesh["dp"]
+    return dp.get_local_rank(), dp.size()
+
+
+def dim_size(mesh: DeviceMesh | None, name: str) -> int:
+    return 1 if mesh is None else mesh[name].size()

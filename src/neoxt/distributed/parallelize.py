@@ -1,0 +1,343 @@
+"""Turn one ``Transformer`` into its parallel form: TP -> activation checkpointing -> compile -> FSDP2.
+
+Entry point for the trainer::
+
+    env = init_distributed(); mesh = build_mesh(cfg.parallelism)        # mesh is None for 1 process
+    model = parallelize(Transformer(cfg.model), cfg, mesh)               # same object, modified in place
+    # with pipe_parallel_size > 1 use neoxt.distributed.pipeline.build_pipeline instead
+
+The order is the one that composes (the torchtitan recipe): tensor parallel first (it swaps weights
+for DTensors on the ``tp`` mesh), then activation checkpointing and ``torch.compile`` per block (they
+wrap the block's forward, TP hooks included), FSDP2 last (it shards whatever parameters it finds,
+DTensor or not, over the data-parallel mesh, and its all-gather hooks sit outside the compiled
+block). Parameter names never change: checkpointing and compile replace a module's ``forward``
+rather than wrapping the module, so ``state_dict`` keys, the optimizer's name-based param groups and
+DCP checkpoints are the same with every combination of switches, and a checkpoint written under one
+mesh loads under any other.
+
+Tensor parallel (Megatron layout, heads split across ranks): q/k/v/up/gate column-parallel,
+o/down row-parallel; an untied embedding is vocab-parallel and the untied head column-parallel with
+gathered logits; tied embeddings stay replicated over ``tp`` (the head is then ``F.linear`` with the
+embedding matrix, which a vocab-sharded DTensor cannot join). OLMo-3's q_norm/k_norm normalise the
+*whole* q (k) projection, which TP shards: they become ``ShardedFeatureNorm``, which all-reduces the
+statistics over ``tp`` (and all-reduces their gradient back, since each rank's features depend on
+every rank's share of the sum). GPT-NeoX's per-head ``qk_norm`` is split by heads; its RMS variant
+reduces over ``head_dim`` only and needs no communication.
+
+Sequence parallel (``sequence_parallel: true``) shards the residual stream over the sequence between
+sublayers: the block norms (attn_norm/mlp_norm, in every placement: pre, post, olmo3, parallel) and
+the final norm run on sequence shards, attention and MLP inputs are all-gathered and their outputs
+reduce-scattered. It is not applied to q_norm/k_norm/qk_norm (they act on head features, not the
+residual stream), and it is refused with learned position embeddings (added to the full sequence
+after the embedding).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.utils.checkpoint import checkpoint
+
+from neoxt.config.schema import RunConfig
+from neoxt.errors import ConfigError
+
+
+def blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """The transformer blocks of a full model or of a pipeline stage (ModuleList or ModuleDict)."""
+    layers = model.layers
+    return iter(layers.values()) if isinstance(layers, nn.ModuleDict) else iter(layers)
+
+
+def parallelize(
+    model: nn.Module,
+    cfg: RunConfig,
+    mesh: DeviceMesh | None,
+    *,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Apply TP, activation checkpointing, compile and FSDP2 as ``cfg.parallelism`` says; returns ``model``.
+
+    ``mesh`` comes from ``neoxt.distributed.mesh.build_mesh`` (None for a single process: only
+    checkpointing and compile apply). Call it before creating the optimizer (FSDP replaces the
+    parameters) and before loading a checkpoint (DCP loads into the sharded parameters).
+    ``reshard_after_forward=False`` keeps gathered weights between forward and backward (pipeline
+    stages run several micro-batches and would otherwise gather them once per micro-batch).
+    """
+    par = cfg.parallelism
+    if mesh is not None and mesh["tp"].size() > 1:
+        apply_tp(model, mesh["tp"], sequence_parallel=par.sequence_parallel)
+    elif par.sequence_parallel and mesh is not None:
+        warnings.warn("sequence_parallel needs model_parallel_size > 1; ignored", stacklevel=2)
+    if par.checkpoint_activations:
+        apply_activation_checkpointing(model, par.activation_checkpointing_mode, par.checkpoint_num_layers)
+    if par.compile:
+        apply_compile(model)
+    if mesh is not None and mesh["dp"].size() > 1:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+        apply_fsdp(model, dp_mesh, cfg.training.precision, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def mixed_precision_policy(precision: str):
+    """bf16/fp16 compute with fp32 gradient reduction (fp32 master weights stay sharded)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "fp16":
+        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, precision: str, reshard_after_forward: bool = True) -> None:
+    """``fully_shard`` each block, then the root (embedding, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mp = mixed_precision_policy(precision)
+    for block in blocks(model):
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation checkpointing and compile
+
+
+def _checkpoint_forward(module: nn.Module) -> None:
+    """Recompute ``module``'s forward in backward; parameter names are untouched (no wrapper module)."""
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    module.forward = forward
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int = 1) -> None:
+    """``full``: recompute every block in backward (only block inputs are kept).
+    ``selective``: recompute each block's attention sublayer only (q/k/v, scores, o), keep the MLP's.
+
+    GPT-NeoX's ``checkpoint_num_layers`` > 1 groups several blocks per recompute region to store
+    fewer boundaries; with FSDP unsharding block by block, one region per block is never worse (a
+    boundary is one [B, T, hidden] tensor, small beside what a block stores), so every block is its
+    own region and the value only gets a warning.
+    """
+    if mode not in ("full", "selective"):
+        raise ConfigError(f"activation_checkpointing_mode must be 'full' or 'selective', got {mode!r}")
+    if num_layers > 1 and mode == "full":
+        warnings.warn(
+            f"checkpoint_num_layers={num_layers}: each block is checkpointed separately (see "
+            "neoxt.distributed.parallelize.apply_activation_checkpointing)",
+            stacklevel=2,
+        )
+    for block in blocks(model):
+        _checkpoint_forward(block.attn if mode == "selective" else block)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """``torch.compile`` each block (same code per block, so one compiled graph is reused)."""
+    for block in blocks(model):
+        block.compile()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor parallel
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the TP group in forward *and* backward: the summed statistic feeds every rank's
+    shard, so each rank's gradient of it is only its own share of the total."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_reduce(grad.contiguous(), ctx.group), None
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed._functional_collectives as funcol
+
+    out = funcol.all_reduce(x, "sum", group)
+    return out.wait() if hasattr(out, "wait") else out
+
+
+class ShardedFeatureNorm(nn.Module):
+    """RMSNorm / LayerNorm whose normalised features are split over the TP ranks.
+
+    ``weight`` (and ``bias``) are DTensors sharded on dim 0 like the features, so state-dict names
+    and global shapes equal the unsharded norm's. Statistics over a sharded dim are all-reduced.
+    """
+
+    def __init__(self, norm: nn.Module, tp_mesh: DeviceMesh, kind: str, reduce_dims: int, eps: float):
+        super().__init__()
+        self.kind, self.reduce_dims, self.eps = kind, reduce_dims, eps
+        shape = tuple(norm.weight.shape)
+        self.count = math.prod(shape[-reduce_dims:])
+        # Sharded dim 0 of the weight is one of the reduced dims iff all weight dims are reduced.
+        self.group = tp_mesh.get_group() if reduce_dims == len(shape) else None
+        self.weight = nn.Parameter(distribute_tensor(norm.weight.data, tp_mesh, [Shard(0)]))
+        bias = getattr(norm, "bias", None)
+        self.bias = nn.Parameter(distribute_tensor(bias.data, tp_mesh, [Shard(0)])) if bias is not None else None
+
+    def _sum(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        s = x.sum(dims, keepdim=True)
+        return _AllReduceSum.apply(s, self.group) if self.group is not None else s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        dims = tuple(range(-self.reduce_dims, 0))
+        if self.kind == "rms":
+            y = xf * torch.rsqrt(self._sum(xf * xf, dims) / self.count + self.eps)
+            return _local(self.weight) * y.to(dtype)
+        mean = self._sum(xf, dims) / self.count
+        xc = xf - mean
+        y = xc * torch.rsqrt(self._sum(xc * xc, dims) / self.count + self.eps)
+        y = y * _local(self.weight).float()
+        if self.bias is not None:
+            y = y + _local(self.bias).float()
+        return y.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, global={tuple(self.weight.shape)}, eps={self.eps}, allreduce={self.group is not None}"
+
+
+def _norm_kind(norm: nn.Module) -> tuple[str, float]:
+    if isinstance(norm, nn.LayerNorm):
+        return "layer", norm.eps
+    return "rms", norm.eps  # neoxt.model.norms.RMSNorm
+
+
+def check_tp(model: nn.Module, tp: int, sequence_parallel: bool) -> None:
+    """Refuse shapes TP cannot split evenly, naming the config keys."""
+    cfg = model.cfg
+    for key, value in (
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("num_kv_heads", cfg.num_kv_heads),
+        ("intermediate_size", cfg.intermediate_size),
+    ):
+        if value % tp:
+            raise ConfigError(f"{key}={value} is not divisible by model_parallel_size={tp}")
+    if sequence_parallel and cfg.pos_emb == "learned":
+        raise ConfigError("sequence_parallel is not supported with pos_emb: learned")
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+    """Megatron-style tensor parallel over ``tp_mesh`` (see the module docstring)."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp = tp_mesh.size()
+    check_tp(model, tp, sequence_parallel)
+    cfg = model.cfg
+    sp = sequence_parallel
+    seq_out = Shard(1) if sp else Replicate()
+
+    # Embedding and head. Vocab-parallel only when untied and the padded vocab splits evenly.
+    vocab_split = cfg.padded_vocab_size % tp == 0
+    embed = getattr(model, "embed", None)
+    head = getattr(model, "lm_head", None)
+    top_plan: dict[str, object] = {}
+    if embed is not None:
+        if head is not None or not cfg.tie_word_embeddings:
+            if vocab_split:
+                top_plan["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq_out)
+            elif sp:
+                embed.register_forward_hook(_to_seq_shard_hook(tp_mesh))
+        elif sp:
+            embed.register_forward_hook(_to_seq_shard_hook(tp_mesh))
+    if head is not None and vocab_split:
+        top_plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
+    final_norm = getattr(model, "final_norm", None)
+    if sp and final_norm is not None:
+        top_plan["final_norm"] = SequenceParallel()
+    if top_plan:
+        parallelize_module(model, tp_mesh, top_plan)
+    if sp and final_norm is not None:
+        final_norm.register_forward_hook(_gather_hook())
+
+    for block in blocks(model):
+        attn, mlp = block.attn, block.mlp
+        plan: dict[str, object] = {
+            "attn.q": ColwiseParallel(),
+            "attn.k": ColwiseParallel(),
+            "attn.v": ColwiseParallel(),
+            "attn.o": RowwiseParallel(output_layouts=seq_out),
+            "mlp.up": ColwiseParallel(),
+            "mlp.down": RowwiseParallel(output_layouts=seq_out),
+        }
+        if mlp.gate is not None:
+            plan["mlp.gate"] = ColwiseParallel()
+        if sp:
+            # Attention is called as attn(x, cos, sin, mask, kv_cache, plain): only x is sharded.
+            plan["attn"] = PrepareModuleInput(
+                input_layouts=(Shard(1), None, None, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None, None, None),
+            )
+            plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+            # Local outputs: olmo3/post placements add the norm's output straight to the residual.
+            plan["attn_norm"] = SequenceParallel(use_local_output=True)
+            if block.mlp_norm is not None:
+                plan["mlp_norm"] = SequenceParallel(use_local_output=True)
+        parallelize_module(block, tp_mesh, plan)
+        # Shapes inside attention are per rank from now on.
+        attn.heads //= tp
+        attn.kv_heads //= tp
+        for name, reduce_dims in (("q_norm", 1), ("k_norm", 1), ("qk_norm", None)):
+            norm = getattr(attn, name, None)
+            if norm is None:
+                continue
+            kind, eps = _norm_kind(norm)
+            if reduce_dims is None:  # [heads, head_dim] gain: LayerNorm reduces both, RMSNorm head_dim
+                reduce_dims = 2 if kind == "layer" else 1
+            setattr(attn, name, ShardedFeatureNorm(norm, tp_mesh, kind, reduce_dims, eps))
+
+
+def _to_seq_shard_hook(tp_mesh: DeviceMesh):
+    """Forward hook: a replicated [B, T, H] output -> this rank's sequence shard (backward gathers)."""
+
+    def hook(module, args, out):
+        dt = DTensor.from_local(out, tp_mesh, [Replicate()], run_check=False)
+        return dt.redistribute(tp_mesh, [Shard(1)]).to_local()
+
+    return hook
+
+
+def _gather_hook():
+    """Forward hook: a sequence-sharded DTensor output -> the full replicated local tensor."""
+
+    def hook(module, args, out):
+        if isinstance(out, DTensor):
+            return out.redistribute(out.device_mesh, [Replicate()]).to_local()
+        return out
+
+    return hook
+
+
+def tied_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Logits with a tied embedding matrix that may be a (replicated or FSDP-gathered) DTensor."""
+    return F.linear(x, _local(weight))

@@ -1,0 +1,144 @@
+"""Runs under ``torchrun --nproc_per_node 2`` (or as a plain single process for the reference).
+
+Trains tiny models for a few steps on a fixed global batch under several parallel layouts and writes
+one JSON file of per-step losses (rank 0). Every layout sees the same global batch and starts from
+the same weights (same seed), so its loss curve must equal the single-process one.
+
+Usage: python dist_worker.py OUT.json SCENARIO [SCENARIO ...]
+Scenario names: "<layout>:<arch>" with layout in tp, sp, fsdp, hsdp, pp1f1b, ppgpipe, ppint and
+arch in neox, llama, olmo3.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from neoxt.config.schema import ParallelismConfig, RunConfig, TrainingConfig
+from neoxt.model import Transformer, preset
+
+STEPS = 4
+BATCH, SEQ = 4, 16
+LR = 1e-2
+PRESETS = {"neox": "gpt-neox-tiny", "llama": "llama-tiny", "olmo3": "olmo3-tiny"}
+
+
+def model_cfg(arch: str, **over):
+    # Untied heads (vocab-parallel head under TP, and required by PP); 4 layers for the 2x2 interleaved split.
+    base = {"no_weight_tying": True, "num_layers": 4, "padded_vocab_size": 128, "hidden_dropout": 0.0,
+            "attention_dropout": 0.0}
+    cfg = preset(PRESETS[arch], **{**base, **over})
+    if len(cfg.attention_types) != cfg.num_layers:
+        kinds = ("sliding", "sliding", "sliding", "global") if arch == "olmo3" else ("global",) * 4
+        cfg = replace(cfg, attention_types=kinds[: cfg.num_layers])
+    return cfg
+
+
+def batch(vocab: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, vocab, (BATCH, SEQ + 1), generator=g)
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+
+
+def build(arch: str, **over) -> Transformer:
+    """Same weights on every rank and in the reference (fixed seed before construction)."""
+    torch.manual_seed(1234)
+    return Transformer(model_cfg(arch, **over))
+
+
+def run_config(arch: str, par: ParallelismConfig, precision: str = "fp32", **over) -> RunConfig:
+    return RunConfig(model=model_cfg(arch, **over), parallelism=par, training=TrainingConfig(precision=precision))
+
+
+def train_plain(model: torch.nn.Module, steps: int = STEPS) -> list[float]:
+    """The reference: one process, whole batch."""
+    tokens, labels = batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for _ in range(steps):
+        loss = ce(model(tokens), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def run_scenario(name: str) -> list[float]:
+    from neoxt.distributed.mesh import build_mesh, dp_rank_size
+    from neoxt.distributed.parallelize import parallelize
+    from neoxt.distributed.pipeline import build_pipeline
+
+    layout, arch = name.split(":")
+    over = {}
+    if layout.endswith("tied"):  # tied embeddings: replicated over tp, head is F.linear(x, embed.weight)
+        layout, over = layout[: -len("tied")], {"no_weight_tying": False}
+    world = dist.get_world_size()
+    tokens, labels = batch()
+    if layout.startswith("pp"):
+        sched = {"pp1f1b": "1f1b", "ppgpipe": "gpipe", "ppint": "interleaved_1f1b"}[layout]
+        par = ParallelismConfig(pipe_parallel_size=world, pipeline_schedule=sched)
+        cfg = run_config(arch, par)
+        mesh = build_mesh(par, world)
+        pipe = build_pipeline(build(arch), cfg, mesh, n_microbatches=4)
+        opt = torch.optim.AdamW(list(pipe.parameters()), lr=LR)
+        losses = []
+        for _ in range(STEPS):
+            loss = pipe.step(tokens if pipe.has_first else None, labels if pipe.has_last else None)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses
+    par = {
+        "tp": ParallelismConfig(model_parallel_size=world),
+        "sp": ParallelismConfig(model_parallel_size=world, sequence_parallel=True),
+        "fsdp": ParallelismConfig(),
+        "hsdp": ParallelismConfig(data_parallel_replicate=world),
+        "tpac": ParallelismConfig(model_parallel_size=world, checkpoint_activations=True),
+    }[layout]
+    mesh = build_mesh(par, world)
+    model = parallelize(build(arch, **over), run_config(arch, par, **over), mesh)
+    dp_rank, dp_size = dp_rank_size(mesh)
+    per = BATCH // dp_size
+    tok, lab = tokens[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        loss = ce(model(tok), lab)  # FSDP averages gradients over dp ranks: equal shards -> global mean
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        report = loss.detach().clone()
+        dist.all_reduce(report)
+        losses.append(report.item() / world)
+    return losses
+
+
+def main() -> None:
+    out, scenarios = sys.argv[1], sys.argv[2:]
+    from neoxt.distributed.mesh import init_distributed
+
+    init_distributed()
+    results: dict[str, object] = {}
+    for name in scenarios:
+        try:
+            results[name] = {"losses": run_scenario(name)}
+        except Exception:  # noqa: BLE001 - report per scenario so one failure does not hide the rest
+            results[name] = {"error": traceback.format_exc()}
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -19,8 +19,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "neoxt.data.commands",
     "neoxt.train.commands",
     "neoxt.convert.commands",
-    "neoxt.generate_commands",
-    "neoxt.evaluate.commands",
     "neoxt.distributed.commands",
 )
 

@@ -241,3 +241,10 @@ def run(args: Any) -> int:
     else:
         print(format_table(info))
     return 0
+
+
+def register_convert(conv: Any) -> None:
+    p = conv.add_parser("inspect", help="what a checkpoint (neoxt, HF, GPT-NeoX) holds: iteration, tensors, parameters")
+    p.add_argument("path", metavar="PATH", help="neoxt run dir or global_stepN, HF model dir, GPT-NeoX global_stepN")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(handler=run)

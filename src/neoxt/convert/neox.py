@@ -583,7 +583,8 @@ def neox_to_neoxt(
                     if t.shape[0] != 2 * cfg.intermediate_size:
                         raise CheckpointError(
                             f"{where(idx)}: tensor '{idx}.{l1}.{kind}' has {t.shape[0]} rows, config expects "
-                            f"{2 * cfg.intermediate_size} ([up | gate] halves of intermediate_size {cfg.intermediate_size})"
+                            f"{2 * cfg.intermediate_size} ([up | gate] halves of intermediate_size {cfg.intermediate_size}); "
+                            f"the checkpoint implies intermediate_size {t.shape[0] // 2}"
                         )
                     up, gate = t.chunk(2, dim=0)
                     put(p + f"mlp.up.{kind}", up, idx, f"{l1}.{kind}")
@@ -783,12 +784,28 @@ def read_neox_checkpoint(path: str | os.PathLike, cfg: ModelConfig, expected_tp:
     return NeoxImport(sd, model, checkpoint_iteration(files, client), files)
 
 
-def write_neoxt_checkpoint(out_dir: Path, iteration: int, sd: dict[str, Any], run_cfg: RunConfig, meta: dict[str, Any]) -> Path:
-    """The one place the import writes a neoxt checkpoint (DESIGN.md layout, via train.checkpoint)."""
+def write_neoxt_checkpoint(run_dir: Path, iteration: int, sd: dict[str, Any], run_cfg: RunConfig, meta: dict[str, Any]) -> Path:
+    """The one place the import writes a neoxt checkpoint: DESIGN.md layout via ``train.checkpoint``,
+    plus the run directory's ``config.yml`` (as ``hf-to-neoxt`` writes it)."""
     from neoxt.config import config_to_yaml
     from neoxt.train.checkpoint import save_checkpoint
 
-    return save_checkpoint(out_dir, iteration, {"model": sd}, config_to_yaml(run_cfg), meta=meta)
+    text = config_to_yaml(run_cfg)
+    step = save_checkpoint(run_dir, iteration, {"model": sd}, text, meta=meta)
+    (run_dir / "config.yml").write_text(text, encoding="utf-8")
+    return step
+
+
+def _fresh_temp_beside(out: Path) -> Path:
+    """A new hidden directory next to ``out`` (same filesystem: the final rename is atomic)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"{out}: output path already exists and is not empty; remove it or pick another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
 
 
 def import_neox(
@@ -798,30 +815,36 @@ def import_neox(
     iteration: int | None = None,
     dtype: Any = None,
 ) -> Path:
-    """GPT-NeoX ``global_stepN`` -> ``<output_dir>/global_step<N>/`` (neoxt). Returns the step dir.
+    """GPT-NeoX ``global_stepN`` -> new neoxt run directory ``output_dir``. Returns its step dir.
 
-    Everything is read and checked before the first byte is written; the write itself is atomic.
+    ``run_cfg`` is the user's GPT-NeoX config (loaded by ``load_config``); its ``padded_vocab_size``
+    is taken from the checkpoint's embedding. Everything is read and checked before anything is
+    written; the run directory is built under a temporary name and renamed when complete, so a
+    failure leaves nothing at ``output_dir``.
     """
-    out = Path(output_dir)
-    if out.is_dir() and ((out / "latest").exists() or any(out.glob("global_step*"))):
-        raise ConversionError(f"{out}: already holds a checkpoint; choose an empty --output-dir")
+    out = Path(output_dir).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"{out}: output path already exists and is not empty; remove it or pick another")
     res = read_neox_checkpoint(input_dir, run_cfg.model, run_cfg.parallelism.model_parallel_size, dtype)
-    new_cfg = dataclasses.replace(
-        run_cfg,
-        model=res.model,
-        parallelism=dataclasses.replace(run_cfg.parallelism, model_parallel_size=1, pipe_parallel_size=0),
-    )
+    new_cfg = dataclasses.replace(run_cfg, model=res.model)
     step = res.iteration if iteration is None else iteration
-    created = not out.exists()
+    tmp = _fresh_temp_beside(out)
     try:
-        return write_neoxt_checkpoint(
-            out, step, res.state_dict, new_cfg,
-            meta={"source": str(Path(input_dir).resolve()), "source_format": f"gpt-neox-{res.files.layout}", "source_tp": res.files.tp},
-        )
+        meta = {
+            "source": str(Path(input_dir).absolute()),
+            "source_format": f"gpt-neox-{res.files.layout}",
+            "source_model_parallel_size": res.files.tp,
+            "consumed_tokens": 0,
+            "consumed_samples": 0,
+        }
+        write_neoxt_checkpoint(tmp, step, res.state_dict, new_cfg, meta)
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
     except BaseException:
-        if created and out.exists():
-            shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out / f"global_step{step}"
 
 
 def _client_state(cfg: RunConfig, model: ModelConfig, iteration: int, tp: int, pipeline: bool) -> dict[str, Any]:
@@ -949,3 +972,69 @@ def export_neox(
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------
+# `neoxt convert neox-to-neoxt` / `neoxt convert neoxt-to-neox` (plugged into convert/commands.py).
+
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def register_convert(conv: Any) -> None:
+    p = conv.add_parser(
+        "neox-to-neoxt",
+        help="GPT-NeoX (DeepSpeed) global_stepN, sequential or pipeline, any TP size → new neoxt run dir",
+    )
+    p.add_argument("--input-dir", required=True, metavar="DIR", help=".../global_stepN, or the save dir holding `latest`")
+    p.add_argument(
+        "--config", nargs="+", metavar="YML",
+        help="the run's GPT-NeoX config file(s) (default: the YAML files in <input-dir>/configs/)",
+    )
+    p.add_argument("--output-dir", metavar="DIR", help="new neoxt run directory (default: <save dir>-neoxt beside it)")
+    p.add_argument("--dtype", choices=_DTYPES, default=None, help="cast weights (default: keep the checkpoint's)")
+    p.add_argument("--iteration", type=int, default=None, metavar="N", help="write global_step<N> (default: the checkpoint's)")
+    p.set_defaults(handler=run_neox_to_neoxt)
+
+    p = conv.add_parser("neoxt-to-neox", help="neoxt checkpoint → GPT-NeoX (DeepSpeed) global_stepN + latest + configs/")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="neoxt run directory or its global_step<N>")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="GPT-NeoX save directory (created if missing)")
+    p.add_argument("--model-parallel-size", type=int, default=1, metavar="N", help="tensor-parallel shards to write")
+    p.add_argument(
+        "--pipeline-layout", action="store_true",
+        help="write layer_XX-model_YY files (pipe_parallel_size >= 1) instead of sequential mp_rank_XX files",
+    )
+    p.set_defaults(handler=run_neoxt_to_neox)
+
+
+def _default_configs(input_dir: Path) -> list[str]:
+    files = find_neox_files(input_dir)
+    found = sorted(str(f) for f in (files.path / "configs").glob("*.y*ml"))
+    if not found:
+        raise ConversionError(f"{files.path}: no configs/*.yml inside the checkpoint; pass the run's config with --config")
+    return found
+
+
+def run_neox_to_neoxt(args: Any) -> int:
+    import torch
+
+    from neoxt.config import load_config
+
+    input_dir = Path(args.input_dir)
+    configs = args.config or _default_configs(input_dir)
+    run_cfg = load_config(configs)
+    if args.output_dir:
+        out = Path(args.output_dir)
+    else:
+        save_dir = find_neox_files(input_dir).path.parent
+        out = save_dir.with_name(save_dir.name + "-neoxt")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype or "")
+    step = import_neox(input_dir, run_cfg, out, iteration=args.iteration, dtype=dtype)
+    print(f"neoxt: wrote {step} (config: {step.parent / 'config.yml'})", file=sys.stderr)
+    return 0
+
+
+def run_neoxt_to_neox(args: Any) -> int:
+    step = export_neox(args.checkpoint, args.output_dir, args.model_parallel_size, args.pipeline_layout)
+    layout = "pipeline" if args.pipeline_layout else "sequential"
+    print(f"neoxt: wrote {step} ({layout}, model_parallel_size {args.model_parallel_size})", file=sys.stderr)
+    return 0

@@ -13,7 +13,7 @@ import importlib
 import sys
 
 # Modules that add more `neoxt convert` subcommands (each defines register_convert(conv)).
-CONVERT_MODULES: tuple[str, ...] = ()
+CONVERT_MODULES: tuple[str, ...] = ("neoxt.convert.neox", "neoxt.convert.inspect")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -19,6 +19,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "neoxt.data.commands",
     "neoxt.train.commands",
     "neoxt.convert.commands",
+    "neoxt.generate_commands",
+    "neoxt.evaluate.commands",
     "neoxt.distributed.commands",
 )
 

@@ -263,8 +263,12 @@ def generate_texts(
     use_cache: bool = True,
     batch_size: int = 8,
     max_seq_len: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """GPT-NeoX output records for each input text (``""`` means unconditional: start from EOD)."""
+    """GPT-NeoX output records for each input text (``""`` means unconditional: start from EOD).
+
+    ``on_batch(done, total)`` is called after each batch (progress display).
+    """
     eod = tokenizer.eod_id
     if eod is not None and eod not in params.stop_token_ids:
         params = SamplingParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, eod)})
@@ -309,6 +313,8 @@ def generate_texts(
                     "duration_seconds": duration,
                 }
             )
+        if on_batch is not None:
+            on_batch(len(records), len(texts))
     return records
 
 

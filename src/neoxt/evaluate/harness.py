@@ -43,6 +43,51 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_GEN_TOKS = 256
 
 
+class TokenizerView:
+    """The HF-tokenizer surface lm-eval touches, over a ``neoxt.tokenizer.Tokenizer``.
+
+    Used for neoxt checkpoints, whose tokenizer comes from the config (tokenizer.json, GPT-2 BPE,
+    SentencePiece...) rather than from an HF directory.
+    """
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+        self.name_or_path = tok.name
+        self.chat_template = tok.chat_template
+        self.eos_token_id = tok.eod_id
+        self.pad_token_id = tok.pad_id
+        self.bos_token_id = self._single_id(tok.special_tokens_map.get("bos_token"))
+        ids = (self._single_id(v) for v in tok.special_tokens_map.values())
+        self._special = {i for i in ids if i is not None} | {i for i in (tok.eod_id, tok.pad_id) if i is not None}
+
+    def _single_id(self, token: str | None) -> int | None:
+        if not token:
+            return None
+        ids = self.tok.encode(token, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        if isinstance(ids, int):
+            ids = [ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special]
+        return self.tok.decode(list(ids))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = False,
+                            add_generation_prompt: bool = True, continue_final_message: bool = False, **_: Any):
+        text = self.tok.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        if continue_final_message and messages:
+            # As transformers does: cut after the final message's content so the model continues it.
+            last = messages[-1]["content"]
+            at = text.rfind(last)
+            if at >= 0:
+                text = text[: at + len(last)]
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
 class NeoxtLM(TemplateLM):
     """lm-eval's model interface over a neoxt ``Transformer`` and an HF tokenizer."""
 
@@ -244,6 +289,16 @@ def _check_tasks(task_manager: Any, tasks: Sequence[str], include_path: str | No
     return resolved
 
 
+def _task_manager(manager_cls: Any, tasks: Sequence[str], include_path: str | None) -> Any:
+    """Index only the include folder when it holds every task: indexing lm-eval's thousands of
+    built-in tasks costs seconds per call, which adds up over a suite or eval during training."""
+    if include_path is not None:
+        local = manager_cls(include_path=include_path, include_defaults=False)
+        if all(local.match_tasks([name]) for name in tasks):
+            return local
+    return manager_cls(include_path=include_path)
+
+
 def run_eval(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -279,8 +334,10 @@ def run_eval(
             f"{getattr(tokenizer, 'name_or_path', 'tokenizer')}: no chat template; set tokenizer.chat_template "
             "in the config (or chat_template in tokenizer_config.json), or drop --apply-chat-template"
         )
-    manager = TaskManager(include_path=include_path)
+    manager = _task_manager(TaskManager, tasks, include_path)
     task_names = _check_tasks(manager, tasks, include_path)
+    if not hasattr(tokenizer, "eos_token_id") and hasattr(tokenizer, "eod_id"):
+        tokenizer = TokenizerView(tokenizer)
     lm = NeoxtLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
     was_training = model.training
     model.eval()

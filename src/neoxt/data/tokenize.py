@@ -47,6 +47,8 @@ class EncodedBatch:
     bad: list[str] = field(default_factory=list)  # one message per rejected record, with its location
     empty: int = 0
     nbytes: int = 0
+    # Token count when only counting (arrays empty), e.g. prepare-hf's count stage.
+    tokens: int = 0
 
 
 @dataclass
@@ -103,7 +105,7 @@ def _worker_run(batch: Batch) -> EncodedBatch:
     return _WORKER(batch)
 
 
-def _ordered_results(
+def ordered_results(
     batches: Iterable[Batch],
     factory: Callable[[Any], Callable[[Batch], EncodedBatch]],
     arg: Any,
@@ -189,7 +191,7 @@ def run_pipeline(
     progress = Progress(num_docs, label)
     start = time.monotonic()
     try:
-        for enc in _ordered_results(batches, factory, arg, workers):
+        for enc in ordered_results(batches, factory, arg, workers):
             if enc.bad:
                 if not skip_bad_lines:
                     raise DataError(f"{enc.bad[0]} (pass --skip-bad-lines to skip such records)")

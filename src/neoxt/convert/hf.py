@@ -72,7 +72,16 @@ def hf_config_object(config_json: Mapping[str, Any], arch: str):
     from transformers import GPTNeoXConfig, LlamaConfig, Olmo3Config
 
     cls = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "olmo3": Olmo3Config}[arch]
-    return cls.from_dict(dict(config_json))
+    raw = dict(config_json)
+    if arch == "olmo3" and "rope_theta" in raw and not raw.get("rope_parameters"):
+        # transformers-4 OLMo-3 configs have one rope_theta for every layer; transformers 5 folds a
+        # legacy rope_theta into the full-attention layers only and gives sliding layers its default.
+        theta = raw.pop("rope_theta")
+        raw["rope_parameters"] = {t: {"rope_type": "default", "rope_theta": theta}
+                                  for t in ("sliding_attention", "full_attention")}
+        if raw.get("rope_scaling"):
+            raw["rope_parameters"]["full_attention"].update(raw.pop("rope_scaling"))
+    return cls.from_dict(raw)
 
 
 def _rope(hf, arch: str, source: str) -> tuple[float, float]:

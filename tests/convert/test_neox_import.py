@@ -426,3 +426,35 @@ def test_import_failure_leaves_nothing_at_output(tmp_path):
     with pytest.raises(CheckpointError):
         neox.import_neox(step, run, out)
     assert not out.exists()
+
+
+class LossScalerLike:
+    """Stands in for a DeepSpeed class pickled into mp_rank files (needs the full unpickler)."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+
+def test_engine_pickles_load_and_layer_files_stay_weights_only(tmp_path, caplog):
+    import logging
+
+    ranks = hf_to_neox_shards(build_hf("llama"), "llama", 1)
+    step = write_neox(ranks, tmp_path / "a", "sequential")
+    with caplog.at_level(logging.INFO, logger="neoxt.convert.neox"):
+        neox.read_neox_checkpoint(step, model_config("llama"))  # numpy RNG + Namespace: weights-only path
+    assert "weights_only=False" not in caplog.text
+
+    mp = step / "mp_rank_00_model_states.pt"
+    state = torch.load(mp, weights_only=False)
+    state["loss_scaler"] = LossScalerLike(2.0)
+    torch.save(state, mp)
+    with caplog.at_level(logging.INFO, logger="neoxt.convert.neox"):
+        res = neox.read_neox_checkpoint(step, model_config("llama"))
+    assert "weights_only=False" in caplog.text and res.iteration == 7
+
+    step = write_neox(ranks, tmp_path / "b", "pipeline")
+    layer = step / "layer_02-model_00-model_states.pt"
+    torch.save({**torch.load(layer), "extra": LossScalerLike(1.0)}, layer)
+    with pytest.raises(CheckpointError) as err:
+        neox.read_neox_checkpoint(step, model_config("llama"))
+    assert "layer_02-model_00-model_states.pt" in _one_line(err)

@@ -157,21 +157,63 @@ class NeoxFiles:
         return self.path / f"mp_rank_{rank:02d}_model_states.pt"
 
 
+# Non-tensor globals DeepSpeed engine files hold that are plain data (numpy RNG state, argparse
+# namespaces); allowing them keeps those files on the weights-only unpickler.
+_PLAIN_GLOBALS = frozenset(
+    {
+        "argparse.Namespace",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+    }
+)
+
+
+def _plain_global(name: str) -> Any | None:
+    import importlib
+
+    if name not in _PLAIN_GLOBALS and not re.fullmatch(r"numpy\.dtypes\.\w+DType", name):
+        return None
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
 def _torch_load(path: Path, *, allow_pickle: bool) -> Any:
+    """Load a checkpoint file memory-mapped, with the weights-only unpickler whenever possible."""
     import pickle
 
     import torch
 
+    errors = (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError) as err:
-        weights_only_err = err
+    except errors as err:
+        first_error = err
     if not allow_pickle:
-        raise CheckpointError(f"{path}: cannot read as a tensor file: {str(weights_only_err).splitlines()[0]}")
+        raise CheckpointError(f"{path}: cannot read as a tensor file: {str(first_error).splitlines()[0]}")
     try:
-        # DeepSpeed engine state (argparse Namespace, numpy RNG state, DeepSpeed classes). This file
-        # sits inside the checkpoint directory the user asked us to convert: trust it like DeepSpeed does.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        plain = [_plain_global(n) for n in needed]
+        if "numpy.dtype" in needed:  # numpy >= 1.25 pickles dtypes through their numpy.dtypes classes
+            import numpy as np
+
+            plain += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+        if all(g is not None for g in plain):
+            with torch.serialization.safe_globals(plain):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except errors:
+        pass
+    try:
+        # DeepSpeed engine state with DeepSpeed's own classes. This file sits inside the checkpoint
+        # directory the user asked us to convert: trust it as DeepSpeed itself does.
+        log.info("%s: loading with weights_only=False (DeepSpeed objects in the pickle)", path)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file, named below
         raise CheckpointError(f"{path}: cannot read checkpoint file: {type(err).__name__}: {err}") from err
 
@@ -779,9 +821,17 @@ def read_neox_checkpoint(path: str | os.PathLike, cfg: ModelConfig, expected_tp:
     sd = neox_to_neoxt(full, model, files)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    # Own the memory: the shards are memory-mapped views of the input files.
-    sd = {k: v.contiguous().clone() for k, v in sd.items()}
+    sd = {k: _compact(v) for k, v in sd.items()}
     return NeoxImport(sd, model, checkpoint_iteration(files, client), files)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor owning exactly its bytes: q/k/v and up/gate are views into a fused tensor,
+    which some writers would save whole. Tensors that already own their storage are not copied."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+        t = t.clone()
+    return t
 
 
 def write_neoxt_checkpoint(run_dir: Path, iteration: int, sd: dict[str, Any], run_cfg: RunConfig, meta: dict[str, Any]) -> Path:

@@ -10,7 +10,8 @@ node of the allocation, and the walltime signal path:
 
 torchrun does not forward SIGUSR1 by default (its default action would kill the agent and leave
 the workers to be SIGKILLed mid-checkpoint), hence ``--signals-to-handle`` and a shutdown timeout
-that leaves the workers the whole warning period to write their checkpoint.
+that leaves the workers the whole warning period to write their checkpoint; torchrun runs under
+``neoxt.distributed.agent`` so that such a clean stop ends the job with exit code 0.
 
 Chaining (``--chain N``) submits the same script N times, each job ``afterany`` the previous one;
 every job resumes from ``save`` and one that finds training finished exits at once (both are the
@@ -24,7 +25,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -147,8 +147,12 @@ def torchrun_args(
     rdzv_id: str | None = None,
     shutdown_timeout: int | None = None,
 ) -> list[str]:
-    """Arguments after ``python`` that run ``neoxt train CONFIGS`` under torchrun."""
-    args = ["-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}"]
+    """Arguments after ``python`` that run ``neoxt train CONFIGS`` under torchrun.
+
+    torchrun is started through ``neoxt.distributed.agent`` (same arguments), which exits 0 when a
+    forwarded walltime signal made every worker save and exit 0 (plain torchrun exits 1 then).
+    """
+    args = ["-m", "neoxt.distributed.agent", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}"]
     if rdzv_endpoint is None:
         args.append("--standalone")
     else:
@@ -209,7 +213,7 @@ def render_sbatch(job: SlurmJob) -> str:
         ' rendezvous $MASTER_ADDR:$MASTER_PORT, started $(date -u +%FT%TZ)"',
         "",
     ]
-    cmd = [shlex.quote(job.python)] + [
+    quoted = [
         shlex.quote(a) if "$" not in a else f'"{a}"'
         for a in torchrun_args(
             job.nproc_per_node,
@@ -220,6 +224,14 @@ def render_sbatch(job: SlurmJob) -> str:
             shutdown_timeout=shutdown_timeout,
         )
     ]
+    # One option per line; "-m module" pairs and the trailing "train CONFIG..." stay together.
+    cmd, i = [f"{shlex.quote(job.python)} {quoted[0]} {quoted[1]}"], 2
+    while i < len(quoted):
+        if quoted[i] == "-m":
+            cmd.append(" ".join(quoted[i:]))
+            break
+        cmd.append(quoted[i])
+        i += 1
     lines += [
         "# ---- walltime signal: forward it to srun, which forwards it to torchrun on every node ----",
         "forward_signal() {",

@@ -210,3 +210,20 @@ def test_pointer_past_bin_is_detected(tmp_path):
 def test_paths():
     assert index_file_path("a/b") == "a/b.idx"
     assert data_file_path("a/b") == "a/b.bin"
+
+
+def test_add_documents_equals_item_by_item(tmp_path):
+    flat = np.array([d for doc in DOCS for d in doc], dtype=np.int64)
+    lengths = np.array([len(d) for d in DOCS])
+    with IndexedDatasetWriter(tmp_path / "batch", np.uint16) as w:
+        w.add_documents(flat[:4], lengths[:2])
+        w.add_documents(flat[4:], lengths[2:])
+    with IndexedDatasetWriter(tmp_path / "single", np.uint16) as w:
+        for d in DOCS:
+            w.add_document(d)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"batch.{ext}").read_bytes() == (tmp_path / f"single.{ext}").read_bytes()
+    w = IndexedDatasetWriter(tmp_path / "bad", np.uint16)
+    with pytest.raises(ValueError, match="lengths sum to"):
+        w.add_documents(flat, lengths[:2])
+    w.discard()

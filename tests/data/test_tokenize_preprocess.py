@@ -211,3 +211,44 @@ def test_cli_preprocess_and_inspect(tmp_path, tiny_tokenizer_dir, capsys):
     assert final_and_temp_files(tmp_path, "bad_") == []
     rc = main(["data", "inspect", str(tmp_path / "missing")])
     assert rc == 2 and "missing.idx: indexed dataset file not found" in capsys.readouterr().err
+
+
+def test_streams_with_bounded_lookahead(tmp_path, tok_cfg, monkeypatch):
+    """The reader never runs more than a few batches ahead of the writer, however long the input."""
+    import neoxt.data.tokenize as tokenize_mod
+    from neoxt.data.indexed import IndexedDatasetWriter
+
+    read = {"n": 0}
+    written = {"n": 0}
+    lookahead = []
+    real_batches, real_add = tokenize_mod.iter_batches, IndexedDatasetWriter.add_documents
+
+    def counting_batches(*args, **kwargs):
+        for batch in real_batches(*args, **kwargs):
+            read["n"] += 1
+            lookahead.append(read["n"] - written["n"])
+            yield batch
+
+    def counting_add(self, tokens, lengths):
+        written["n"] += 1
+        return real_add(self, tokens, lengths)
+
+    monkeypatch.setattr(tokenize_mod, "iter_batches", counting_batches)
+    monkeypatch.setattr(IndexedDatasetWriter, "add_documents", counting_add)
+    src = write_jsonl(tmp_path / "long.jsonl", [{"text": f"doc {i}"} for i in range(400)])
+    res = preprocess(str(src), str(tmp_path / "o"), tok_cfg, workers=2, batch_size=2)
+    assert res.stats.documents == 400 and written["n"] == 200
+    assert max(lookahead) <= 2 * 2 + 2
+
+
+def test_text_files_and_null_cells(tmp_path, tok_cfg):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = load_tokenizer(tok_cfg)
+    (tmp_path / "a.txt").write_text("A whole file\nis one document.\n")
+    pq.write_table(pa.table({"text": ["x", None, "y"]}), tmp_path / "n.parquet")
+    res = preprocess([str(tmp_path / "a.txt"), str(tmp_path / "n.parquet")], str(tmp_path / "o"), tok_cfg)
+    assert [tok.decode(d) for d in IndexedDataset(res.outputs["text"])] == [
+        "A whole file\nis one document.\n", "x", "y"]
+    assert res.stats.dropped_empty == 1

@@ -9,7 +9,7 @@ tokenizers, so ``--workers N`` means N busy cores and nothing else.
 Decisions where upstream (tools/datasets/preprocess_data.py) is silent or odd:
 
 - Every key is tokenized from its own field (upstream tokenized the ``text`` field for every key).
-- A document whose text is empty for any key — or that tokenizes to no tokens — is dropped (upstream
+- A document whose text is empty or null for any key — or that tokenizes to no tokens — is dropped (upstream
   drops empty texts) and counted in the summary; dropping it from every key's file keeps document
   ``i`` of each file the same record. An input with no documents at all is an error.
 - A value that is a list of strings is joined with blank lines (lm_dataformat's behaviour).
@@ -79,6 +79,8 @@ def text_field(rec: dict[str, Any], key: str, where: str) -> str:
     if key not in rec:
         raise DataError(f"{where}: missing key {key!r} (keys: {', '.join(map(str, rec)) or 'none'})")
     value = rec[key]
+    if value is None:  # a null cell (common in HF datasets) is an empty document
+        return ""
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return "\n\n".join(value)
     if not isinstance(value, str):

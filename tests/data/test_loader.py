@@ -209,3 +209,64 @@ def test_restore_into_changed_data_is_refused(tmp_path):
 def test_neox_resume_positions():
     cfg = base_cfg()
     assert neox_resume_positions(cfg, 15) == {"train": 30, "valid": 30 // 10 * 3, "test": 0}
+
+
+def write_docs(prefix, docs, dtype=np.int32):
+    w = IndexedDatasetWriter(str(prefix), dtype)
+    for d in docs:
+        w.add_document(np.asarray(d))
+    w.finalize()
+    return str(prefix)
+
+
+def test_preference_pairs_batch_chosen_then_rejected(tmp_path):
+    rng = np.random.RandomState(11)
+    prompts = [list(rng.randint(1, 50, size=rng.randint(2, 6))) for _ in range(30)]
+    chosen = [p + [100 + k, 101 + k, EOD] for k, p in enumerate(prompts)]
+    rejected = [p + [500 + k, EOD] for k, p in enumerate(prompts)]
+    mask = [[-100] * len(p) for p in prompts]
+    paths = {
+        "pos": write_docs(tmp_path / "pos_document", chosen),
+        "neg": write_docs(tmp_path / "neg_document", rejected),
+        "pos_label": write_docs(tmp_path / "pos_label_document", [m + c[len(m):] for m, c in zip(mask, chosen)]),
+        "neg_label": write_docs(tmp_path / "neg_label_document", [m + r[len(m):] for m, r in zip(mask, rejected)]),
+    }
+    data = dict(
+        dataset_impl="pairwise", pack_impl="unpacked", train_impl="dpo",
+        pos_train_data_paths=[paths["pos"]], neg_train_data_paths=[paths["neg"]],
+        pos_train_label_data_paths=[paths["pos_label"]], neg_train_label_data_paths=[paths["neg_label"]],
+    )
+    cfg = base_cfg(**data)
+    loader = build_loader(cfg, "train", eod_id=EOD)
+    assert build_dataset(cfg, "valid") is None
+    batch = next(loader)
+    assert batch.pairwise and batch.tokens.shape == (4, 16)
+    for row in range(2):
+        pos, neg = batch.tokens[row].tolist(), batch.tokens[row + 2].tolist()
+        k = next(i for i, c in enumerate(chosen) if pos[: len(c)] == c)
+        assert neg[: len(rejected[k])] == rejected[k]  # the same pair, chosen rows first
+        # Loss only on the response tokens (the label file), shifted to predict the next token.
+        n_prompt = len(prompts[k])
+        assert batch.loss_mask[row].tolist()[: n_prompt + 2] == [0.0] * (n_prompt - 1) + [1.0, 1.0, 1.0]
+    with pytest.raises(ConfigError, match="pairwise.*unpacked"):
+        build_dataset(base_cfg(**{**data, "pack_impl": "packed"}), "train")
+
+
+def test_reward_file_reaches_the_batch(tmp_path):
+    docs = [[10 * i + j + 1 for j in range(2 + i % 3)] + [EOD] for i in range(12)]
+    text = write_docs(tmp_path / "k_document", docs)
+    reward = write_docs(tmp_path / "k_reward_document", [[1 if i % 2 else -1] for i in range(len(docs))])
+    cfg = base_cfg(train_data_paths=[text], train_reward_data_paths=[reward], valid_data_paths=[text],
+                   test_data_paths=[text], pack_impl="unpacked", seq_length=8)
+    batch = next(build_loader(cfg, "train", eod_id=EOD))
+    assert batch.reward is not None and batch.reward.shape == batch.tokens.shape
+    for row in range(batch.tokens.shape[0]):
+        first = batch.tokens[row, 0].item()
+        k = next(i for i, d in enumerate(docs) if d[0] == first)
+        n = len(docs[k])
+        # The document's reward on each of its n input positions (upstream spreads a document's
+        # reward over its tokens; position n is the next document's carried token).
+        assert batch.reward[row, : n].tolist() == [1.0 if k % 2 else -1.0] * n
+    with pytest.raises(DataError, match="reward.*unpacked"):
+        build_dataset(base_cfg(train_data_paths=[text], train_reward_data_paths=[reward], valid_data_paths=[text],
+                               test_data_paths=[text]), "train")

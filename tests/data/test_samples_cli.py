@@ -158,7 +158,8 @@ def test_labels_are_shown_and_text_output(tmp_path, capsys, tiny_tokenizer_dir):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("sample 0 (iteration 1, micro-batch 0, dp rank 0) <- ")
-    assert lines[1].startswith("  tokens [") and lines[2].startswith("  labels [")
+    assert lines[1].split()[0] == "tokens" and lines[1].split()[1].startswith("[")
+    assert lines[2].split()[0] == "labels" and lines[3].startswith("sample 1 ")
 
 
 @pytest.mark.parametrize(

@@ -30,8 +30,8 @@ from neoxt.errors import DataError
 class MemDocs:
     """Documents held in memory with the indexed dataset's ``sizes`` / ``get``."""
 
-    def __init__(self, docs):
-        self.docs = [np.asarray(d, dtype=np.int64) for d in docs]
+    def __init__(self, docs, dtype=np.int64):
+        self.docs = [np.asarray(d, dtype=dtype) for d in docs]
         self.sizes = np.array([len(d) for d in self.docs], dtype=np.int32)
 
     def get(self, idx, offset=0, length=None):
@@ -448,3 +448,121 @@ def test_packed_index_for_ten_million_documents_is_fast():
     maps = build_index_maps(np.arange(len(sizes), dtype=np.int32), sizes, spec)
     assert time.perf_counter() - t0 < 30
     assert len(maps) >= 2_000_000 - 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference pairs (upstream pairwise_dataset.py).
+
+
+def upstream_pairwise_unpacked(pos, neg, num_samples, seq_length, seed, allow_chopped, pos_labels, neg_labels):
+    rng = np.random.RandomState(seed=seed)
+    shuffle_idx = np.array([i % len(pos) for i in range(num_samples)])
+    rng.shuffle(shuffle_idx)
+    sample_idx = [(i, 0) for i in range(num_samples + 1)]
+    doc_idx, i = [], 0
+    while len(doc_idx) <= num_samples:
+        skip = not allow_chopped and (len(pos[i]) > seq_length + 1 or len(neg[i]) > seq_length + 1)
+        skip = skip or all(x == -100 for x in pos_labels[i][:seq_length])
+        skip = skip or all(x == -100 for x in neg_labels[i][:seq_length])
+        if not skip:
+            doc_idx.append(i)
+        i = (i + 1) % len(pos)
+    return doc_idx, sample_idx, shuffle_idx
+
+
+def upstream_pairwise_pack_until_overflow(pos, neg, num_samples, seq_length, seed, allow_chopped):
+    # Upstream skips pairs *shorter* than seq_length+1 when allow_chopped is false (an inverted test);
+    # neoxt skips the longer ones, as the GPT dataset does. This reference follows neoxt there.
+    rng = np.random.RandomState(seed=seed)
+    shuffle_idx = np.arange(num_samples)
+    rng.shuffle(shuffle_idx)
+    order = np.arange(len(pos))
+    rng.shuffle(order)
+    sample_idx, doc_idx, running, cur = [], [], 0, 0
+    while len(sample_idx) < num_samples:
+        d = int(order[cur])
+        if not allow_chopped and (len(pos[d]) > seq_length + 1 or len(neg[d]) > seq_length + 1):
+            cur += 1
+            if cur == len(pos):
+                cur = 0
+                rng.shuffle(order)
+            continue
+        length = max(len(pos[d]), len(neg[d]))
+        if running == 0:
+            sample_idx.append((len(doc_idx), 0))
+            running = length
+        elif running + length > seq_length + 1:
+            sample_idx.append((len(doc_idx), 0))
+            running = length
+        else:
+            running += length
+        doc_idx.append(d)
+        cur += 1
+        if cur == len(pos):
+            cur = 0
+            rng.shuffle(order)
+    sample_idx.append((len(doc_idx), 0))
+    return doc_idx, sample_idx, shuffle_idx
+
+
+def test_pairwise_unpacked_matches_upstream(tmp_path):
+    from neoxt.data.sampling import build_pairwise_dataset
+
+    rs = np.random.RandomState(8)
+    pos = unique_docs(list(rs.randint(2, 20, size=12)))
+    neg = [[t + 100_000 for t in d[: max(1, len(d) - 3)]] for d in unique_docs(list(rs.randint(2, 20, size=12)))]
+    pos_labels = [[-100] + d[1:] for d in pos]
+    neg_labels = [[-100] + d[1:] for d in neg]
+    pos_labels[3] = [-100] * len(pos[3])
+    seq, n = 12, 20
+    ds = build_pairwise_dataset(
+        "train_0", str(tmp_path / "pos_document"), MemDocs(pos), str(tmp_path / "neg_document"), MemDocs(neg),
+        np.arange(12, dtype=np.int32), IndexSpec("train_0", n, seq, 3, "unpacked", False),
+        labels=(MemDocs(pos_labels), MemDocs(neg_labels)), cache_dir=str(tmp_path),
+    )
+    # Cached under the chosen prefix, without the _ac suffix (upstream's pairwise naming).
+    assert sorted(p.name for p in tmp_path.glob("*.npy"))[0] == "pos_document_train_0_indexmap_20ns_12sl_3s_unpackedpi_doc_idx.npy"
+    doc_idx, sample_idx, shuffle_idx = upstream_pairwise_unpacked(pos, neg, n, seq, 3, False, pos_labels, neg_labels)
+    assert ds.maps.doc_idx.tolist() == doc_idx
+    assert ds.maps.shuffle_idx.tolist() == shuffle_idx.tolist()
+    for i in range(len(ds)):
+        for side, docs, labels in (("pos", pos, pos_labels), ("neg", neg, neg_labels)):
+            want_text, want_label = upstream_item(docs, doc_idx, sample_idx, shuffle_idx, i, seq, labels)
+            assert ds[i][side].tolist() == want_text, (i, side)
+            assert ds[i][f"{side}_label"].tolist() == want_label, (i, side)
+
+
+def test_pairwise_pack_until_overflow_shares_one_index():
+    from neoxt.data.sampling import build_pairwise_dataset
+
+    pos = unique_docs([3, 9, 2, 14, 5, 5, 1, 20])
+    neg = [[t + 100_000 for t in d] + [7] * (k % 3) for k, d in enumerate(pos)]
+    seq, n = 10, 9
+    for chopped in (True, False):
+        spec = IndexSpec("t", n, seq, 4, "pack_until_overflow", chopped, pairwise=True)
+        maps = build_index_maps(np.arange(8, dtype=np.int32), MemDocs(pos).sizes, spec, pair_sizes=MemDocs(neg).sizes)
+        doc_idx, sample_idx, shuffle_idx = upstream_pairwise_pack_until_overflow(pos, neg, n, seq, 4, chopped)
+        assert maps.doc_idx.tolist() == doc_idx
+        assert [tuple(map(int, r)) for r in maps.sample_idx] == sample_idx
+    with pytest.raises(DataError, match="pairwise.*unpacked or pack_until_overflow"):
+        build_index_maps(np.arange(8), MemDocs(pos).sizes, IndexSpec("t", 4, 8, 1, "packed", pairwise=True))
+    with pytest.raises(DataError, match="pair up one to one"):
+        build_pairwise_dataset("t", "<pos>", MemDocs(pos), "<neg>", MemDocs(neg[:-1]), np.arange(8),
+                               IndexSpec("t", 4, 8, 1, "unpacked"))
+
+
+def test_reward_and_reference_values_follow_the_text():
+    docs = unique_docs([4, 7, 3, 9])
+    rewards = MemDocs([[1], [-1], [1], [-1]])
+    refs = MemDocs([[float(t) / 10 for t in d] for d in docs], np.float32)
+    text = MemDocs(docs)
+    spec = IndexSpec("train", 5, 8, 2, "unpacked", True)
+    maps = build_index_maps(np.arange(4, dtype=np.int32), text.sizes, spec)
+    ds = GPTDataset("train", "<mem>", text, maps, 8, reward=rewards, ref=refs)
+    for i in range(len(ds)):
+        item = ds[i]
+        body = [t for t in item["text"].tolist() if t]
+        owners = [_owner(t, [4, 7, 3, 9])[0] for t in body]
+        want_reward = [float(rewards.docs[d][0]) for d in owners] + [0.0] * (9 - len(body))
+        assert item["reward"].dtype == np.float32 and item["reward"].tolist() == want_reward
+        assert item["ref"].tolist() == pytest.approx([t / 10 for t in body] + [0.0] * (9 - len(body)))

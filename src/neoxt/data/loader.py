@@ -23,6 +23,7 @@ flex_attention's document masking, and ``Batch.attention_mask()`` expands it to 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,11 +39,13 @@ from neoxt.data.blend import (
     split_boundaries,
     weights_by_num_docs,
 )
-from neoxt.data.sampling import GPTDataset, IndexSpec, build_gpt_dataset
+from neoxt.data.sampling import GPTDataset, IndexSpec, build_gpt_dataset, build_pairwise_dataset
 from neoxt.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
@@ -84,35 +87,110 @@ def _from_data_path(cfg: RunConfig, split: str, num_samples: int) -> GPTDataset 
     )
 
 
+def _paths(cfg: RunConfig, key: str, count: int, base: str) -> list[str | None]:
+    """A per-dataset companion path list (labels, rewards), checked against the data paths."""
+    paths: Sequence[str] = getattr(cfg.data, key)
+    if paths and len(paths) != count:
+        raise ConfigError(f"{key} has {len(paths)} paths but {base} has {count}")
+    return list(paths) if paths else [None] * count
+
+
+def _weights(cfg: RunConfig, split: str, num_samples: int, texts: Sequence[Any]) -> tuple[list[float], list[int]]:
+    d = cfg.data
+    weights = tuple(getattr(d, f"{split}_data_weights")) or (1.0,) * len(texts)
+    if len(weights) != len(texts):
+        raise ConfigError(f"{split}_data_weights has {len(weights)} weights but there are {len(texts)} {split} datasets")
+    if d.weight_by_num_documents:
+        weights = tuple(weights_by_num_docs([len(t.sizes) for t in texts], alpha=d.weighted_sampler_alpha))
+    return normalized_weights_and_num_samples(weights, num_samples)
+
+
+def _open_ref(cfg: RunConfig, prefix: str) -> tuple[Any, str | None]:
+    """Precomputed reference log-probs beside the data (``<prefix>_<precompute_model_name>``), if any.
+
+    As upstream, a missing file means "no reference values" (with a warning here)."""
+    name = cfg.training.precompute_model_name
+    if not name:
+        return None, None
+    from neoxt.data.indexed import dataset_exists
+
+    ref_prefix = f"{prefix}_{name}"
+    if not dataset_exists(ref_prefix):
+        log.warning("no precomputed reference log-probs at %s(.bin/.idx); continuing without them", ref_prefix)
+        return None, None
+    return _open(ref_prefix), ref_prefix
+
+
 def _from_paths(cfg: RunConfig, split: str, num_samples: int) -> BlendedDataset | None:
     d = cfg.data
     paths: Sequence[str] = getattr(d, f"{split}_data_paths")
     if not paths:
         return None
-    labels: Sequence[str] = getattr(d, f"{split}_label_data_paths")
-    if labels and len(labels) != len(paths):
-        raise ConfigError(f"{split}_label_data_paths has {len(labels)} paths but {split}_data_paths has {len(paths)}")
-    weights = tuple(getattr(d, f"{split}_data_weights")) or (1.0,) * len(paths)
-    if len(weights) != len(paths):
-        raise ConfigError(f"{split}_data_weights has {len(weights)} weights but {split}_data_paths has {len(paths)}")
+    base = f"{split}_data_paths"
+    labels = _paths(cfg, f"{split}_label_data_paths", len(paths), base)
+    rewards = _paths(cfg, f"{split}_reward_data_paths", len(paths), base)
     texts = [_open(p) for p in paths]
-    label_sets = [_open(p) for p in labels] if labels else [None] * len(paths)
-    if d.weight_by_num_documents:
-        weights = tuple(weights_by_num_docs([len(t.sizes) for t in texts], alpha=d.weighted_sampler_alpha))
-    norm, counts = normalized_weights_and_num_samples(weights, num_samples)
-    parts = [
-        build_gpt_dataset(
-            f"{split}_{i}",
-            path,
-            text,
-            np.arange(len(text.sizes), dtype=np.int32),
-            _spec(cfg, f"{split}_{i}", counts[i]),
-            label=label_sets[i],
-            label_prefix=labels[i] if labels else None,
-            cache_dir=d.index_cache_dir,
+    norm, counts = _weights(cfg, split, num_samples, texts)
+    parts = []
+    for i, (path, text) in enumerate(zip(paths, texts)):
+        ref, ref_prefix = _open_ref(cfg, path)
+        parts.append(
+            build_gpt_dataset(
+                f"{split}_{i}",
+                path,
+                text,
+                np.arange(len(text.sizes), dtype=np.int32),
+                _spec(cfg, f"{split}_{i}", counts[i]),
+                label=_open(labels[i]) if labels[i] else None,
+                label_prefix=labels[i],
+                cache_dir=d.index_cache_dir,
+                reward=_open(rewards[i]) if rewards[i] else None,
+                reward_prefix=rewards[i],
+                ref=ref,
+                ref_prefix=ref_prefix,
+            )
         )
-        for i, (path, text) in enumerate(zip(paths, texts))
-    ]
+    return blend(parts, norm)
+
+
+def _pairwise_from_paths(cfg: RunConfig, split: str, num_samples: int) -> BlendedDataset | None:
+    """Preference data: ``pos_/neg_{split}_data_paths`` (+ label paths), one shared index per pair."""
+    d = cfg.data
+    pos_paths: Sequence[str] = getattr(d, f"pos_{split}_data_paths")
+    neg_paths: Sequence[str] = getattr(d, f"neg_{split}_data_paths")
+    if not pos_paths:
+        return None
+    base = f"pos_{split}_data_paths"
+    if len(neg_paths) != len(pos_paths):
+        raise ConfigError(f"neg_{split}_data_paths has {len(neg_paths)} paths but {base} has {len(pos_paths)}")
+    pos_labels = _paths(cfg, f"pos_{split}_label_data_paths", len(pos_paths), base)
+    neg_labels = _paths(cfg, f"neg_{split}_label_data_paths", len(pos_paths), base)
+    if any((a is None) != (b is None) for a, b in zip(pos_labels, neg_labels)):
+        raise ConfigError(f"pos_{split}_label_data_paths and neg_{split}_label_data_paths must be given together")
+    pos = [_open(p) for p in pos_paths]
+    norm, counts = _weights(cfg, split, num_samples, pos)
+    parts = []
+    for i, (pos_path, neg_path) in enumerate(zip(pos_paths, neg_paths)):
+        pl, nl = pos_labels[i], neg_labels[i]
+        labels = (_open(pl), _open(nl)) if pl and nl else None
+        pos_ref, _ = _open_ref(cfg, pos_path)
+        neg_ref, _ = _open_ref(cfg, neg_path)
+        refs = (pos_ref, neg_ref) if pos_ref is not None and neg_ref is not None else None
+        parts.append(
+            build_pairwise_dataset(
+                f"{split}_{i}",
+                pos_path,
+                pos[i],
+                neg_path,
+                _open(neg_path),
+                np.arange(len(pos[i].sizes), dtype=np.int32),
+                _spec(cfg, f"{split}_{i}", counts[i]),
+                labels=labels,
+                label_prefixes=(pl or "", nl or ""),
+                refs=refs,
+                cache_dir=d.index_cache_dir,
+            )
+        )
     return blend(parts, norm)
 
 
@@ -121,9 +199,13 @@ def build_dataset(cfg: RunConfig, split: str) -> Dataset | None:
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     d = cfg.data
-    if d.dataset_impl == "pairwise":
-        raise ConfigError("dataset_impl 'pairwise' (DPO preference data) is not supported by the loader yet")
     num_samples = split_num_samples(cfg)[split]
+    if d.dataset_impl == "pairwise":
+        if d.pack_impl == "packed":
+            raise ConfigError("dataset_impl 'pairwise' needs pack_impl 'unpacked' or 'pack_until_overflow' (as GPT-NeoX)")
+        if not d.pos_train_data_paths:
+            raise ConfigError("dataset_impl 'pairwise' needs pos_train_data_paths and neg_train_data_paths")
+        return _pairwise_from_paths(cfg, split, num_samples)
     if d.train_data_paths:
         return _from_paths(cfg, split, num_samples)
     if d.data_path:
@@ -200,15 +282,41 @@ def make_batch_arrays(
     return out
 
 
+def batch_arrays(samples: dict[str, np.ndarray], **options: Any) -> dict[str, np.ndarray]:
+    """Stacked dataset items → the micro-batch arrays (``make_batch_arrays`` options pass through).
+
+    Preference pairs become one batch of ``2B`` rows, chosen rows first, as upstream's DPO batch;
+    rewards and reference log-probs are cut to the inputs (``[:, :-1]``), as upstream.
+    """
+    if "pos" in samples:
+        sides = [make_batch_arrays(samples[k], samples.get(f"{k}_label"), **options) for k in ("pos", "neg")]
+        out = {key: np.concatenate([sides[0][key], sides[1][key]]) for key in sides[0]}
+        if "pos_ref" in samples:
+            out["ref"] = np.concatenate([samples["pos_ref"], samples["neg_ref"]])[:, :-1]
+        return out
+    out = make_batch_arrays(samples["text"], samples.get("label"), **options)
+    for key in ("reward", "ref"):
+        if key in samples:
+            out[key] = np.ascontiguousarray(samples[key][:, :-1])
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Batch:
-    """One micro-batch for one data-parallel rank (torch tensors, on CPU)."""
+    """One micro-batch for one data-parallel rank (torch tensors, on CPU).
+
+    For preference data (``pairwise``) every tensor has ``2B`` rows: the B chosen sequences, then the
+    B rejected ones in the same order.
+    """
 
     tokens: torch.Tensor  # int64 [B, T]
     labels: torch.Tensor  # int64 [B, T]
     loss_mask: torch.Tensor  # float32 [B, T]
     position_ids: torch.Tensor  # int64 [B, T]
     document_ids: torch.Tensor | None = None  # int64 [B, T], only with reset_attention_mask
+    reward: torch.Tensor | None = None  # float32 [B, T], with {split}_reward_data_paths (KTO)
+    ref: torch.Tensor | None = None  # float32 [B, T], precomputed reference log-probs
+    pairwise: bool = False
     sample_indices: tuple[int, ...] = ()  # dataset indices of the rows, for logging and debugging
 
     def attention_mask(self) -> torch.Tensor:
@@ -223,11 +331,11 @@ class Batch:
         return same & causal
 
 
-def _to_batch(arrays: dict[str, np.ndarray], indices: Sequence[int]) -> Batch:
+def _to_batch(arrays: dict[str, np.ndarray], indices: Sequence[int], pairwise: bool = False) -> Batch:
     import torch
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    return Batch(sample_indices=tuple(int(i) for i in indices), **tensors)
+    return Batch(sample_indices=tuple(int(i) for i in indices), pairwise=pairwise, **tensors)
 
 
 class BatchLoader:
@@ -295,9 +403,9 @@ class BatchLoader:
     def __next__(self) -> Batch:
         indices = self.rank_indices(self.position)
         s = self.samples(indices)
-        arrays = make_batch_arrays(s["text"], s.get("label"), **self._batch_options)
+        arrays = batch_arrays(s, **self._batch_options)
         self.position += 1
-        return _to_batch(arrays, indices)
+        return _to_batch(arrays, indices, pairwise="pos" in s)
 
     def seek(self, micro_batches: int) -> None:
         """Continue after ``micro_batches`` global micro-batches (e.g. iteration × gradient accumulation)."""
@@ -389,8 +497,7 @@ class StreamSample:
     index: int  # index into the split's (blended) dataset
     source: str  # prefix of the indexed dataset the sample comes from
     source_index: int  # index within that dataset
-    text: np.ndarray  # int64 [seq_length + 1]
-    label: np.ndarray | None
+    item: dict[str, np.ndarray]  # "text" (+ "label", "reward", "ref"), or "pos"/"neg" (+ labels) for pairs
 
 
 def _source_of(dataset: Dataset, index: int) -> tuple[str, int]:
@@ -414,10 +521,12 @@ def stream_samples(
     out = []
     for position in range(start, start + count):
         index = stream_index(len(dataset), global_batch, position)
-        item = dataset[index]
         source, source_index = _source_of(dataset, index)
-        out.append(StreamSample(position, index, source, source_index, item["text"], item.get("label")))
+        out.append(StreamSample(position, index, source, source_index, dataset[index]))
     return out
+
+
+_TOKEN_KEYS = ("text", "pos", "neg")
 
 
 def samples_command(args: Any) -> int:
@@ -438,41 +547,39 @@ def samples_command(args: Any) -> int:
     if args.decode:
         from neoxt.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(cfg.tokenizer)
-        decode = tok.decode
+        decode = load_tokenizer(cfg.tokenizer).decode
     t = cfg.training
     global_batch = t.train_micro_batch_size_per_gpu * t.data_parallel_size
     for s in samples:
         step, row = divmod(s.position, global_batch)
-        where = {
+        record: dict[str, Any] = {
             "position": s.position,
             "micro_batch": step,
             "dp_rank": row // t.train_micro_batch_size_per_gpu,
         }
         if args.split == "train":
-            where["iteration"] = step // t.gradient_accumulation_steps + 1
-        record: dict[str, Any] = {
-            **where,
-            "index": s.index,
-            "source": s.source,
-            "source_index": s.source_index,
-            "text": s.text.tolist(),
-        }
-        if s.label is not None:
-            record["label"] = s.label.tolist()
+            record["iteration"] = step // t.gradient_accumulation_steps + 1
+        record.update(index=s.index, source=s.source, source_index=s.source_index)
+        for key, values in s.item.items():
+            record[key] = values.tolist()
         if decode is not None:
-            record["decoded"] = decode(s.text.tolist())
+            for key in _TOKEN_KEYS:
+                if key in s.item:
+                    record[f"{key}_decoded" if key != "text" else "decoded"] = decode(s.item[key].tolist())
         if args.json:
             sys.stdout.write(json.dumps(record) + "\n")
             continue
-        it = f"iteration {where['iteration']}, " if "iteration" in where else ""
+        it = f"iteration {record['iteration']}, " if "iteration" in record else ""
         sys.stdout.write(
-            f"sample {s.position} ({it}micro-batch {step}, dp rank {where['dp_rank']}) <- "
+            f"sample {s.position} ({it}micro-batch {step}, dp rank {record['dp_rank']}) <- "
             f"{s.source} [{s.source_index}] (index {s.index})\n"
         )
-        sys.stdout.write(f"  tokens {record['text']}\n")
-        if s.label is not None:
-            sys.stdout.write(f"  labels {record['label']}\n")
+        for key in s.item:
+            name = {"text": "tokens", "label": "labels"}.get(key, key)
+            sys.stdout.write(f"  {name:<9} {record[key]}\n")
         if decode is not None:
-            sys.stdout.write(f"  text   {record['decoded']!r}\n")
+            for key in _TOKEN_KEYS:
+                if key in s.item:
+                    decoded = record[f"{key}_decoded" if key != "text" else "decoded"]
+                    sys.stdout.write(f"  {'text' if key == 'text' else key + ' text':<9} {decoded!r}\n")
     return 0

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -68,6 +68,8 @@ class IndexSpec:
     seed: int
     pack_impl: str = "packed"
     allow_chopped: bool = True
+    # Preference pairs (upstream's pairwise_dataset.py): chosen/rejected documents share one index.
+    pairwise: bool = False
 
     def stem(self, prefix: str) -> str:
         """Upstream's cache file stem for a dataset at ``prefix`` (without ``_doc_idx.npy`` etc.)."""
@@ -75,7 +77,8 @@ class IndexSpec:
             f"{prefix}_{self.name}_indexmap_{self.num_samples}ns_{self.seq_length}sl"
             f"_{self.seed}s_{self.pack_impl}pi"
         )
-        return stem + "_ac" if self.allow_chopped else stem
+        # Upstream's pairwise datasets never add the allow_chopped suffix.
+        return stem + "_ac" if self.allow_chopped and not self.pairwise else stem
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,6 +94,43 @@ class IndexMaps:
         # Upstream's __len__: min(len(shuffle) - 1, len(sample_idx) - 1); the last shuffled sample is
         # reachable only through the modulo fallback of out-of-range indices.
         return max(0, min(self.shuffle_idx.shape[0] - 1, self.sample_idx.shape[0] - 1))
+
+    def resolve(self, idx: int) -> int:
+        """The sample_idx row drawn for index ``idx``, with upstream's IndexError → modulo fallback.
+
+        Upstream catches IndexError anywhere in ``__getitem__`` and retries with ``idx % len``, where
+        ``idx`` is already the shuffled value when the shuffle lookup itself succeeded.
+        """
+        n = len(self)
+        shuffle_len, rows, docs = self.shuffle_idx.shape[0], self.sample_idx.shape[0], self.doc_idx.shape[0]
+        for _ in range(4):
+            if idx < 0 or idx >= shuffle_len:
+                if n == 0:
+                    break
+                idx = idx % n
+                continue
+            row = int(self.shuffle_idx[idx])
+            if row + 1 < rows and max(int(self.sample_idx[row, 0]), int(self.sample_idx[row + 1, 0])) < docs:
+                return row
+            if n == 0:
+                break
+            idx = row % n
+        raise DataError(f"sample {idx} cannot be read (index maps are inconsistent)")
+
+    def pieces(self, row: int, sizes: np.ndarray) -> list[tuple[int, int, int]]:
+        """(document, offset, length) pieces of sample ``row``: the first from its offset, whole documents
+        in between, and the last up to its end offset inclusive (as upstream's ``__getitem__``)."""
+        f, off_f = int(self.sample_idx[row, 0]), int(self.sample_idx[row, 1])
+        e, off_e = int(self.sample_idx[row + 1, 0]), int(self.sample_idx[row + 1, 1])
+        if f == e:
+            return [(int(self.doc_idx[f]), off_f, off_e - off_f + 1)]
+        first = int(self.doc_idx[f])
+        out = [(first, off_f, int(sizes[first]) - off_f)]
+        out.extend((int(self.doc_idx[k]), 0, int(sizes[int(self.doc_idx[k])])) for k in range(f + 1, e))
+        last = int(self.doc_idx[e])
+        # Non-packed spans end at offset 0 of the next document; an empty one has no token to give.
+        out.append((last, 0, min(off_e + 1, int(sizes[last]))))
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,38 +206,53 @@ def _fully_masked(label: TokenSource, doc: int, limit: int) -> bool:
     return bool(np.all(head == LABEL_PAD))
 
 
-def _build_pack_until_overflow(
-    documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec, label: TokenSource | None
-) -> IndexMaps:
+@dataclass(frozen=True, eq=False)
+class _DocRules:
+    """Which documents the non-packed modes take and how long each is.
+
+    ``lengths`` is what a document adds to a pack_until_overflow sample (for a preference pair, the
+    longer of chosen and rejected). With ``allow_chopped: false`` a document longer than
+    ``seq_length+1`` in any of ``sizes`` is skipped; a document whose leading labels are all -100 in
+    any of ``labels`` is skipped too (pack_until_overflow looks at ``seq_length+1`` labels, unpacked at
+    ``seq_length``, as upstream).
+    """
+
+    lengths: np.ndarray
+    sizes: tuple[np.ndarray, ...]
+    labels: tuple[TokenSource, ...]
+
+    def usable(self, doc: int, spec: IndexSpec, label_limit: int) -> bool:
+        if not spec.allow_chopped and any(int(s[doc]) > spec.seq_length + 1 for s in self.sizes):
+            return False
+        return not any(_fully_masked(lab, doc, label_limit) for lab in self.labels)
+
+
+def _build_pack_until_overflow(documents: np.ndarray, rules: _DocRules, spec: IndexSpec) -> IndexMaps:
     seq1 = spec.seq_length + 1
     rng = np.random.RandomState(seed=spec.seed)
     shuffle_idx = np.arange(spec.num_samples)
     rng.shuffle(shuffle_idx)
     n_docs = len(documents)
-    if n_docs == 0:
-        raise DataError(f"{spec.name}: no documents to build samples from")
     perm = np.arange(n_docs)
     rng.shuffle(perm)
-    all_sizes = np.asarray(sizes)
+    docs = np.asarray(documents, dtype=np.int64)
     starts: list[int] = []
     doc_idx: list[int] = []
     running = 0
     pos = 0
     accepted_this_pass = 0
-    order = np.asarray(documents, dtype=np.int64)[perm].tolist()
-    order_sizes = all_sizes[order].tolist()
+    order = docs[perm].tolist()
+    order_lengths = rules.lengths[order].tolist()
     while len(starts) < spec.num_samples:
         if pos == n_docs:  # a pass ended on a skipped document (upstream raises IndexError here)
             if accepted_this_pass == 0:
                 raise DataError(_nothing_fits(spec))
             pos, accepted_this_pass = 0, 0
             rng.shuffle(perm)
-            order = np.asarray(documents, dtype=np.int64)[perm].tolist()
-            order_sizes = all_sizes[order].tolist()
-        doc, length = order[pos], order_sizes[pos]
-        if (not spec.allow_chopped and length > seq1) or (
-            label is not None and _fully_masked(label, doc, seq1)
-        ):
+            order = docs[perm].tolist()
+            order_lengths = rules.lengths[order].tolist()
+        doc, length = order[pos], order_lengths[pos]
+        if not rules.usable(doc, spec, seq1):
             pos += 1
             continue
         if running == 0:
@@ -214,19 +269,21 @@ def _build_pack_until_overflow(
         if pos == n_docs:
             pos, accepted_this_pass = 0, 0
             rng.shuffle(perm)
-            order = np.asarray(documents, dtype=np.int64)[perm].tolist()
-            order_sizes = all_sizes[order].tolist()
+            order = docs[perm].tolist()
+            order_lengths = rules.lengths[order].tolist()
     starts.append(len(doc_idx))
     sample_idx = np.zeros((len(starts), 2), dtype=np.int64)
     sample_idx[:, 0] = starts
     return IndexMaps(np.asarray(doc_idx, dtype=np.int64), sample_idx, shuffle_idx)
 
 
-def _build_unpacked(
-    documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec, label: TokenSource | None
-) -> IndexMaps:
+def _build_unpacked(documents: np.ndarray, rules: _DocRules, spec: IndexSpec) -> IndexMaps:
     rng = np.random.RandomState(seed=spec.seed)
-    shuffle_idx = np.arange(spec.num_samples)
+    if spec.pairwise:
+        # Upstream's pairwise shuffle only ever draws the first len(documents) samples, each repeatedly.
+        shuffle_idx = np.arange(spec.num_samples) % len(documents)
+    else:
+        shuffle_idx = np.arange(spec.num_samples)
     rng.shuffle(shuffle_idx)
     sample_idx = np.zeros((spec.num_samples + 1, 2), dtype=np.int64)
     sample_idx[:, 0] = np.arange(spec.num_samples + 1)
@@ -240,8 +297,9 @@ def _build_unpacked(
         part = docs[lo : lo + chunk]
         ok = np.ones(len(part), dtype=bool)
         if not spec.allow_chopped:
-            ok &= np.asarray(sizes)[part] <= spec.seq_length + 1
-        if label is not None:
+            for sizes in rules.sizes:
+                ok &= sizes[part] <= spec.seq_length + 1
+        for label in rules.labels:
             for k in np.flatnonzero(ok).tolist():
                 ok[k] = not _fully_masked(label, int(part[k]), spec.seq_length)
         usable.append(part[ok])
@@ -264,9 +322,19 @@ def _nothing_fits(spec: IndexSpec) -> str:
 
 
 def build_index_maps(
-    documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec, label: TokenSource | None = None
+    documents: np.ndarray,
+    sizes: np.ndarray,
+    spec: IndexSpec,
+    label: TokenSource | None = None,
+    *,
+    pair_sizes: np.ndarray | None = None,
+    pair_label: TokenSource | None = None,
 ) -> IndexMaps:
-    """Build (without caching) the index maps upstream would build for these documents."""
+    """Build (without caching) the index maps upstream would build for these documents.
+
+    For preference data (``spec.pairwise``), ``sizes``/``label`` are the chosen side and
+    ``pair_sizes``/``pair_label`` the rejected side; both sides share the maps.
+    """
     if spec.pack_impl not in PACK_IMPLS:
         raise DataError(f"unknown pack_impl {spec.pack_impl!r} (expected one of {', '.join(PACK_IMPLS)})")
     if spec.seq_length < 2:
@@ -276,11 +344,18 @@ def build_index_maps(
     documents = np.asarray(documents)
     if len(documents) == 0:
         raise DataError(f"{spec.name}: no documents to build samples from")
+    sizes = np.asarray(sizes)
     if spec.pack_impl == "packed":
+        if spec.pairwise:
+            raise DataError(f"{spec.name}: preference (pairwise) data needs pack_impl unpacked or pack_until_overflow")
         return _build_packed(documents, sizes, spec)
+    all_sizes = (sizes,) if pair_sizes is None else (sizes, np.asarray(pair_sizes))
+    lengths = sizes if pair_sizes is None else np.maximum(sizes, np.asarray(pair_sizes))
+    labels = tuple(x for x in (label, pair_label) if x is not None)
+    rules = _DocRules(lengths, all_sizes, labels)
     if spec.pack_impl == "pack_until_overflow":
-        return _build_pack_until_overflow(documents, sizes, spec, label)
-    return _build_unpacked(documents, sizes, spec, label)
+        return _build_pack_until_overflow(documents, rules, spec)
+    return _build_unpacked(documents, rules, spec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,6 +420,9 @@ def load_or_build_index_maps(
     spec: IndexSpec,
     label: TokenSource | None = None,
     cache_dir: str | None = None,
+    *,
+    pair_sizes: np.ndarray | None = None,
+    pair_label: TokenSource | None = None,
 ) -> IndexMaps:
     """Reuse the cached maps (ours or GPT-NeoX's) or build and cache them.
 
@@ -357,7 +435,7 @@ def load_or_build_index_maps(
         return cached
     if cached is not None:
         log.warning("index cache %s does not match the data; rebuilding", paths["doc_idx"])
-    maps = build_index_maps(documents, sizes, spec, label)
+    maps = build_index_maps(documents, sizes, spec, label, pair_sizes=pair_sizes, pair_label=pair_label)
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
     arrays = {"doc_idx": maps.doc_idx, "sample_idx": maps.sample_idx, "shuffle_idx": maps.shuffle_idx}
@@ -383,33 +461,32 @@ def load_or_build_index_maps(
 # Reading samples.
 
 
-def read_span(source: TokenSource, doc_idx: np.ndarray, first: tuple[int, int], last: tuple[int, int]) -> np.ndarray:
-    """Tokens from (doc position, offset) ``first`` to ``last`` inclusive, across documents."""
-    (f, off_f), (e, off_e) = first, last
-    if f == e:
-        return source.get(int(doc_idx[f]), off_f, off_e - off_f + 1)
-    pieces = [source.get(int(doc_idx[f]), off_f)]
-    pieces.extend(source.get(int(doc_idx[k])) for k in range(f + 1, e))
-    last_doc = int(doc_idx[e])
-    # Non-packed spans end at offset 0 of the next document; an empty one has no token to give.
-    pieces.append(source.get(last_doc, 0, min(off_e + 1, int(source.sizes[last_doc]))))
-    return np.concatenate(pieces)
+def read_pieces(source: TokenSource, pieces: list[tuple[int, int, int]]) -> np.ndarray:
+    """The tokens of (document, offset, length) pieces, concatenated."""
+    if len(pieces) == 1:
+        doc, offset, length = pieces[0]
+        return source.get(doc, offset, length)
+    return np.concatenate([source.get(doc, offset, length) for doc, offset, length in pieces])
 
 
-def fit_length(tokens: np.ndarray, length: int, pad: int) -> np.ndarray:
-    """Pad with ``pad`` or truncate to ``length``, as int64 (upstream's item dtype)."""
-    out = np.full(length, pad, dtype=np.int64)
+def fit_length(tokens: np.ndarray, length: int, pad: float, dtype: type = np.int64) -> np.ndarray:
+    """Pad with ``pad`` or truncate to ``length`` (upstream's item dtypes: int64, float32 for rewards)."""
+    out = np.full(length, pad, dtype=dtype)
     n = min(length, len(tokens))
     out[:n] = tokens[:n]
     return out
 
 
+def _per_token_reward(reward: TokenSource, pieces: list[tuple[int, int, int]]) -> np.ndarray:
+    """Upstream spreads each document's reward (its first value) over that document's tokens."""
+    return np.concatenate([np.full(length, reward.get(doc, 0, 1)[0], dtype=np.float32) for doc, _, length in pieces])
+
+
 @dataclass(frozen=True, eq=False)
 class GPTDataset:
-    """One indexed dataset (plus its aligned label dataset) seen through its index maps.
-
-    ``self[i]`` is upstream's ``GPT2Dataset[i]``: ``{"text": int64[seq_length+1]}`` and ``"label"``
-    when a label dataset is present.
+    """One indexed dataset (plus aligned label / reward / reference-logprob datasets) seen through its
+    index maps. ``self[i]`` is upstream's ``GPT2Dataset[i]``: ``{"text": int64[seq_length+1]}``, plus
+    ``"label"`` (int64, padded -100), ``"reward"`` and ``"ref"`` (float32) when present.
     """
 
     name: str
@@ -419,57 +496,87 @@ class GPTDataset:
     seq_length: int
     label: TokenSource | None = None
     label_prefix: str | None = None
+    reward: TokenSource | None = None
+    ref: TokenSource | None = None
 
     def __len__(self) -> int:
         return len(self.maps)
 
     def sample_row(self, idx: int) -> int:
-        """The sample_idx row drawn for index ``idx``, with upstream's IndexError → modulo fallback."""
-        maps, n = self.maps, len(self)
-        shuffle_len, rows, docs = maps.shuffle_idx.shape[0], maps.sample_idx.shape[0], maps.doc_idx.shape[0]
-        for _ in range(4):
-            if idx < 0 or idx >= shuffle_len:
-                if n == 0:
-                    break
-                idx = idx % n
-                continue
-            row = int(maps.shuffle_idx[idx])
-            if row + 1 < rows and max(int(maps.sample_idx[row, 0]), int(maps.sample_idx[row + 1, 0])) < docs:
-                return row
-            if n == 0:
-                break
-            # Upstream recomputes the index from the already-shuffled value before retrying.
-            idx = row % n
-        raise DataError(f"{self.prefix}: sample {idx} cannot be read (index maps are inconsistent)")
+        return self.maps.resolve(int(idx))
 
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
-        row = self.sample_row(int(idx))
-        sample_idx = self.maps.sample_idx
-        first = (int(sample_idx[row, 0]), int(sample_idx[row, 1]))
-        last = (int(sample_idx[row + 1, 0]), int(sample_idx[row + 1, 1]))
+        pieces = self.maps.pieces(self.maps.resolve(int(idx)), self.text.sizes)
         seq1 = self.seq_length + 1
-        item = {"text": fit_length(read_span(self.text, self.maps.doc_idx, first, last), seq1, TEXT_PAD)}
+        item = {"text": fit_length(read_pieces(self.text, pieces), seq1, TEXT_PAD)}
         if self.label is not None:
-            labels = read_span(self.label, self.maps.doc_idx, first, last)
-            item["label"] = fit_length(labels, seq1, LABEL_PAD)
+            item["label"] = fit_length(read_pieces(self.label, pieces), seq1, LABEL_PAD)
+        if self.reward is not None:
+            item["reward"] = fit_length(_per_token_reward(self.reward, pieces), seq1, 0.0, np.float32)
+        if self.ref is not None:
+            item["ref"] = fit_length(read_pieces(self.ref, pieces), seq1, 0.0, np.float32)
         return item
 
 
-def check_aligned(text: TokenSource, label: TokenSource, text_prefix: str, label_prefix: str) -> None:
-    """Labels are read with the text's offsets, so every document must have the same length."""
-    ts, ls = np.asarray(text.sizes), np.asarray(label.sizes)
+@dataclass(frozen=True, eq=False)
+class PairwiseDataset:
+    """Preference pairs (upstream's ``PairwiseDataset``): the same index maps select the chosen
+    (``pos``) and rejected (``neg``) documents; each side is read with its own document lengths.
+    ``self[i]`` = ``{"pos", "neg"}`` int64[seq_length+1] (+ ``pos_label``/``neg_label``, padded -100,
+    and ``pos_ref``/``neg_ref`` float32 when present)."""
+
+    name: str
+    prefix: str
+    pos: TokenSource
+    neg: TokenSource
+    maps: IndexMaps
+    seq_length: int
+    pos_label: TokenSource | None = None
+    neg_label: TokenSource | None = None
+    pos_ref: TokenSource | None = None
+    neg_ref: TokenSource | None = None
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
+        row = self.maps.resolve(int(idx))
+        seq1 = self.seq_length + 1
+        item: dict[str, np.ndarray] = {}
+        for side, text, label, ref in (
+            ("pos", self.pos, self.pos_label, self.pos_ref),
+            ("neg", self.neg, self.neg_label, self.neg_ref),
+        ):
+            pieces = self.maps.pieces(row, text.sizes)
+            item[side] = fit_length(read_pieces(text, pieces), seq1, TEXT_PAD)
+            if label is not None:
+                item[f"{side}_label"] = fit_length(read_pieces(label, pieces), seq1, LABEL_PAD)
+            if ref is not None:
+                item[f"{side}_ref"] = fit_length(read_pieces(ref, pieces), seq1, 0.0, np.float32)
+        return item
+
+
+def check_aligned(text: TokenSource, other: TokenSource, text_prefix: str, other_prefix: str, what: str = "labels") -> None:
+    """Labels (and reference log-probs) are read with the text's offsets, so every document must have
+    the same length in both files."""
+    ts, ls = np.asarray(text.sizes), np.asarray(other.sizes)
     if ts.shape != ls.shape:
         raise DataError(
-            f"label file {label_prefix} has {ls.shape[0]} documents but text file {text_prefix} has "
+            f"{what} file {other_prefix} has {ls.shape[0]} documents but text file {text_prefix} has "
             f"{ts.shape[0]}; they must be aligned token for token"
         )
     bad = np.flatnonzero(ts != ls)
     if len(bad):
         d = int(bad[0])
         raise DataError(
-            f"label file {label_prefix} is not aligned with text file {text_prefix}: document {d} has "
-            f"{int(ls[d])} labels but {int(ts[d])} tokens ({len(bad)} documents differ)"
+            f"{what} file {other_prefix} is not aligned with text file {text_prefix}: document {d} has "
+            f"{int(ls[d])} {what} but {int(ts[d])} tokens ({len(bad)} documents differ)"
         )
+
+
+def _check_documents(prefix: str, documents: np.ndarray, num_docs: int) -> None:
+    if len(documents) and (documents.min() < 0 or documents.max() >= num_docs):
+        raise DataError(f"{prefix}: document range outside the {num_docs} documents of the file")
 
 
 def build_gpt_dataset(
@@ -481,13 +588,64 @@ def build_gpt_dataset(
     label: TokenSource | None = None,
     label_prefix: str | None = None,
     cache_dir: str | None = None,
+    *,
+    reward: TokenSource | None = None,
+    reward_prefix: str | None = None,
+    ref: TokenSource | None = None,
+    ref_prefix: str | None = None,
 ) -> GPTDataset:
     """Check alignment, then load or build the cached maps and wrap them as a dataset."""
     if label is not None:
         check_aligned(text, label, prefix, label_prefix or "<label>")
+    if ref is not None:
+        check_aligned(text, ref, prefix, ref_prefix or "<ref>", "reference log-probs")
+    if reward is not None:
+        if spec.pack_impl != "unpacked":
+            raise DataError(f"reward file {reward_prefix}: reward datasets need pack_impl 'unpacked' (as GPT-NeoX)")
+        if len(reward.sizes) != len(text.sizes) or (len(reward.sizes) and np.min(reward.sizes) < 1):
+            raise DataError(
+                f"reward file {reward_prefix} must hold one non-empty entry for each of the "
+                f"{len(text.sizes)} documents of {prefix}"
+            )
     sizes = np.asarray(text.sizes)
     documents = np.asarray(documents)
-    if len(documents) and (documents.min() < 0 or documents.max() >= len(sizes)):
-        raise DataError(f"{prefix}: document range outside the {len(sizes)} documents of the file")
+    _check_documents(prefix, documents, len(sizes))
     maps = load_or_build_index_maps(prefix, documents, sizes, spec, label, cache_dir)
-    return GPTDataset(name, prefix, text, maps, spec.seq_length, label, label_prefix)
+    return GPTDataset(name, prefix, text, maps, spec.seq_length, label, label_prefix, reward, ref)
+
+
+def build_pairwise_dataset(
+    name: str,
+    pos_prefix: str,
+    pos: TokenSource,
+    neg_prefix: str,
+    neg: TokenSource,
+    documents: np.ndarray,
+    spec: IndexSpec,
+    labels: tuple[TokenSource, TokenSource] | None = None,
+    label_prefixes: tuple[str, str] = ("<pos label>", "<neg label>"),
+    refs: tuple[TokenSource, TokenSource] | None = None,
+    cache_dir: str | None = None,
+) -> PairwiseDataset:
+    """Chosen/rejected datasets with one shared index (cached under the chosen prefix, as upstream)."""
+    if len(pos.sizes) != len(neg.sizes):
+        raise DataError(
+            f"preference data: {pos_prefix} has {len(pos.sizes)} documents but {neg_prefix} has "
+            f"{len(neg.sizes)}; chosen and rejected must pair up one to one"
+        )
+    if labels is not None:
+        check_aligned(pos, labels[0], pos_prefix, label_prefixes[0])
+        check_aligned(neg, labels[1], neg_prefix, label_prefixes[1])
+    if refs is not None:
+        check_aligned(pos, refs[0], pos_prefix, f"{pos_prefix}_<ref>", "reference log-probs")
+        check_aligned(neg, refs[1], neg_prefix, f"{neg_prefix}_<ref>", "reference log-probs")
+    spec = replace(spec, pairwise=True)
+    documents = np.asarray(documents)
+    _check_documents(pos_prefix, documents, len(pos.sizes))
+    maps = load_or_build_index_maps(
+        pos_prefix, documents, np.asarray(pos.sizes), spec, labels[0] if labels else None, cache_dir,
+        pair_sizes=np.asarray(neg.sizes), pair_label=labels[1] if labels else None,
+    )
+    pos_label, neg_label = labels if labels is not None else (None, None)
+    pos_ref, neg_ref = refs if refs is not None else (None, None)
+    return PairwiseDataset(name, pos_prefix, pos, neg, maps, spec.seq_length, pos_label, neg_label, pos_ref, neg_ref)

@@ -81,6 +81,21 @@ def test_config_tokenizer_view_scores_like_the_hf_tokenizer(setup, hf_results):
     assert res["results"]["tiny_mc"]["acc,none"] == hf_results["results"]["tiny_mc"]["acc,none"]
 
 
+def test_chat_template_and_system_prompt_reach_the_requests(setup):
+    from transformers import AutoTokenizer
+
+    from neoxt import load_model
+    from neoxt.evaluate.harness import run_eval
+
+    _, hf_dir, tasks = setup
+    res = run_eval(load_model(hf_dir), AutoTokenizer.from_pretrained(hf_dir), ["tiny_mc"], include_path=str(tasks),
+                   apply_chat_template=True, system_prompt="Be brief.", log_samples=True, limit=2)
+    context, continuation = res["samples"]["tiny_mc"][0]["arguments"][0]
+    assert context.startswith("<|system|>\nBe brief.<|end|>\n<|user|>\nQuestion: ")
+    assert context.endswith("<|assistant|>\n")
+
+
+@pytest.mark.slow  # indexes all of lm-eval's built-in tasks (~10 s) before it can say "unknown"
 def test_unknown_task_is_a_one_line_error(setup, capsys):
     _, hf_dir, tasks = setup
     rc = main(["eval", "--model", str(hf_dir), "--tasks", "no_such_task", "--include-path", str(tasks),

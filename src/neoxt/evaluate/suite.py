@@ -127,10 +127,11 @@ def _read_models(raw: Any, base: Path, where: str) -> dict[str, ModelEntry]:
             spec = spec.get("path")
         if not isinstance(spec, str) or not spec:
             raise ConfigError(f"{key}: needs a path or Hub id")
-        local = base / Path(spec).expanduser() if _looks_local(spec) else None
-        if local is not None and not local.exists():
+        # An existing path wins; 'org/name' that is not a path is a Hub id; anything else is a typo.
+        local = base / Path(spec).expanduser()
+        if not local.exists() and _looks_local(spec):
             raise ConfigError(f"{key}: {spec} does not exist")
-        source = str(local.resolve()) if local is not None else spec
+        source = str(local.resolve()) if local.exists() else spec
         models[str(alias)] = ModelEntry(str(alias), source, template)
     return models
 

@@ -1,0 +1,92 @@
+"""Acceptance 4: `neoxt eval-suite` — 2 models × 2 system prompts × 1 local task folder, resumable."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from evalfixtures import make_hf_model_dir, write_tasks
+
+from neoxt.cli import main
+from neoxt.errors import ConfigError
+from neoxt.evaluate.suite import build_jobs, job_command, load_suite
+
+PROMPTS = {"helpful": "You are a helpful assistant.", "terse": "Answer in one word."}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("suite")
+    make_hf_model_dir(tmp / "models" / "a", tiny_tokenizer_dir, arch="neox", seed=1)
+    make_hf_model_dir(tmp / "models" / "b", tiny_tokenizer_dir, arch="llama", seed=2)
+    make_hf_model_dir(tmp / "models" / "plain", tiny_tokenizer_dir, arch="neox", seed=3, chat_template=False)
+    write_tasks(tmp / "tasks" / "safety", ("tiny_mc",), system_prompts=PROMPTS)
+    return tmp
+
+
+def _suite(tmp, models="[tiny]", extra=""):
+    path = tmp / "suite.yml"
+    path.write_text(
+        "models:\n  model-a: models/a\n  model-b: models/b\n  plain: models/plain\n"
+        "groups:\n  tiny: [model-a, model-b]\n"
+        f"run: {models}\ntask_folders: [tasks/safety]\noutput_dir: out\nbatch_size: 4\n{extra}"
+    )
+    return path
+
+
+def test_suite_runs_every_pair_once_and_gathers_a_table(workspace, capsys):
+    suite = _suite(workspace)
+    assert main(["eval-suite", str(suite)]) == 0
+    out = workspace / "out"
+    results = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.json"))
+    assert results == ["model-a/safety/helpful.json", "model-a/safety/terse.json",
+                       "model-b/safety/helpful.json", "model-b/safety/terse.json"]
+    one = json.loads((out / "model-a/safety/terse.json").read_text())
+    assert one["neoxt_suite"]["system_prompt_text"] == PROMPTS["terse"]
+    assert 0.0 <= one["results"]["tiny_mc"]["acc,none"] <= 1.0
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["model"], r["system_prompt"], r["task"]) for r in rows] == [
+        ("model-a", "helpful", "tiny_mc"), ("model-a", "terse", "tiny_mc"),
+        ("model-b", "helpful", "tiny_mc"), ("model-b", "terse", "tiny_mc")]
+    assert {"acc", "acc_norm", "acc_stderr"} <= set(rows[0])
+    md = (out / "results.md").read_text()
+    assert md.count("| model-") == 4 and "acc_norm" in md
+    capsys.readouterr()
+
+    # A rerun skips every pair (files untouched) and rebuilds the same table.
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.json")}
+    assert main(["eval-suite", str(suite)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.json")} == stamps
+    assert list(csv.DictReader((out / "results.csv").open())) == rows
+
+
+def test_model_without_chat_template_fails_before_any_job(workspace, capsys):
+    suite = _suite(workspace, models="[model-a, plain]")
+    suite.write_text(suite.read_text().replace("output_dir: out", "output_dir: out_plain"))
+    assert main(["eval-suite", str(suite)]) == 2
+    err = capsys.readouterr().err
+    assert "'plain'" in err and "chat_template" in err and "'model-a'" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (workspace / "out_plain").exists()  # nothing ran, not even model-a
+
+
+def test_suite_file_errors_name_the_key(workspace):
+    bad = workspace / "bad.yml"
+    bad.write_text("models: {a: models/a}\nrun: [nope]\ntask_folders: [tasks/safety]\n")
+    with pytest.raises(ConfigError, match="run.*'nope'"):
+        load_suite(bad)
+    bad.write_text("models: {a: ./models/missing}\ntask_folders: [tasks/safety]\n")
+    with pytest.raises(ConfigError, match="models.a"):
+        load_suite(bad)
+
+
+def test_jobs_render_as_neoxt_eval_commands_for_slurm(workspace, capsys):
+    suite = load_suite(_suite(workspace, extra="num_fewshot: 0\n").as_posix())
+    jobs = build_jobs(suite)
+    assert len(jobs) == 4
+    cmd = job_command(jobs[0], suite)
+    assert cmd[:3] == ["neoxt", "eval", "--model"] and "--apply-chat-template" in cmd
+    assert cmd[cmd.index("--output") + 1] == str(jobs[0].result_path)
+    assert cmd[cmd.index("--system-prompt") + 1] in PROMPTS.values()

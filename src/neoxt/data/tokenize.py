@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -95,6 +96,9 @@ _WORKER: Any = None
 
 def _worker_init(factory: Callable[[Any], Callable[[Batch], EncodedBatch]], arg: Any) -> None:
     global _WORKER
+    # Ctrl-C is the main process's to handle (it discards the outputs and terminates the pool);
+    # workers ignoring it keeps the terminal free of one traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _WORKER = factory(arg)
     except BaseException as err:  # reported on first use; a raising initializer makes Pool respawn forever
@@ -174,6 +178,19 @@ class Progress:
             self.bar.close()
 
 
+def _raise_on_sigterm() -> Any:
+    """Turn SIGTERM (kill, SLURM preemption) into SystemExit so the outputs are discarded cleanly."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def run_pipeline(
     batches: Iterable[Batch],
     factory: Callable[[Any], Callable[[Batch], EncodedBatch]],
@@ -186,12 +203,13 @@ def run_pipeline(
 ) -> PipelineStats:
     """Encode every batch, write results in order, finalize all writers only if everything succeeded.
 
-    On any error (a bad record without ``skip_bad_lines``, an exception, Ctrl-C) every writer is
+    On any error (a bad record without ``skip_bad_lines``, an exception, Ctrl-C, SIGTERM) every writer is
     discarded, so nothing is left under a final name.
     """
     stats = PipelineStats(tokens={name: 0 for name in writers})
     progress = Progress(num_docs, label)
     start = time.monotonic()
+    previous_term = _raise_on_sigterm()
     try:
         for enc in ordered_results(batches, factory, arg, workers):
             if enc.bad:
@@ -219,6 +237,8 @@ def run_pipeline(
         raise
     finally:
         progress.close()
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     stats.seconds = time.monotonic() - start
     return stats
 

@@ -485,7 +485,8 @@ def split_tp(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int) -> list[d
         else:
             raise ConversionError(f"internal: no TP split rule for GPT-NeoX tensor '{key}'")
         for r, piece in enumerate(pieces):
-            shards[r][key] = piece.clone().contiguous()
+            # torch.save writes a view's whole storage: every shard must own exactly its bytes.
+            shards[r][key] = piece.contiguous() if tp == 1 else _compact(piece)
     return shards
 
 

@@ -99,6 +99,8 @@ def _worker_init(factory: Callable[[Any], Callable[[Batch], EncodedBatch]], arg:
     # Ctrl-C is the main process's to handle (it discards the outputs and terminates the pool);
     # workers ignoring it keeps the terminal free of one traceback per worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One busy core per worker: no Rust thread pool inside each (N processes x all cores).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         _WORKER = factory(arg)
     except BaseException as err:  # reported on first use; a raising initializer makes Pool respawn forever
@@ -123,8 +125,6 @@ def ordered_results(
         for batch in batches:
             yield encode(batch)
         return
-    # Workers must not start Rust thread pools of their own (N processes x all cores).
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(workers, initializer=_worker_init, initargs=(factory, arg))
     try:

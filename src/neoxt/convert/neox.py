@@ -35,6 +35,9 @@ norms}.py``, ``megatron/mpu/layers.py``, ``megatron/checkpointing.py``, ``tools/
   ``post_feedforward_layernorm.scale`` (norm on the MLP output, our ``mlp_norm``). The fork builds an
   ``input_layernorm`` it never uses; a checkpoint saved by the fork may hold it and it is ignored.
 * ``attention.rotary_emb.inv_freq`` (``rotary_save_freqs_buffer``) is derived, not a weight: ignored.
+* Upstream ``use_qk_layernorm``: ``attention.qk_layernorm.*`` has a [heads_per_rank, head_dim] gain,
+  split over TP with the heads. (With LayerNorm and TP > 1 upstream normalises over each rank's
+  heads only, so such a checkpoint is mapped exactly but its logits differ slightly from TP 1's.)
 
 Pickles: layer files are plain tensor dicts and load with ``weights_only=True``. ``mp_rank`` files
 hold DeepSpeed engine state (argparse/numpy/DeepSpeed objects) that the weights-only unpickler may

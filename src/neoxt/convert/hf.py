@@ -23,6 +23,7 @@ projection (``heads * head_dim`` and ``kv_heads * head_dim``), not one head; OLM
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -305,6 +306,7 @@ def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
     yield "lm_head.weight", "lm_head.weight"
 
 
+@functools.lru_cache(maxsize=8)
 def expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     """Our parameter names and shapes for ``cfg`` (built on the meta device: no memory, no init cost)."""
     from neoxt.model.transformer import Transformer

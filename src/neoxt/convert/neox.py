@@ -250,7 +250,7 @@ def find_neox_files(path: str | os.PathLike, expected_tp: int | None = None) -> 
                 if (idx, r) not in present:
                     raise CheckpointError(
                         f"{files.file_for(idx, r)}: missing tensor-parallel shard {r} of layer {idx} "
-                        f"(checkpoint has {tp} model-parallel ranks)"
+                        f"({_why_tp(tp, max(ranks) + 1, expected_tp)})"
                     )
         return files
     if mp_ranks:
@@ -259,12 +259,19 @@ def find_neox_files(path: str | os.PathLike, expected_tp: int | None = None) -> 
         for r in range(tp):
             if r not in mp_ranks:
                 raise CheckpointError(
-                    f"{files.file_for(0, r)}: missing tensor-parallel shard {r} (checkpoint has {tp} model-parallel ranks)"
+                    f"{files.file_for(0, r)}: missing tensor-parallel shard {r} "
+                    f"({_why_tp(tp, mp_ranks[-1] + 1, expected_tp)})"
                 )
         return files
     raise CheckpointError(
         f"{p}: not a GPT-NeoX checkpoint (no mp_rank_XX_model_states.pt or layer_XX-model_YY-model_states.pt files)"
     )
+
+
+def _why_tp(tp: int, found: int, expected: int | None) -> str:
+    if expected and expected > found:
+        return f"the config's model_parallel_size is {expected}; files exist only for ranks below {found}"
+    return f"files exist for {tp} model-parallel ranks"
 
 
 def _split_key(key: str) -> tuple[int, str] | None:

@@ -227,3 +227,19 @@ def test_add_documents_equals_item_by_item(tmp_path):
     with pytest.raises(ValueError, match="lengths sum to"):
         w.add_documents(flat, lengths[:2])
     w.discard()
+
+
+def test_spilled_index_is_identical(tmp_path, monkeypatch):
+    """Sizes and document boundaries spilled to side files in small chunks give the same bytes."""
+    monkeypatch.setattr(IndexedDatasetWriter, "_SPILL", 3)
+    rng = np.random.RandomState(0)
+    docs = [rng.randint(0, 60000, size=rng.randint(1, 9)).tolist() for _ in range(23)]
+    with IndexedDatasetWriter(tmp_path / "s", np.uint16) as w:
+        for d in docs[:10]:
+            w.add_document(d)
+        flat = np.array([t for d in docs[10:] for t in d])
+        w.add_documents(flat, [len(d) for d in docs[10:]])
+    idx, data = spec_bytes(docs, "H", 8)
+    assert (tmp_path / "s.idx").read_bytes() == idx
+    assert (tmp_path / "s.bin").read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx"]

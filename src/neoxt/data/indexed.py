@@ -23,10 +23,12 @@ file, instead of returning garbage deep inside training.
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
 import struct
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +232,13 @@ class IndexedDatasetWriter:
     Writes go to ``<file>.tmp``; ``finalize`` writes the index and renames both into place, so an
     interrupted run never leaves a half-written dataset under the final names. As a context manager
     it finalizes on success and discards the temporary files on an exception.
+
+    Memory stays flat however many items are written: item sizes and document boundaries are
+    buffered in small chunks and spilled to side files next to the ``.idx.tmp``, which ``finalize``
+    streams into the index (the header needs the counts first, so the index is written last).
     """
+
+    _SPILL = 1 << 20  # entries buffered before spilling to the side files
 
     def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type):
         self.prefix = os.fspath(prefix)
@@ -240,11 +248,26 @@ class IndexedDatasetWriter:
         self._idx_path = index_file_path(self.prefix)
         self._bin_tmp = self._bin_path + ".tmp"
         self._idx_tmp = self._idx_path + ".tmp"
+        self._sizes_tmp = self._idx_path + ".tmp-sizes"
+        self._docs_tmp = self._idx_path + ".tmp-docs"
         Path(self._bin_path).parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._bin_tmp, "wb")  # noqa: SIM115 -- closed in finalize/discard
+        self._done = False
+        self._files = []
+        try:
+            # closed in finalize/discard
+            self._file = open(self._bin_tmp, "wb")  # noqa: SIM115
+            self._files.append(self._file)
+            self._sizes_file = open(self._sizes_tmp, "wb")  # noqa: SIM115
+            self._files.append(self._sizes_file)
+            self._docs_file = open(self._docs_tmp, "wb")  # noqa: SIM115
+            self._files.append(self._docs_file)
+        except BaseException:
+            self.discard()
+            raise
         self._sizes = array("i")
         self._doc_idx = array("q", [0])
-        self._done = False
+        self._num_items = 0  # items already spilled to the side file
+        self._num_docs = 0  # document-index entries already spilled
         if self.dtype.kind in "iu":
             info = np.iinfo(self.dtype)
             self._range: tuple[int, int] | None = (int(info.min), int(info.max))
@@ -263,10 +286,23 @@ class IndexedDatasetWriter:
             arr = arr.astype(self.dtype)
         return arr
 
-    def add_item(self, tokens: np.ndarray | Iterable[int]) -> None:
-        """Append one item (a sequence); values must fit the writer's dtype (checked, never wrapped)."""
+    def _check_open(self) -> None:
         if self._done:
             raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
+
+    def _spill(self, force: bool = False) -> None:
+        if force or len(self._sizes) >= self._SPILL:
+            self._sizes_file.write(self._sizes.tobytes())
+            self._num_items += len(self._sizes)
+            self._sizes = array("i")
+        if force or len(self._doc_idx) >= self._SPILL:
+            self._docs_file.write(self._doc_idx.tobytes())
+            self._num_docs += len(self._doc_idx)
+            self._doc_idx = array("q")
+
+    def add_item(self, tokens: np.ndarray | Iterable[int]) -> None:
+        """Append one item (a sequence); values must fit the writer's dtype (checked, never wrapped)."""
+        self._check_open()
         arr = self._convert(tokens)
         if arr.ndim != 1:
             arr = arr.reshape(-1)
@@ -274,9 +310,12 @@ class IndexedDatasetWriter:
             raise DataError(f"{self._bin_path}: item of {arr.size} tokens exceeds the format's int32 size field")
         self._file.write(arr.tobytes(order="C"))
         self._sizes.append(arr.size)
+        self._spill()
 
     def end_document(self) -> None:
-        self._doc_idx.append(len(self._sizes))
+        self._check_open()
+        self._doc_idx.append(self.num_items)
+        self._spill()
 
     def add_document(self, tokens: np.ndarray | Iterable[int]) -> None:
         """One item that is a whole document (what preprocess writes)."""
@@ -285,8 +324,7 @@ class IndexedDatasetWriter:
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Many one-item documents at once: ``tokens`` is their concatenation (one write, no per-item loop)."""
-        if self._done:
-            raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
+        self._check_open()
         lengths = np.asarray(lengths, dtype=np.int64)
         if int(lengths.sum()) != len(tokens):
             raise ValueError(f"lengths sum to {int(lengths.sum())} but {len(tokens)} tokens were given")
@@ -294,31 +332,33 @@ class IndexedDatasetWriter:
             raise DataError(f"{self._bin_path}: an item exceeds the format's int32 size field")
         arr = self._convert(tokens)
         self._file.write(arr.tobytes(order="C"))
-        start = len(self._sizes)
+        start = self.num_items
         self._sizes.frombytes(lengths.astype(np.int32).tobytes())
         self._doc_idx.frombytes(np.arange(start + 1, start + 1 + lengths.size, dtype=np.int64).tobytes())
+        self._spill()
 
     @property
     def num_items(self) -> int:
-        return len(self._sizes)
+        return self._num_items + len(self._sizes)
 
     def finalize(self) -> None:
         """Write the index and move both files to their final names."""
-        if self._done:
-            raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
+        self._check_open()
         try:
-            self._file.close()
-            sizes = np.frombuffer(self._sizes, dtype=np.int32) if len(self._sizes) else np.empty(0, np.int32)
-            pointers = np.zeros(len(sizes), dtype=np.int64)
-            if len(sizes) > 1:
-                np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
-            pointers *= self.dtype.itemsize
-            doc_idx = np.frombuffer(self._doc_idx, dtype=np.int64)
-            with open(self._idx_tmp, "wb") as f:
-                f.write(_HEADER.pack(HEADER_MAGIC, VERSION, self._code, len(sizes), len(doc_idx)))
-                f.write(sizes.astype("<i4", copy=False).tobytes())
-                f.write(pointers.astype("<i8", copy=False).tobytes())
-                f.write(doc_idx.astype("<i8", copy=False).tobytes())
+            self._spill(force=True)
+            for f in self._files:
+                f.close()
+            n, n_docs = self._num_items, self._num_docs
+            with open(self._idx_tmp, "wb") as out:
+                out.write(_HEADER.pack(HEADER_MAGIC, VERSION, self._code, n, n_docs))
+                _copy_file(self._sizes_tmp, out)
+                # pointers = byte offset of each item = running sum of sizes x itemsize, chunk by chunk
+                offset = 0
+                for chunk in _read_chunks(self._sizes_tmp, np.int32):
+                    ends = np.cumsum(chunk, dtype=np.int64)
+                    out.write(((ends - chunk + offset) * self.dtype.itemsize).astype("<i8").tobytes())
+                    offset += int(ends[-1])
+                _copy_file(self._docs_tmp, out)
             # Remove a stale index first: at no moment does a final-named .idx describe another .bin.
             if os.path.exists(self._idx_path):
                 os.remove(self._idx_path)
@@ -328,13 +368,19 @@ class IndexedDatasetWriter:
             self.discard()
             raise
         self._done = True
+        self._remove(self._sizes_tmp, self._docs_tmp)
 
     def discard(self) -> None:
         """Drop everything written so far; the final names are left untouched."""
         self._done = True
-        if not self._file.closed:
-            self._file.close()
-        for path in (self._bin_tmp, self._idx_tmp):
+        for f in self._files:
+            if not f.closed:
+                f.close()
+        self._remove(self._bin_tmp, self._idx_tmp, self._sizes_tmp, self._docs_tmp)
+
+    @staticmethod
+    def _remove(*paths: str) -> None:
+        for path in paths:
             if os.path.exists(path):
                 os.remove(path)
 
@@ -346,3 +392,17 @@ class IndexedDatasetWriter:
             self.discard()
         elif not self._done:
             self.finalize()
+
+
+def _read_chunks(path: str, dtype: type, count: int = 1 << 22) -> Iterator[np.ndarray]:
+    with open(path, "rb") as f:
+        while True:
+            chunk = np.fromfile(f, dtype=dtype, count=count)
+            if not chunk.size:
+                return
+            yield chunk
+
+
+def _copy_file(path: str, out: io.BufferedWriter) -> None:
+    with open(path, "rb") as f:
+        shutil.copyfileobj(f, out, 1 << 22)

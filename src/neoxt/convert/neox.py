@@ -131,13 +131,11 @@ def _progress(items: Iterable[Any], total: int, desc: str) -> Iterator[Any]:
         yield from tqdm(items, total=total, desc=desc, leave=False)
         return
     last = time.monotonic()
-    for i, item in enumerate(items):
-        now = time.monotonic()
-        if now - last >= 10.0:
-            log.info("%s: %d/%d", desc, i, total)
-            print(f"neoxt: {desc}: {i}/{total}", file=sys.stderr, flush=True)
-            last = now
+    for i, item in enumerate(items, 1):
         yield item
+        if time.monotonic() - last >= 10.0 or (i == total and total > 1):
+            print(f"{desc}: {i}/{total} files", file=sys.stderr, flush=True)
+            last = time.monotonic()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,12 +38,12 @@ def _init_distributed() -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from neoxt.config import config_to_yaml, load_config
+    from neoxt.config import load_config
     from neoxt.train.loop import train
 
     cfg = load_config(args.configs, args.overrides)
     _init_distributed()
-    result = train(cfg, config_to_yaml(cfg))
+    result = train(cfg, None)
     return 0 if result.status in ("finished", "signal", "exit_interval") else 1
 
 

@@ -416,6 +416,9 @@ def train(
         raise ConfigError("train_iters must be set to a positive number of iterations")
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
+    if model is None and cfg.model.padded_vocab_size is None:
+        cfg = resolve_vocab(cfg)
+        config_yaml = None  # the saved config must name the vocabulary size the weights have
     if config_yaml is None:
         from neoxt.config import config_to_yaml
 
@@ -444,7 +447,6 @@ def train(
 
     seed_everything(t_cfg.seed + rank)
     device = _device()
-    cfg = resolve_vocab(cfg) if model is None else cfg
     if model is None:
         model = build_model(cfg, device)
     model.train()

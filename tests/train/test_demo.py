@@ -1,0 +1,44 @@
+"""`neoxt demo`: shipped corpus → preprocess → train → checkpoint → load_model → sample."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neoxt.cli import main
+from neoxt.train.checkpoint import latest_checkpoint
+from neoxt.train.demo import CORPUS_DIR
+
+
+def test_shipped_corpus_is_small_and_readable():
+    corpus = CORPUS_DIR / "demo_corpus.jsonl"
+    assert corpus.stat().st_size < 400_000
+    docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert len(docs) >= 500 and all(d.startswith("Once upon a time") for d in docs)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(CORPUS_DIR / "tokenizer.json"))
+    assert tok.token_to_id("<|endoftext|>") is not None
+    assert tok.decode(tok.encode(docs[0]).ids) == docs[0]
+
+
+def test_demo_short_run_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path), "--iters", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "starting from scratch" in out
+    assert "demo: loss fell from" in out
+    assert "Once upon a time," in out.split("demo: sample")[1]
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "global_step20"
+    assert (tmp_path / "checkpoints" / "metrics.jsonl").is_file()
+    # A second run resumes the finished run instead of starting over.
+    assert main(["demo", "--workdir", str(tmp_path), "--iters", "20"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_full_demo_loss_falls(tmp_path, capsys):
+    assert main(["demo", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    first, last = (float(x.split()[0]) for x in out.split("demo: loss fell from ")[1].split(" to ")[:2])
+    assert last < 0.5 * first

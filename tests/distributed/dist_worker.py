@@ -59,10 +59,21 @@ def run_config(arch: str, par: ParallelismConfig, precision: str = "fp32", **ove
     return RunConfig(model=model_cfg(arch, **over), parallelism=par, training=TrainingConfig(precision=precision))
 
 
-def train_plain(model: torch.nn.Module, steps: int = STEPS) -> list[float]:
+def make_opt(params, kind: str) -> torch.optim.Optimizer:
+    """AdamW as the trainer uses; SGD where a wrong gradient *scale* must show (Adam hides it)."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.3)
+    return torch.optim.AdamW(params, lr=LR)
+
+
+def opt_kind(layout: str) -> str:
+    return "sgd" if layout in ("fsdp", "hsdp") else "adamw"
+
+
+def train_plain(model: torch.nn.Module, steps: int = STEPS, opt: str = "adamw") -> list[float]:
     """The reference: one process, whole batch."""
     tokens, labels = batch()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = make_opt(model.parameters(), opt)
     losses = []
     for _ in range(steps):
         loss = ce(model(tokens), labels)
@@ -110,11 +121,15 @@ def run_scenario(name: str) -> list[float]:
     dp_rank, dp_size = dp_rank_size(mesh)
     per = BATCH // dp_size
     tok, lab = tokens[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    opt = make_opt(model.parameters(), opt_kind(layout))
     losses = []
     for _ in range(STEPS):
-        loss = ce(model(tok), lab)  # FSDP averages gradients over dp ranks: equal shards -> global mean
-        loss.backward()
+        # neoxt's convention: each rank's token-loss sum over the global token count; FSDP sums.
+        logits = model(tok)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), lab.reshape(-1), reduction="sum"
+        ) / labels.numel() * dp_size
+        (loss / dp_size).backward()
         opt.step()
         opt.zero_grad()
         report = loss.detach().clone()

@@ -61,6 +61,7 @@ def parallelize(
     mesh: DeviceMesh | None,
     *,
     reshard_after_forward: bool = True,
+    grad_reduction: str = "sum",
 ) -> nn.Module:
     """Apply TP, activation checkpointing, compile and FSDP2 as ``cfg.parallelism`` says; returns ``model``.
 
@@ -69,6 +70,11 @@ def parallelize(
     parameters) and before loading a checkpoint (DCP loads into the sharded parameters).
     ``reshard_after_forward=False`` keeps gathered weights between forward and backward (pipeline
     stages run several micro-batches and would otherwise gather them once per micro-batch).
+
+    ``grad_reduction``: how FSDP combines the data-parallel ranks' gradients. ``"sum"`` (default)
+    matches neoxt's loss convention — every rank backpropagates its token-loss *sum divided by the
+    token count of the whole global batch* — so the summed gradients are the global-mean gradient.
+    ``"mean"`` averages them, for a loss that is each rank's own mean over equal-sized shards.
     """
     par = cfg.parallelism
     if mesh is not None and mesh["tp"].size() > 1:
@@ -81,7 +87,7 @@ def parallelize(
         apply_compile(model)
     if mesh is not None and mesh["dp"].size() > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, cfg.training.precision, reshard_after_forward=reshard_after_forward)
+        apply_fsdp(model, dp_mesh, cfg.training.precision, reshard_after_forward, grad_reduction)
     return model
 
 
@@ -100,14 +106,26 @@ def mixed_precision_policy(precision: str):
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, precision: str, reshard_after_forward: bool = True) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    precision: str,
+    reshard_after_forward: bool = True,
+    grad_reduction: str = "sum",
+) -> None:
     """``fully_shard`` each block, then the root (embedding, final norm, head)."""
     from torch.distributed.fsdp import fully_shard
 
+    if grad_reduction not in ("sum", "mean"):
+        raise ValueError(f"grad_reduction must be 'sum' or 'mean', got {grad_reduction!r}")
     mp = mixed_precision_policy(precision)
-    for block in blocks(model):
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    units = [*blocks(model), model]
+    for unit in units:
+        fully_shard(unit, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if grad_reduction == "sum":
+        for unit in units:
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,7 +191,8 @@ def build_pipeline(
     stages, parts = [], []
     for s in range(pp_rank, num_stages, pp):
         part = make_stage_module(model, ranges[s], first=s == 0, last=s == num_stages - 1)
-        parallelize(part, cfg, mesh, reshard_after_forward=False)
+        # The schedule's loss is a per-micro-batch mean, so data-parallel gradients are averaged.
+        parallelize(part, cfg, mesh, reshard_after_forward=False, grad_reduction="mean")
         parts.append(part)
         stages.append(PipelineStage(part, s, num_stages, device, group=pp_mesh.get_group()))
     if interleaved:

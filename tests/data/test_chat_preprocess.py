@@ -190,3 +190,16 @@ def test_cli_skip_bad_lines(tmp_path, tiny_tokenizer_dir, capsys):
     out = capsys.readouterr().out
     assert "3 documents" in out and "skipped 1 bad records" in out and "c.jsonl:4" in out
     assert len(IndexedDataset(tmp_path / "cli_messages_label_document")) == 3
+
+
+def test_inspect_shows_trained_spans(tmp_path, tiny_tokenizer_dir, capsys):
+    src = write_chats(tmp_path / "c.jsonl")
+    preprocess_chat(str(src), str(tmp_path / "i"), str(tiny_tokenizer_dir), keys=["messages"])
+    assert main(["data", "inspect", str(tmp_path / "i_messages_document"), "--doc", "1",
+                 "--tokenizer", str(tiny_tokenizer_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "label file" in out and "dtype      int32 (code 4)" in out
+    spans = out.split("trained spans (label != -100):\n")[1].splitlines()
+    assert spans == ["  'And 67890 appear in text as well.<|end|>\\n<|endoftext|>'"]
+    assert main(["data", "inspect", str(tmp_path / "i_messages_label_document"), "--doc", "0"]) == 0
+    assert "masked (-100)" in capsys.readouterr().out

@@ -116,13 +116,51 @@ def inspect_dataset(prefix: str, doc: int | None = None, tokenizer_type: str = "
     more = f" (first {max_tokens} of {len(tokens):,})" if len(tokens) > max_tokens else ""
     lines += ["", f"document {doc}: {len(items)} item(s), {len(tokens):,} tokens{more}",
               f"ids        {shown.tolist()}"]
+    if shown.dtype.kind == "i" and (shown == -100).any():
+        lines.append(f"labels     {int((tokens != -100).sum()):,} trained, {int((tokens == -100).sum()):,} "
+                     "masked (-100)")
+    labels = _sibling_labels(ds.prefix, doc)
+    if labels is not None:
+        lines.append(f"label file {labels[0]}: {int((labels[1] != -100).sum()):,} of {len(labels[1]):,} "
+                     "tokens trained")
     if vocab_file or tokenizer_type == "CharLevelTokenizer":
         from neoxt.tokenizer import load_tokenizer
 
         tok = load_tokenizer(tokenizer_type=tokenizer_type, vocab_file=vocab_file, merge_file=merge_file)
         ids = shown[shown >= 0] if shown.dtype.kind == "i" else shown
         lines += ["text:", tok.decode(ids.tolist())]
+        if labels is not None and len(labels[1]) == len(tokens):
+            lines.append("trained spans (label != -100):")
+            lines += [f"  {tok.decode(span)!r}" for span in _trained_spans(tokens, labels[1])[:50]]
     return "\n".join(lines)
+
+
+def _sibling_labels(prefix: str, doc: int):
+    """(label prefix, labels of ``doc``) when ``<x>_document`` has a ``<x>_label_document`` beside it."""
+    import numpy as np
+
+    from neoxt.data.indexed import IndexedDataset, dataset_exists
+
+    if not prefix.endswith("_document") or prefix.endswith("_label_document"):
+        return None
+    label_prefix = prefix[: -len("_document")] + "_label_document"
+    if not dataset_exists(label_prefix):
+        return None
+    items = IndexedDataset(label_prefix).document(doc)
+    return label_prefix, (np.concatenate(items) if items else np.empty(0, np.int32))
+
+
+def _trained_spans(tokens, labels) -> list[list[int]]:
+    spans, cur = [], []
+    for t, lab in zip(tokens.tolist(), labels.tolist()):
+        if lab != -100:
+            cur.append(t)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return spans
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -197,7 +235,7 @@ def register(sub) -> None:
     h.add_argument("--count-only", action="store_true", help="only count tokens")
     h.add_argument("--skip-count", action="store_true", help="skip the counting stage")
     h.add_argument("--skip-tokenize", action="store_true", help="stop after exporting JSONL")
-    h.add_argument("--num-proc", type=int, default=1, help="processes for counting and export")
+    h.add_argument("--num-proc", type=int, default=1, help="processes for the count stage")
     h.add_argument("--tokenize-workers", type=int, default=1, help="workers for the tokenize stage")
     h.add_argument("--no-append-eod", action="store_true", help="text data: do not append EOD")
     h.set_defaults(handler=_prepare_hf)

@@ -119,7 +119,7 @@ def _inspect_neoxt(ckpt: Path) -> CheckpointInfo:
         else:
             section = key.split(".", 1)[0]
             other[section] = other.get(section, 0) + 1
-    details: dict[str, Any] = {"checkpoint": str(ckpt), "other_state_tensors": other}
+    details: dict[str, Any] = {"other_state_tensors": other}
     for k in ("consumed_tokens", "consumed_samples", "neoxt_version", "source", "source_format"):
         if k in meta:
             details[k] = meta[k]
@@ -189,7 +189,7 @@ def _inspect_neox(path: Path) -> CheckpointInfo:
         elif files.tp > 1 and rule == "row":
             shape[1] = sum(s[1] for s in shapes)
         tensors.append(TensorInfo(key, tuple(shape), _dtype_name(shards[0][key].dtype)))
-    details: dict[str, Any] = {"layout": files.layout, "model_parallel_size": files.tp, "checkpoint": str(files.path)}
+    details: dict[str, Any] = {"layout": files.layout, "model_parallel_size": files.tp}
     if isinstance(client.get("args"), dict):
         details["args"] = {k: v for k, v in client["args"].items() if isinstance(v, (int, float, str, bool)) or v is None}
     if ignored:
@@ -206,15 +206,16 @@ def _natural(name: str) -> tuple:
 
 def format_table(info: CheckpointInfo) -> str:
     """A header of facts, then one row per tensor (name, shape, dtype)."""
-    lines = [
-        f"path:        {info.path}",
-        f"format:      {info.format}",
-        f"iteration:   {info.iteration if info.iteration is not None else '-'}",
+    facts: list[tuple[str, Any]] = [
+        ("path", info.path),
+        ("format", info.format),
+        ("iteration", info.iteration if info.iteration is not None else "-"),
+        *info.details.items(),
+        ("tensors", len(info.tensors)),
+        ("parameters", f"{info.num_params:,} ({_human(info.num_params)})"),
     ]
-    for k, v in info.details.items():
-        lines.append(f"{k + ':':<13}{v}")
-    lines.append(f"tensors:     {len(info.tensors)}")
-    lines.append(f"parameters:  {info.num_params:,} ({_human(info.num_params)})")
+    width = max(len(k) for k, _ in facts) + 2
+    lines = [f"{k + ':':<{width}}{v}" for k, v in facts]
     lines.append("")
     rows = [("name", "shape", "dtype")] + [(t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype) for t in info.tensors]
     w0 = max(len(r[0]) for r in rows)

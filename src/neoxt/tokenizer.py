@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from neoxt.config.schema import TokenizerConfig
-from neoxt.errors import ConfigError
+from neoxt.errors import ConfigError, DataError
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -84,8 +84,9 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens_map,
             )
-        except Exception as err:  # jinja errors: the template or the messages are at fault
-            raise ConfigError(f"chat template of {self.name} failed: {type(err).__name__}: {err}") from err
+        except Exception as err:  # jinja errors: these messages do not fit the template
+            raise DataError(f"chat template of {self.name} failed on these messages: "
+                            f"{type(err).__name__}: {err}") from err
         return rendered[0]
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> list[int]:

@@ -203,3 +203,16 @@ def test_inspect_shows_trained_spans(tmp_path, tiny_tokenizer_dir, capsys):
     assert spans == ["  'And 67890 appear in text as well.<|end|>\\n<|endoftext|>'"]
     assert main(["data", "inspect", str(tmp_path / "i_messages_label_document"), "--doc", "0"]) == 0
     assert "masked (-100)" in capsys.readouterr().out
+
+
+def test_template_errors_name_the_record(tmp_path, tiny_tokenizer_dir):
+    strict = "{% for m in messages %}{% if m['role'] == 'user' and loop.index0 % 2 == 1 %}{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    src = tmp_path / "t.jsonl"
+    src.write_text(json.dumps({"messages": CONVERSATIONS[1]}) + "\n"
+                   + json.dumps({"messages": [{"role": "assistant", "content": "a"},
+                                              {"role": "user", "content": "b"}]}) + "\n")
+    with pytest.raises(DataError, match=r"t\.jsonl:2: chat template of HFTokenizer failed on these messages: "
+                                        r".*roles must alternate"):
+        preprocess_chat(str(src), str(tmp_path / "o"), str(tiny_tokenizer_dir), keys=["messages"],
+                        chat_template=strict)
+    assert not list(tmp_path.glob("o_*"))

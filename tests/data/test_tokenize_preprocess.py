@@ -152,6 +152,9 @@ def test_missing_key_and_wrong_type(tmp_path, tok_cfg):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
     with pytest.raises(DataError, match=r"t\.parquet: no column 'text' \(columns: body\)"):
         preprocess(str(tmp_path / "t.parquet"), str(tmp_path / "o"), tok_cfg)
+    (tmp_path / "array.json").write_text('[\n  {"text": "a"}\n]\n')
+    with pytest.raises(DataError, match=r"array\.json:1: malformed JSON .*one JSON array"):
+        preprocess(str(tmp_path / "array.json"), str(tmp_path / "o"), tok_cfg)
     assert final_and_temp_files(tmp_path, "o_") == []
 
 

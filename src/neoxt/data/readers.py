@@ -254,7 +254,10 @@ def decode_payload(batch: Batch, i: int) -> dict[str, Any] | None:
     try:
         obj = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{batch.location(i)}: malformed JSON ({err})") from None
+        hint = ""
+        if batch.first + i == 1 and payload.lstrip()[:1] == b"[":
+            hint = "; the file looks like one JSON array, but JSON Lines (one object per line) is needed"
+        raise DataError(f"{batch.location(i)}: malformed JSON ({err}){hint}") from None
     if not isinstance(obj, dict):
         raise DataError(f"{batch.location(i)}: expected a JSON object, got {type(obj).__name__}")
     return obj

@@ -109,7 +109,7 @@ def test_dtype_and_iteration_options(converted, tmp_path):
     model = neoxt.load_model(out)
     assert model.embed.weight.dtype == torch.bfloat16
     assert "precision: bfloat16" in (out / "config.yml").read_text()
-    as_fp32 = neoxt.load_model(out, dtype=torch.float32)
+    as_fp32 = neoxt.load_model(out, dtype="fp32")
     assert as_fp32.embed.weight.dtype == torch.float32
     back = tmp_path / "back16"
     assert run_cli(["convert", "neoxt-to-hf", "--checkpoint", str(out / "global_step7"), "--output-dir",

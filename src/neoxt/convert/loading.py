@@ -215,10 +215,22 @@ def _build(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], device, dtype):
     return model.eval()
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A neoxt run dir, ``global_step<N>`` dir or HF model dir → our ``Transformer`` (eval mode)."""
+_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | str | None = None):
+    """A neoxt run dir, ``global_step<N>`` dir or HF model dir → our ``Transformer`` (eval mode).
+
+    ``dtype`` may be a torch dtype or a name ("bf16", "float32", ...); None keeps the stored dtype.
+    """
     from neoxt.train.checkpoint import is_checkpoint_dir, resolve_checkpoint
 
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
+        dtype = _DTYPE_NAMES[dtype]
     p = Path(path)
     if is_hf_model_dir(p) and not is_checkpoint_dir(p):
         cfg, sd, _, _ = read_hf_model(p)

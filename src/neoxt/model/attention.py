@@ -133,12 +133,13 @@ class Attention(nn.Module):
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, T, self.heads, self.head_dim)
-        k = k.view(B, T, self.kv_heads, self.head_dim)
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        q = q.view(B, T, -1, self.head_dim)
+        k = k.view(B, T, -1, self.head_dim)
         if self.qk_norm is not None:
             q, k = self.qk_norm(q), self.qk_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
@@ -148,7 +149,7 @@ class Attention(nn.Module):
             out = flex_sliding_attention(q, k, v, self.window)
         else:
             out = sdpa_attention(q, k, v, mask, dropout)
-        return self.o(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
     def _use_flex(self, q: torch.Tensor, k: torch.Tensor, plain: bool, dropout: float) -> bool:
         if self.window is None or not plain or self.backend == "sdpa" or dropout > 0.0:

@@ -102,3 +102,22 @@ def test_unknown_task_is_a_one_line_error(setup, capsys):
                "--device", "cpu"])
     assert rc == 2
     assert "unknown eval task 'no_such_task'" in capsys.readouterr().err
+
+
+def test_eval_during_training_uses_the_config_keys(setup, tmp_path):
+    from transformers import AutoTokenizer
+
+    from neoxt import load_model
+    from neoxt.config import config_from_dict
+    from neoxt.evaluate.harness import eval_during_training
+
+    _, hf_dir, tasks = setup
+    cfg = config_from_dict({"eval_tasks": ["tiny_mc"], "eval_limit": 4, "eval_include_path": str(tasks),
+                            "eval_results_prefix": "run1_"})
+    model = load_model(hf_dir).train()
+    metrics = eval_during_training(model, AutoTokenizer.from_pretrained(hf_dir), cfg, 50, out_dir=tmp_path)
+    assert set(metrics) == {"eval/tiny_mc_acc", "eval/tiny_mc_acc_norm"}
+    assert model.training  # back in training mode afterwards
+    saved = json.loads((tmp_path / "run1_eval_results_iter50.json").read_text())
+    assert saved["results"]["tiny_mc"]["acc,none"] == metrics["eval/tiny_mc_acc"]
+    assert saved["n-samples"]["tiny_mc"]["effective"] == 4

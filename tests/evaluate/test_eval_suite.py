@@ -50,7 +50,8 @@ def test_suite_runs_every_pair_once_and_gathers_a_table(workspace, capsys):
     assert [(r["model"], r["system_prompt"], r["task"]) for r in rows] == [
         ("model-a", "helpful", "tiny_mc"), ("model-a", "terse", "tiny_mc"),
         ("model-b", "helpful", "tiny_mc"), ("model-b", "terse", "tiny_mc")]
-    assert {"acc", "acc_norm", "acc_stderr"} <= set(rows[0])
+    assert set(rows[0]) == {"model", "system_prompt", "task_folder", "task", "acc", "acc_stderr", "acc_norm",
+                            "acc_norm_stderr"}
     md = (out / "results.md").read_text()
     assert md.count("| model-") == 4 and "acc_norm" in md
     capsys.readouterr()

@@ -369,7 +369,8 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     flat: dict[str, float] = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            if key == "alias" or "_stderr" in key or not isinstance(value, int | float):
+            # Metrics are "<metric>,<filter>"; bare keys (alias, sample_len, name) are bookkeeping.
+            if "," not in key or "_stderr" in key or not isinstance(value, int | float):
                 continue
             metric, _, filt = key.partition(",")
             name = metric if filt in ("", "none") else f"{metric}_{filt}"
@@ -396,3 +397,35 @@ def results_table(results: dict[str, Any]) -> str:
     if results.get("groups"):
         table += "\n" + lm_utils.make_table(results, "groups")
     return table
+
+
+def eval_during_training(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cfg: Any,
+    iteration: int,
+    out_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """Run the config's ``eval_tasks`` (GPT-NeoX's evaluation-during-training) on the live model.
+
+    Uses ``eval_num_fewshot``, ``eval_limit`` and ``eval_include_path``; writes lm-eval's JSON as
+    ``<out_dir>/<eval_results_prefix>eval_results_iter<iteration>.json`` when ``out_dir`` is given,
+    and returns ``{"eval/<task>_<metric>": value}`` (GPT-NeoX's metric names) for the metrics
+    logger. Every rank must call it when the model is sharded (the forwards are collective).
+    """
+    ev = cfg.evaluation
+    if not ev.eval_tasks:
+        return {}
+    results = run_eval(
+        model,
+        tokenizer,
+        list(ev.eval_tasks),
+        num_fewshot=ev.eval_num_fewshot,
+        limit=ev.eval_limit,
+        include_path=ev.eval_include_path,
+        batch_size=max(1, cfg.training.train_micro_batch_size_per_gpu),
+        seed=cfg.training.seed,
+    )
+    if out_dir is not None:
+        write_results(Path(out_dir) / f"{ev.eval_results_prefix}eval_results_iter{iteration}.json", results)
+    return {f"eval/{name.replace('/', '_')}": value for name, value in flat_metrics(results).items()}

@@ -330,7 +330,7 @@ def gather(suite: Suite, jobs: Sequence[SuiteJob]) -> list[dict[str, Any]]:
         for task, metrics in sorted(results.get("results", {}).items()):
             values = {}
             for key, value in metrics.items():
-                if key == "alias" or not isinstance(value, int | float):
+                if "," not in key or not isinstance(value, int | float):  # alias, sample_len, ...
                     continue
                 metric, _, filt = key.partition(",")
                 values[metric if filt in ("", "none") else f"{metric}[{filt}]"] = float(value)

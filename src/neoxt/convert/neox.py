@@ -398,7 +398,7 @@ def merge_tp(
             _need_dim(parts[0], 2, files.file_for(idx), key)
             out[key] = torch.cat(parts, dim=1)
         elif rule == "replicated":
-            out[key] = _merge_replicated(parts, average=True)
+            out[key] = _merge_replicated(parts)
         elif rule == "row_bias":
             out[key] = _merge_row_bias(parts, summed=cfg.gpt_j_residual)
         elif rule == "linear1":
@@ -436,7 +436,7 @@ def _chunk2(t: torch.Tensor, path: Path, key: str) -> tuple[torch.Tensor, torch.
     return a, b
 
 
-def _merge_replicated(parts: list[torch.Tensor], average: bool) -> torch.Tensor:
+def _merge_replicated(parts: list[torch.Tensor]) -> torch.Tensor:
     import torch
 
     if all(torch.equal(parts[0], p) for p in parts[1:]):
@@ -449,7 +449,7 @@ def _merge_row_bias(parts: list[torch.Tensor], summed: bool) -> torch.Tensor:
     import torch
 
     if not summed:
-        return _merge_replicated(parts, average=True)
+        return _merge_replicated(parts)
     if all(torch.equal(parts[0], p) for p in parts[1:]):
         return parts[0] * len(parts)  # exact for power-of-two TP sizes; the inverse of split_tp
     return torch.stack([p.double() for p in parts]).sum(0).to(parts[0].dtype)

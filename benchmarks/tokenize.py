@@ -1,6 +1,6 @@
 """Tokens/s of ``neoxt preprocess`` (1 and 2 workers) beside the tokenizer's own ``encode_batch``.
 
-    .venv/bin/python benchmarks/tokenize.py [--mb 20] [--vocab 16384] [--workers 1 2]
+    .venv/bin/python benchmarks/tokenize.py [--mb 20] [--vocab 16384 | --tokenizer tokenizer.json] [--workers 1 2]
 
 Builds a synthetic English-like corpus (Zipf-distributed words, sentences, paragraphs) as JSONL in a
 temporary directory, trains a byte-level BPE tokenizer on part of it (in-process, no network), then
@@ -111,7 +111,7 @@ def init(path):
 def encode(line):
     text = json.loads(line)["text"]
     ids = _tok.encode(text).ids
-    ids.append(0)
+    ids.append(_tok.token_to_id("<|endoftext|>"))
     return ids
 if __name__ == "__main__":
     t = time.perf_counter()
@@ -139,7 +139,9 @@ def run_json(cmd: list[str], env: dict[str, str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=float, default=20.0, help="corpus size in MB of JSONL")
-    ap.add_argument("--vocab", type=int, default=16384)
+    ap.add_argument("--vocab", type=int, default=16384, help="size of the BPE trained when no --tokenizer")
+    ap.add_argument("--tokenizer", default=None,
+                    help="an existing tokenizer.json to use instead of training one (e.g. GPT-2's)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
 
@@ -148,7 +150,10 @@ def main() -> None:
         tmp = Path(tmp_s)
         corpus, tokfile = tmp / "corpus.jsonl", tmp / "tokenizer.json"
         docs, nbytes = make_corpus(corpus, args.mb)
-        train_tokenizer(corpus, tokfile, args.vocab)
+        if args.tokenizer:
+            tokfile = Path(args.tokenizer).resolve()
+        else:
+            train_tokenizer(corpus, tokfile, args.vocab)
         rows = []
         for label, parallel in (("encode_batch 1 thread", "false"), ("encode_batch all cores", "true")):
             r = run_json([PY, "-c", ENCODE_SNIPPET, str(tokfile), str(corpus)],
@@ -173,7 +178,8 @@ def main() -> None:
             rows.append((f"neoxt preprocess {w} worker{'s' * (w > 1)}", ntok, seconds,
                          "whole command incl. start-up"))
 
-    print(f"corpus: {docs:,} documents, {nbytes / 2**20:.1f} MB JSONL; BPE vocab {args.vocab}; "
+    vocab = f"tokenizer {args.tokenizer}" if args.tokenizer else f"trained BPE vocab {args.vocab}"
+    print(f"corpus: {docs:,} documents, {nbytes / 2**20:.1f} MB JSONL; {vocab}; "
           f"{os.cpu_count()} CPU cores")
     print(f"{'what':<30} {'tokens':>12} {'seconds':>9} {'tokens/s':>12}  note")
     for label, ntok, sec, note in rows:

@@ -255,3 +255,14 @@ def test_text_files_and_null_cells(tmp_path, tok_cfg):
     assert [tok.decode(d) for d in IndexedDataset(res.outputs["text"])] == [
         "A whole file\nis one document.\n", "x", "y"]
     assert res.stats.dropped_empty == 1
+
+
+def test_jsonl_batches_cut_by_bytes_keep_line_numbers(tmp_path, monkeypatch):
+    import neoxt.data.readers as readers
+
+    monkeypatch.setattr(readers, "MAX_BATCH_BYTES", 100)
+    src = write_jsonl(tmp_path / "b.jsonl", [{"text": "x" * n} for n in (10, 200, 5, 5, 5, 300, 1)])
+    batches = list(readers.iter_batches([str(src)], ["text"], batch_size=4))
+    assert [len(b.payloads) for b in batches] == [2, 4, 1]
+    locations = [b.location(i) for b in batches for i in range(len(b.payloads))]
+    assert locations == [f"{src}:{n}" for n in range(1, 8)]

@@ -111,15 +111,20 @@ def _open_binary(path: str) -> io.BufferedIOBase:
     return open(path, "rb")  # noqa: SIM115
 
 
+# A batch is cut at this many bytes too, so long documents do not make batches (and memory) huge.
+MAX_BATCH_BYTES = 8 << 20
+
+
 def _jsonl_batches(path: str, batch_size: int) -> Iterator[Batch]:
     try:
         with _open_binary(path) as f:
-            first, lines = 1, []
+            first, lines, nbytes = 1, [], 0
             for lineno, line in enumerate(f, start=1):
                 lines.append(line)
-                if len(lines) >= batch_size:
+                nbytes += len(line)
+                if len(lines) >= batch_size or nbytes >= MAX_BATCH_BYTES:
                     yield Batch(path, first, "jsonl", lines)
-                    first, lines = lineno + 1, []
+                    first, lines, nbytes = lineno + 1, [], 0
             if lines:
                 yield Batch(path, first, "jsonl", lines)
     except (OSError, EOFError, lzma.LZMAError) as err:
@@ -214,7 +219,7 @@ def _hub_batches(name: str, columns: Sequence[str], batch_size: int, split: str 
         _check_columns(name, names, columns)
     first, rows = 1, []
     for row in ds:
-        rows.append({k: row.get(k) for k in columns} if columns else row)
+        rows.append({k: row[k] for k in columns if k in row} if columns else row)
         if len(rows) >= batch_size:
             yield Batch(name, first, "rows", rows)
             first, rows = first + len(rows), []

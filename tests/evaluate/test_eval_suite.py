@@ -91,3 +91,55 @@ def test_jobs_render_as_neoxt_eval_commands_for_slurm(workspace, capsys):
     assert cmd[:3] == ["neoxt", "eval", "--model"] and "--apply-chat-template" in cmd
     assert cmd[cmd.index("--output") + 1] == str(jobs[0].result_path)
     assert cmd[cmd.index("--system-prompt") + 1] in PROMPTS.values()
+
+
+def test_print_jobs_lists_only_pending_pairs(workspace, capsys):
+    suite = _suite(workspace)
+    suite.write_text(suite.read_text().replace("output_dir: out", "output_dir: out_jobs"))
+    done = workspace / "out_jobs" / "model-a" / "safety" / "helpful.json"
+    done.parent.mkdir(parents=True)
+    done.write_text("{}")
+    assert main(["eval-suite", str(suite), "--print-jobs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.startswith("neoxt eval --model ") for line in lines)
+    assert not any(str(done) in line for line in lines)
+
+
+def test_wandb_gets_the_table(workspace, monkeypatch):
+    import sys
+    import types
+
+    from neoxt.evaluate.suite import log_wandb
+
+    calls = {}
+
+    class Table:
+        def __init__(self, columns):
+            self.columns, self.data = columns, []
+
+        def add_data(self, *row):
+            self.data.append(row)
+
+    class Run:
+        summary: dict = {}
+
+        def log(self, payload):
+            calls["log"] = payload
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Table=Table))
+    suite = load_suite(_suite(workspace, extra="wandb: {project: evals, group: g1}\n"))
+    rows = [{"model": "model-a", "system_prompt": "terse", "task_folder": "safety", "task": "tiny_mc",
+             "metrics": {"acc": 0.5, "acc_stderr": 0.1}}]
+    log_wandb(suite, rows)
+    assert calls["init"]["project"] == "evals" and calls["init"]["group"] == "g1"
+    table = calls["log"]["eval_suite"]
+    assert table.columns == ["model", "system_prompt", "task_folder", "task", "acc"]
+    assert table.data == [("model-a", "terse", "safety", "tiny_mc", 0.5)] and calls["finished"]
+    assert Run.summary["model-a/terse/tiny_mc/acc"] == 0.5

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,30 @@ from neoxt.generate import SamplingParams, generate_tokens
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_GEN_TOKS = 256
+
+
+class _LogProgress:
+    """tqdm's update/close over one log line per ~10% (for logs that are files, not terminals)."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.next_at = total, desc, 0, max(1, total // 10)
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if self.n >= self.next_at or self.n == self.total:
+            log.info("%s: %d/%d", self.desc, self.n, self.total)
+            self.next_at = self.n + max(1, self.total // 10)
+
+    def close(self) -> None:
+        pass
+
+
+def progress(total: int, desc: str, disable: bool = False) -> Any:
+    if disable or total == 0:
+        return tqdm(total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc)
+    return _LogProgress(total, desc)
 
 
 class TokenizerView:
@@ -180,7 +205,7 @@ class NeoxtLM(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         device = self.device
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="neoxt loglikelihood")
+        bar = progress(len(requests), "neoxt loglikelihood", disable_tqdm)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             inputs, conts = [], []
@@ -210,7 +235,8 @@ class NeoxtLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         totals = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="neoxt loglikelihood_rolling"):
+        bar = progress(len(requests), "neoxt loglikelihood_rolling", disable_tqdm)
+        for req in requests:
             (text,) = req.args
             windows = [
                 (None, *lm_utils.make_disjoint_window(w))
@@ -224,6 +250,8 @@ class NeoxtLM(TemplateLM):
             total = sum(lp for lp, _ in self._loglikelihood_tokens(windows, disable_tqdm=True))
             totals.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
+            bar.update(1)
+        bar.close()
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -234,7 +262,7 @@ class NeoxtLM(TemplateLM):
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
         out: list[str | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="neoxt generate_until")
+        bar = progress(len(requests), "neoxt generate_until", disable_tqdm)
         for indices in groups.values():
             kwargs = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)

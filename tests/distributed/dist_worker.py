@@ -84,12 +84,75 @@ def train_plain(model: torch.nn.Module, steps: int = STEPS, opt: str = "adamw") 
     return losses
 
 
-def run_scenario(name: str) -> list[float]:
+def dp_step(model, opt, tok, lab, dp_size: int) -> float:
+    """One step in neoxt's convention (token-loss sum over the global token count; FSDP sums)."""
+    logits = model(tok)
+    loss_sum = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), lab.reshape(-1), reduction="sum"
+    )
+    (loss_sum / (lab.numel() * dp_size)).backward()
+    opt.step()
+    opt.zero_grad()
+    report = loss_sum.detach() / (lab.numel() * dp_size)
+    if dist.is_initialized():
+        dist.all_reduce(report)
+    return report.item()
+
+
+def full_state(model, opt) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optimizer": osd}
+
+
+def load_full_state(path, model, opt) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    from neoxt.train.checkpoint import load_state
+
+    state = load_state(path, full_state(model, opt))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def run_checkpoint_scenario(arch: str) -> dict[str, list[float]]:
+    """2 FSDP ranks: resume the 1-process checkpoint (``<dir>/one``) and save their own (``<dir>/two``)."""
+    import os
+
+    from neoxt.distributed.mesh import build_mesh, dp_rank_size
+    from neoxt.distributed.parallelize import parallelize
+    from neoxt.train.checkpoint import save_checkpoint
+
+    root = os.environ["NEOXT_TEST_CKPT_DIR"]
+    par = ParallelismConfig()
+    mesh = build_mesh(par, dist.get_world_size())
+    dp_rank, dp_size = dp_rank_size(mesh)
+    tokens, labels = batch()
+    per = BATCH // dp_size
+    tok, lab = tokens[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]
+    out: dict[str, list[float]] = {}
+
+    model = parallelize(build(arch), run_config(arch, par), mesh)
+    opt = make_opt(model.parameters(), "adamw")
+    load_full_state(f"{root}/one/global_step2", model, opt)
+    out["resumed_from_one"] = [dp_step(model, opt, tok, lab, dp_size) for _ in range(2)]
+
+    model = parallelize(build(arch), run_config(arch, par), mesh)
+    opt = make_opt(model.parameters(), "adamw")
+    out["two"] = [dp_step(model, opt, tok, lab, dp_size) for _ in range(2)]
+    save_checkpoint(f"{root}/two", 2, full_state(model, opt), "{}\n")
+    out["two"] += [dp_step(model, opt, tok, lab, dp_size) for _ in range(2)]
+    return out
+
+
+def run_scenario(name: str) -> list[float] | dict:
     from neoxt.distributed.mesh import build_mesh, dp_rank_size
     from neoxt.distributed.parallelize import parallelize
     from neoxt.distributed.pipeline import build_pipeline
 
     layout, arch = name.split(":")
+    if layout == "ckpt":
+        return run_checkpoint_scenario(arch)
     over = {}
     if layout.endswith("tied"):  # tied embeddings: replicated over tp, head is F.linear(x, embed.weight)
         layout, over = layout[: -len("tied")], {"no_weight_tying": False}
@@ -122,20 +185,8 @@ def run_scenario(name: str) -> list[float]:
     per = BATCH // dp_size
     tok, lab = tokens[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]
     opt = make_opt(model.parameters(), opt_kind(layout))
-    losses = []
-    for _ in range(STEPS):
-        # neoxt's convention: each rank's token-loss sum over the global token count; FSDP sums.
-        logits = model(tok)
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), lab.reshape(-1), reduction="sum"
-        ) / labels.numel() * dp_size
-        (loss / dp_size).backward()
-        opt.step()
-        opt.zero_grad()
-        report = loss.detach().clone()
-        dist.all_reduce(report)
-        losses.append(report.item() / world)
-    return losses
+    # TP ranks of one dp rank report the same loss: average over all ranks to get the global mean.
+    return [dp_step(model, opt, tok, lab, dp_size) * dp_size / world for _ in range(STEPS)]
 
 
 def main() -> None:
@@ -146,7 +197,8 @@ def main() -> None:
     results: dict[str, object] = {}
     for name in scenarios:
         try:
-            results[name] = {"losses": run_scenario(name)}
+            got = run_scenario(name)
+            results[name] = got if isinstance(got, dict) else {"losses": got}
         except Exception:  # noqa: BLE001 - report per scenario so one failure does not hide the rest
             results[name] = {"error": traceback.format_exc()}
     if dist.get_rank() == 0:

@@ -43,17 +43,39 @@ SCENARIOS = [
 pytestmark = pytest.mark.distributed
 
 
-def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: int = 150, env: dict | None = None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(script), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+CKPT_ARCH = "llama"
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
+def ckpt_root(tmp_path_factory) -> Path:
+    """``one/``: a checkpoint saved by one process after 2 of 4 steps (the 2-rank run resumes it)."""
+    import torch
+
+    from neoxt.train.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt")
+    model = dist_worker.build(CKPT_ARCH)
+    opt = dist_worker.make_opt(model.parameters(), "adamw")
+    tokens, labels = dist_worker.batch()
+    for _ in range(2):
+        dist_worker.dp_step(model, opt, tokens, labels, 1)
+    save_checkpoint(root / "one", 2, dist_worker.full_state(model, opt), "{}\n")
+    assert torch.is_tensor(next(iter(dist_worker.full_state(model, opt)["model"].values())))
+    return root
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, ckpt_root) -> dict:
     out = tmp_path_factory.mktemp("dist") / "losses.json"
-    proc = torchrun(HERE / "dist_worker.py", [str(out), *SCENARIOS])
+    proc = torchrun(HERE / "dist_worker.py", [str(out), *SCENARIOS, f"ckpt:{CKPT_ARCH}"],
+                    env={"NEOXT_TEST_CKPT_DIR": str(ckpt_root)})
     assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -81,3 +103,26 @@ def test_two_process_layout_matches_single_process(scenario, results, references
     assert losses[0] == pytest.approx(ref[0], abs=2e-5), (losses, ref)
     assert losses == pytest.approx(ref, abs=5e-4), (losses, ref)
     assert losses[-1] < losses[0]  # it trained
+
+
+def test_checkpoint_reshards_between_two_ranks_and_one(results, ckpt_root):
+    """Acceptance 2: FSDP(2) resumes a 1-process checkpoint, and 1 process resumes an FSDP(2) one;
+    both continue the uninterrupted single-process curve (AdamW state included)."""
+    got = results[f"ckpt:{CKPT_ARCH}"]
+    assert "error" not in got, got.get("error")
+    model = dist_worker.build(CKPT_ARCH)
+    opt = dist_worker.make_opt(model.parameters(), "adamw")
+    tokens, labels = dist_worker.batch()
+    ref = [dist_worker.dp_step(model, opt, tokens, labels, 1) for _ in range(4)]
+    assert got["resumed_from_one"] == pytest.approx(ref[2:], abs=1e-5)
+    assert got["two"] == pytest.approx(ref, abs=1e-5)
+
+    model = dist_worker.build(CKPT_ARCH)
+    torch_params_before = [p.detach().clone() for p in model.parameters()]
+    opt = dist_worker.make_opt(model.parameters(), "adamw")
+    dist_worker.load_full_state(ckpt_root / "two" / "global_step2", model, opt)
+    assert any((a != b).any() for a, b in zip(torch_params_before, model.parameters()))
+    assert len(opt.state) == len(list(model.parameters()))  # Adam moments restored, not fresh
+    resumed = [dist_worker.dp_step(model, opt, tokens, labels, 1) for _ in range(2)]
+    assert resumed == pytest.approx(ref[2:], abs=1e-5)
+    assert resumed == pytest.approx(got["two"][2:], abs=1e-5)

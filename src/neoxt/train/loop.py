@@ -395,6 +395,45 @@ def evaluate(model: nn.Module, source: BatchSource, iters: int, cfg: RunConfig, 
     return (total / count.clamp(min=1)).item(), int(count.item())
 
 
+def accumulate_gradients(
+    model: nn.Module,
+    micro: list[dict[str, torch.Tensor]],
+    precision: str = "fp32",
+    loss_scale: float = 1.0,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Backward over one global batch; returns the loss (mean over every counted token, float64).
+
+    Gradients left in ``.grad`` are those of that mean, unscaled, summed over data-parallel ranks.
+    The counted tokens of all micro-batches (and ranks) are known before the first backward, so
+    each micro-batch's *sum* is divided by the global count: accumulation does not change the
+    result, and a micro-batch with no counted token contributes zero loss and zero gradient.
+    """
+    device = micro[0]["tokens"].device
+    _, world = _rank_world()
+    counted = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro:
+        counted += token_mask(b["labels"], b.get("loss_mask")).sum()
+    _all_reduce_sum(counted)
+    denom = counted.clamp(min=1.0)
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro:
+        loss_sum, _ = _forward_loss(model, b, precision, device.type, z_loss)
+        loss = loss_sum / denom.to(loss_sum.dtype)
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+        loss_total += loss.detach().double()
+    _all_reduce_sum(loss_total)  # every rank's share of the global mean
+    params = [p for p in model.parameters() if p.grad is not None]
+    if world > 1 and not _is_sharded(model):
+        # Plain data parallelism: each rank's loss is already divided by the global token count,
+        # so the summed gradients are the global-mean gradient.
+        for p in params:
+            _all_reduce_sum(p.grad)
+    if loss_scale != 1.0:
+        torch._foreach_mul_([p.grad for p in params], 1.0 / loss_scale)
+    return loss_total
+
+
 def train(
     cfg: RunConfig,
     config_yaml: str | None = None,
@@ -519,32 +558,9 @@ def train(
                 t0 = time.perf_counter()
                 data_state_before = data.train.state_dict()
                 micro = [_move(next(data.train), device) for _ in range(grad_acc)]
-                counted = torch.zeros((), dtype=torch.float64, device=device)
-                for b in micro:
-                    counted += token_mask(b["labels"], b.get("loss_mask")).sum()
-                _all_reduce_sum(counted)
-                denom = counted.clamp(min=1.0)
-
                 lr = schedule.lr_at(st.iteration)
                 set_lr(optimizer, lr)
-                loss_total = torch.zeros((), dtype=torch.float64, device=device)
-                for b in micro:
-                    loss_sum, _ = _forward_loss(model, b, t_cfg.precision, device.type, t_cfg.z_loss)
-                    loss = loss_sum / denom.to(loss_sum.dtype)
-                    (loss * scaler.scale if scaler.scale != 1.0 else loss).backward()
-                    loss_total += loss.detach().double()
-                _all_reduce_sum(loss_total)  # every rank's share of the global mean
-                if world > 1 and not _is_sharded(model):
-                    # Plain data parallelism: each rank's loss is already divided by the global token
-                    # count, so the summed gradients are the global-mean gradient.
-                    for p in params:
-                        if p.grad is not None:
-                            _all_reduce_sum(p.grad)
-                if scaler.scale != 1.0:
-                    inv = 1.0 / scaler.scale
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad.mul_(inv)
+                loss_total = accumulate_gradients(model, micro, t_cfg.precision, scaler.scale, t_cfg.z_loss)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, max_norm=clip if clip and clip > 0 else float("inf"), foreach=True
                 )

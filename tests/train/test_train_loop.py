@@ -212,3 +212,45 @@ def test_loss_falls_by_more_than_ten_percent_in_100_iterations():
     r = train(cfg, "", data=TrainData(PatternSource(micro_batch=4)), log=lambda m: None)
     first, last = sum(r.losses[:5]) / 5, sum(r.losses[-5:]) / 5
     assert last < 0.9 * first, (first, last)
+
+
+def test_fp16_dynamic_loss_scaling_runs_and_reports_scale(tmp_path):
+    cfg = tiny_config(save=tmp_path, train_iters=4, precision="fp16", initial_scale_power=8)
+    r = train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
+    assert r.iteration == 4 and all(math.isfinite(x) for x in r.losses)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss_scale"] == 256.0
+
+
+def test_tensorboard_events_written(tmp_path):
+    cfg = tiny_config(train_iters=2)
+    cfg = replace(cfg, logging=replace(cfg.logging, tensorboard_dir=str(tmp_path / "tb")))
+    train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_wandb_missing_is_a_clear_config_error(monkeypatch):
+    import builtins
+
+    from neoxt.errors import ConfigError
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    cfg = tiny_config(train_iters=1)
+    cfg = replace(cfg, logging=replace(cfg.logging, use_wandb=True))
+    with pytest.raises(ConfigError, match=r"wandb.*neoxt\[wandb\]"):
+        train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
+
+
+def test_unsupported_train_impl_fails_clearly():
+    from neoxt.errors import ConfigError
+
+    cfg = tiny_config(train_iters=1, train_impl="kto")
+    with pytest.raises(ConfigError, match="train_impl"):
+        train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)

@@ -453,6 +453,10 @@ def train(
     t_cfg, c_cfg = cfg.training, cfg.checkpoint
     if t_cfg.train_iters <= 0:
         raise ConfigError("train_iters must be set to a positive number of iterations")
+    if t_cfg.train_impl != "normal":
+        raise ConfigError(
+            f"train_impl: '{t_cfg.train_impl}' is not supported yet (only 'normal': language-model and SFT training)"
+        )
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
     if model is None and cfg.model.padded_vocab_size is None:

@@ -121,9 +121,19 @@ def ordered_results(
 ) -> Iterator[EncodedBatch]:
     """Encoded batches in input order, with at most ~2 batches per worker in flight."""
     if workers <= 1:
-        encode = factory(arg)
-        for batch in batches:
-            yield encode(batch)
+        # One worker means one core, as upstream's single process did (and as a SLURM task with one
+        # CPU expects): no Rust thread pool here either. Restored afterwards for the caller.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            encode = factory(arg)
+            for batch in batches:
+                yield encode(batch)
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
         return
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(workers, initializer=_worker_init, initargs=(factory, arg))

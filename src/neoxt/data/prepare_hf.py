@@ -25,7 +25,7 @@ from typing import Any
 
 from neoxt.config.schema import TokenizerConfig
 from neoxt.data.readers import Batch, open_hf_dataset
-from neoxt.data.tokenize import EncodedBatch, ordered_results, text_field
+from neoxt.data.tokenize import EncodedBatch, Progress, ordered_results, text_field
 from neoxt.errors import DataError
 
 TEXT_COLUMNS = ("text",)
@@ -184,9 +184,14 @@ def prepare_hf(opts: PrepareOptions) -> dict[str, Any]:
         t = time.monotonic()
         spec = CountSpec(opts.tokenizer, column, chat, opts.append_eod and not chat)
         docs = tokens = empty = 0
-        for enc in ordered_results(_row_batches(ds, column, opts.dataset, opts.batch_size), CountEncoder, spec,
-                                   max(1, opts.num_proc)):
-            docs, tokens, empty = docs + enc.docs, tokens + enc.tokens, empty + enc.empty
+        progress = Progress(len(ds), "prepare-hf count")
+        try:
+            for enc in ordered_results(_row_batches(ds, column, opts.dataset, opts.batch_size), CountEncoder,
+                                       spec, max(1, opts.num_proc)):
+                docs, tokens, empty = docs + enc.docs, tokens + enc.tokens, empty + enc.empty
+                progress.update(enc.docs + enc.empty, enc.tokens, enc.nbytes)
+        finally:
+            progress.close()
         timings["count"] = time.monotonic() - t
         results["documents"]["counted"] = docs
         results["tokens"]["counted"] = tokens

@@ -134,17 +134,21 @@ def _row_batches(ds: Any, column: str, source: str, batch_size: int):
 def _export_jsonl(ds: Any, column: str, path: Path, batch_size: int) -> int:
     tmp = path.with_name(path.name + ".tmp")
     n = 0
+    progress = Progress(len(ds), "prepare-hf export")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for cols in ds.select_columns([column]).iter(batch_size=batch_size):
-                for value in cols[column]:
-                    f.write(json.dumps({column: value}, ensure_ascii=False) + "\n")
-                    n += 1
+                lines = [json.dumps({column: value}, ensure_ascii=False) + "\n" for value in cols[column]]
+                f.writelines(lines)
+                n += len(lines)
+                progress.update(len(lines), 0, sum(len(x) for x in lines))
         os.replace(tmp, path)
     except BaseException:
         if tmp.exists():
             tmp.unlink()
         raise
+    finally:
+        progress.close()
     return n
 
 

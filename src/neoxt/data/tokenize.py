@@ -176,12 +176,14 @@ class Progress:
         rate = self.tokens / max(now - self.start, 1e-9)
         if self.bar is not None:
             self.bar.update(docs)
-            self.bar.set_postfix_str(f"{self.tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
+            if self.tokens:
+                self.bar.set_postfix_str(f"{self.tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
         elif now - self.last_log >= self.every_s:
             self.last_log = now
             mbs = self.nbytes / max(now - self.start, 1e-9) / 2**20
-            print(f"{self.label}: {self.docs:,} documents, {self.tokens:,} tokens "
-                  f"({rate:,.0f} tokens/s, {mbs:.1f} MB/s)", file=sys.stderr, flush=True)
+            toks = f", {self.tokens:,} tokens ({rate:,.0f} tokens/s, {mbs:.1f} MB/s)" if self.tokens else \
+                f" ({mbs:.1f} MB/s)"
+            print(f"{self.label}: {self.docs:,} documents{toks}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -266,3 +266,16 @@ def test_jsonl_batches_cut_by_bytes_keep_line_numbers(tmp_path, monkeypatch):
     assert [len(b.payloads) for b in batches] == [2, 4, 1]
     locations = [b.location(i) for b in batches for i in range(len(b.payloads))]
     assert locations == [f"{src}:{n}" for n in range(1, 8)]
+
+
+def test_progress_logs_one_line_per_interval_off_a_terminal(capsys):
+    from neoxt.data.tokenize import Progress
+
+    p = Progress(None, "preprocess", every_s=0.0)
+    p.update(10, 1000, 4000)
+    p.close()
+    err = capsys.readouterr().err
+    assert err.startswith("preprocess: 10 documents, 1,000 tokens (") and "tokens/s" in err
+    p = Progress(None, "preprocess", every_s=3600.0)
+    p.update(10, 1000, 4000)
+    assert capsys.readouterr().err == ""  # at most one line per interval

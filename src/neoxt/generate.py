@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -271,7 +271,7 @@ def generate_texts(
     """
     eod = tokenizer.eod_id
     if eod is not None and eod not in params.stop_token_ids:
-        params = SamplingParams(**{**params.__dict__, "stop_token_ids": (*params.stop_token_ids, eod)})
+        params = replace(params, stop_token_ids=(*params.stop_token_ids, eod))
     stop_check = None
     if params.stop_strings:
 
@@ -366,31 +366,47 @@ def interactive_loop(
     stdin=None,
     stdout=None,
 ) -> int:
-    """A prompt loop for a person at a terminal; an empty line, EOF or ``/quit`` ends it.
+    """A prompt loop for a person at a terminal; an empty first line, EOF or ``/quit`` ends it.
 
     With a multi-character ``prompt_end`` lines are joined until one contains it (GPT-NeoX).
     """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
+    # On a real terminal, input() gives line editing and history (through readline when present).
+    use_input = stdin is sys.stdin and stdout is sys.stdout and stdin.isatty()
+    if use_input:
+        try:
+            import readline  # noqa: F401
+        except ImportError:
+            pass
+
+    def read_line(prompt: str) -> str | None:
+        if use_input:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+        stdout.write(prompt)
+        stdout.flush()
+        line = stdin.readline()
+        return line.rstrip("\n") if line else None
+
     count = 0
     while True:
         text = ""
-        stdout.write("Context prompt >>> ")
-        stdout.flush()
+        prompt = "Context prompt >>> "
         while True:
-            line = stdin.readline()
-            if not line:  # EOF
+            line = read_line(prompt)
+            prompt = "... "
+            if line is None:  # EOF
                 stdout.write("\n")
                 return count
-            line = line.rstrip("\n")
+            if not text and line.strip() in ("", "/quit", "/exit"):
+                return count
             if prompt_end == "\n" or prompt_end in line:
                 text += line.split(prompt_end)[0] if prompt_end != "\n" else line
                 break
             text += line + "\n"
-            stdout.write("... ")
-            stdout.flush()
-        if text.strip() in ("", "/quit", "/exit"):
-            return count
         record = generate_texts(
             model,
             tokenizer,

@@ -170,3 +170,21 @@ def test_generate_from_a_neoxt_checkpoint_and_its_config(tmp_path, tiny_tokenize
     expected = generate_tokens(model, [tok.encode("Hello world!"), tok.encode("The quick brown fox")],
                                SamplingParams(maximum_tokens=7, stop_token_ids=(tok.eod_id,)), pad_id=tok.eod_id)
     assert [r["text"] for r in records] == [tok.decode(list(e.tokens)) or None for e in expected]
+
+
+def test_interactive_loop_joins_lines_until_prompt_end(hf_dir):
+    import io
+
+    from neoxt import load_model
+    from neoxt.generate import SamplingParams, interactive_loop
+    from neoxt.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_type="HFTokenizer", vocab_file=str(hf_dir))
+    stdin = io.StringIO("def f():\n    return 1###\nHello###\n/quit\n")
+    stdout = io.StringIO()
+    count = interactive_loop(load_model(hf_dir), tok, SamplingParams(maximum_tokens=3), prompt_end="###",
+                             stdin=stdin, stdout=stdout)
+    assert count == 2
+    text = stdout.getvalue()
+    assert text.count("Context prompt >>> ") == 3 and text.count("... ") == 1
+    assert text.count("Generated Text: ") == 2

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +279,7 @@ class NeoxtLM(TemplateLM):
                 stop_token_ids=(self.eot_token_id,),
             )
             if kwargs.get("do_sample") and params.greedy:
-                params = SamplingParams(**{**params.__dict__, "temperature": 1.0})
+                params = replace(params, temperature=1.0)
             tail = max(len(s) for s in until) + 4
 
             def stop_check(ids: list[int], until=until, tail=tail) -> bool:

@@ -39,6 +39,12 @@ norms}.py``, ``megatron/mpu/layers.py``, ``megatron/checkpointing.py``, ``tools/
   split over TP with the heads. (With LayerNorm and TP > 1 upstream normalises over each rank's
   heads only, so such a checkpoint is mapped exactly but its logits differ slightly from TP 1's.)
 
+Export (``neoxt-to-neox``) writes current upstream names (``mlp.linear1``/``linear2``, RMSNorm
+``scale``; for the OLMo-3 fork the names its converter writes, without the unused
+``input_layernorm``), the ``iteration`` and ``args`` client state GPT-NeoX checks on load, ``latest``
+and ``configs/``. It holds weights only -- no optimizer, scheduler or RNG state -- so GPT-NeoX should
+load it with ``finetune: true`` (or ``no_load_optim`` + ``no_load_rng``).
+
 Pickles: layer files are plain tensor dicts and load with ``weights_only=True``. ``mp_rank`` files
 hold DeepSpeed engine state (argparse/numpy/DeepSpeed objects) that the weights-only unpickler may
 refuse; for those files -- and only files inside the checkpoint directory the user named -- we fall
@@ -1054,7 +1060,11 @@ def register_convert(conv: Any) -> None:
     p.add_argument("--iteration", type=int, default=None, metavar="N", help="write global_step<N> (default: the checkpoint's)")
     p.set_defaults(handler=run_neox_to_neoxt)
 
-    p = conv.add_parser("neoxt-to-neox", help="neoxt checkpoint → GPT-NeoX (DeepSpeed) global_stepN + latest + configs/")
+    p = conv.add_parser(
+        "neoxt-to-neox",
+        help="neoxt checkpoint → GPT-NeoX (DeepSpeed) global_stepN + latest + configs/ (weights only: "
+        "load it in GPT-NeoX with finetune: true)",
+    )
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="neoxt run directory or its global_step<N>")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="GPT-NeoX save directory (created if missing)")
     p.add_argument("--model-parallel-size", type=int, default=1, metavar="N", help="tensor-parallel shards to write")

@@ -121,3 +121,46 @@ def test_eval_during_training_uses_the_config_keys(setup, tmp_path):
     saved = json.loads((tmp_path / "run1_eval_results_iter50.json").read_text())
     assert saved["results"]["tiny_mc"]["acc,none"] == metrics["eval/tiny_mc_acc"]
     assert saved["n-samples"]["tiny_mc"]["effective"] == 4
+
+
+def test_neoxt_checkpoint_eval_matches_hf_backend_on_its_export(tmp_path, tiny_tokenizer_dir):
+    """The literal acceptance flow: a neoxt checkpoint, `neoxt convert neoxt-to-hf`, lm-eval `hf` on the export."""
+    import lm_eval
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from neoxt.config import config_from_dict, config_to_yaml, with_overrides
+    from neoxt.model import Transformer
+    from neoxt.train.checkpoint import save_checkpoint
+
+    cfg = config_from_dict({"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64,
+                            "max_position_embeddings": 128, "pos_emb": "rotary", "rotary_pct": 0.25,
+                            "gpt_j_residual": True, "no_weight_tying": True, "tokenizer_type": "HFTokenizer",
+                            "vocab_file": str(tiny_tokenizer_dir / "tokenizer.json")})
+    cfg = with_overrides(cfg, model={"padded_vocab_size": 384})
+    torch.manual_seed(1)
+    model = Transformer(cfg.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+    save_checkpoint(tmp_path / "run", 5, {"model": model.state_dict()}, config_to_yaml(cfg))
+    export = tmp_path / "hf"
+    assert main(["convert", "neoxt-to-hf", "--checkpoint", str(tmp_path / "run"), "--output-dir", str(export)]) == 0
+    tasks = write_tasks(tmp_path / "tasks", ("tiny_mc",))
+
+    run_cfg = tmp_path / "eval.yml"
+    run_cfg.write_text(f"load: {tmp_path / 'run'}\n")
+    out = tmp_path / "ours.json"
+    assert main(["eval", str(run_cfg), "--tasks", "tiny_mc", "--include-path", str(tasks), "--output", str(out),
+                 "--log-samples", "--device", "cpu"]) == 0
+    ours = json.loads(out.read_text())
+    tokenizer = str(export) if (export / "tokenizer.json").is_file() else str(tiny_tokenizer_dir)
+    theirs = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=str(export), tokenizer=tokenizer, batch_size=4, device="cpu"), tasks=["tiny_mc"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True)
+    for (_, a), (_, b) in zip(_per_sample(ours, "tiny_mc"), _per_sample(theirs, "tiny_mc")):
+        for [(ll_a, g_a)], [(ll_b, g_b)] in zip(a, b):
+            assert abs(float(ll_a) - float(ll_b)) <= 1e-4 and g_a == g_b
+    assert ours["results"]["tiny_mc"]["acc,none"] == theirs["results"]["tiny_mc"]["acc,none"]

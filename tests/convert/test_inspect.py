@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from test_neox_import import build_hf, hf_to_neox_shards, model_config, write_neox
+from test_neox_import import VOCAB, build_hf, hf_to_neox_shards, model_config, write_neox
 
 from neoxt.config.schema import DataConfig, RunConfig
 from neoxt.convert import neox
@@ -84,3 +84,27 @@ def test_inspect_rejects_unknown_dirs(tmp_path):
     with pytest.raises(CheckpointError):
         inspect_checkpoint(tmp_path / "missing")
     assert "parameters:" in format_table(inspect_checkpoint(write_neox(hf_to_neox_shards(build_hf("llama"), "llama", 1), tmp_path / "n", "pipeline")))
+
+
+def test_inspect_single_files(tmp_path):
+    hf = build_hf("llama")
+    hf.save_pretrained(tmp_path / "hf")
+    info = inspect_checkpoint(tmp_path / "hf" / "model.safetensors")
+    assert info.format == "safetensors-file"
+    assert {t.name: t.shape for t in info.tensors} == {k: tuple(v.shape) for k, v in hf.state_dict().items()}
+
+    step = write_neox(hf_to_neox_shards(hf, "llama", 2), tmp_path / "neox", "sequential", iteration=8)
+    info = inspect_checkpoint(step / "mp_rank_01_model_states.pt")
+    assert info.format == "torch-file" and info.iteration == 8
+    shapes = {t.name: t.shape for t in info.tensors}
+    assert shapes["module.sequential.0.word_embeddings.weight"] == (VOCAB // 2, 64)
+    assert shapes["module.sequential.2.mlp.linear2.weight"] == (64, 48)
+
+
+def test_inspect_neoxt_model_summary(tmp_path):
+    step = write_neox(hf_to_neox_shards(build_hf("olmo3"), "olmo3", 1), tmp_path / "neox", "pipeline")
+    run_cfg = RunConfig(model=model_config("olmo3"), data=DataConfig(seq_length=32))
+    info = inspect_checkpoint(neox.import_neox(step, run_cfg, tmp_path / "run"))
+    summary = info.details["model"]
+    assert "layers=2" in summary and "norm=rmsnorm/olmo3" in summary and "sliding=1x4" in summary
+    assert [t.name for t in info.tensors][:2] == ["embed.weight", "final_norm.weight"]

@@ -1,5 +1,8 @@
 """``neoxt convert inspect PATH``: what a checkpoint holds, without loading its tensors.
 
+PATH may also be one weights file (``.safetensors`` or a torch pickle such as a DeepSpeed
+``mp_rank_00_model_states.pt``), listed with nested dict keys flattened.
+
 Three formats, told apart by their files: a neoxt checkpoint (a run directory with ``latest`` or a
 ``global_step<N>`` directory with DCP ``.metadata`` + ``meta.json``), an HF model directory
 (``config.json`` + safetensors/bin weights) and a GPT-NeoX (DeepSpeed) ``global_step<N>`` directory
@@ -76,8 +79,8 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: not a checkpoint directory")
+    if p.is_file():
+        return _inspect_file(p)
     if is_checkpoint_dir(p):
         return _inspect_neoxt(p)
     if is_hf_model_dir(p):
@@ -96,6 +99,45 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     raise CheckpointError(
         f"{p}: not a recognised checkpoint (no neoxt meta.json/.metadata, no HF config.json, "
         "no GPT-NeoX mp_rank_XX/layer_XX files, no 'latest')"
+    )
+
+
+def _inspect_file(path: Path) -> CheckpointInfo:
+    """One weights file (``.safetensors``, or a torch pickle such as ``mp_rank_00_model_states.pt``).
+
+    Nested dicts are flattened to dotted names, so a DeepSpeed file shows ``module.sequential.2...``.
+    """
+    tensors: list[TensorInfo] = []
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open handles are not mappings
+                    sl = f.get_slice(name)
+                    dtype = sl.get_dtype()
+                    tensors.append(TensorInfo(name, tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype.lower())))
+        except Exception as err:  # noqa: BLE001 - a corrupt header, named below
+            raise CheckpointError(f"{path}: cannot read safetensors header ({err})") from err
+        return CheckpointInfo(str(path), "safetensors-file", None, tuple(sorted(tensors, key=lambda t: _natural(t.name))))
+    import torch
+
+    from neoxt.convert.neox import _torch_load
+
+    obj = _torch_load(path, allow_pickle=True)  # the user named this file: trusted like its checkpoint dir
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors.append(TensorInfo(prefix, tuple(value.shape), _dtype_name(value.dtype)))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", obj)
+    iteration = obj.get("iteration") if isinstance(obj, dict) else None
+    return CheckpointInfo(
+        str(path), "torch-file", iteration if isinstance(iteration, int) else None,
+        tuple(sorted(tensors, key=lambda t: _natural(t.name))),
     )
 
 
@@ -119,12 +161,35 @@ def _inspect_neoxt(ckpt: Path) -> CheckpointInfo:
         else:
             section = key.split(".", 1)[0]
             other[section] = other.get(section, 0) + 1
-    details: dict[str, Any] = {"other_state_tensors": other}
+    details: dict[str, Any] = {"model": _model_summary(ckpt), "other_state_tensors": other}
     for k in ("consumed_tokens", "consumed_samples", "neoxt_version", "source", "source_format"):
         if k in meta:
             details[k] = meta[k]
     iteration = meta.get("iteration")
+    tensors.sort(key=lambda t: _natural(t.name))
     return CheckpointInfo(str(ckpt), "neoxt", int(iteration) if iteration is not None else None, tuple(tensors), details)
+
+
+def _model_summary(ckpt: Path) -> str:
+    """One line of the checkpoint's config.yml model section (or why it cannot be read)."""
+    from neoxt.convert.loading import read_checkpoint_config
+    from neoxt.errors import NeoxtError
+
+    try:
+        m = read_checkpoint_config(ckpt).model
+    except NeoxtError as err:
+        return f"(config.yml unreadable: {err})"
+    parts = [
+        f"layers={m.num_layers}", f"hidden={m.hidden_size}", f"heads={m.num_attention_heads}",
+        f"kv_heads={m.num_kv_heads}", f"ffn={m.intermediate_size}", f"vocab={m.padded_vocab_size}",
+        f"norm={m.norm}/{m.norm_placement}", f"act={m.activation}", f"pos={m.pos_emb}",
+        f"tied={m.tie_word_embeddings}",
+    ]
+    if m.gpt_j_residual:
+        parts.append("parallel_residual")
+    if "sliding" in m.attention_types:
+        parts.append(f"sliding={m.attention_types.count('sliding')}x{m.sliding_window_width}")
+    return " ".join(parts)
 
 
 def _inspect_hf(model_dir: Path) -> CheckpointInfo:

@@ -34,6 +34,9 @@ norms}.py``, ``megatron/mpu/layers.py``, ``megatron/checkpointing.py``, ``tools/
   ``post_attention_layernorm.scale`` (norm on the attention output, our ``attn_norm``),
   ``post_feedforward_layernorm.scale`` (norm on the MLP output, our ``mlp_norm``). The fork builds an
   ``input_layernorm`` it never uses; a checkpoint saved by the fork may hold it and it is ignored.
+  (Found with the code search in the users' fork: ``huggingface/convert_hf_olmo_to_neox.py`` and its
+  README; upstream has no OLMo-3. Its converter shards q_norm/k_norm with TP, so at TP > 1 the fork
+  normalises each rank's slice; the merged weights here give the TP-1 model, i.e. HF's OLMo-3.)
 * ``attention.rotary_emb.inv_freq`` (``rotary_save_freqs_buffer``) is derived, not a weight: ignored.
 * Upstream ``use_qk_layernorm``: ``attention.qk_layernorm.*`` has a [heads_per_rank, head_dim] gain,
   split over TP with the heads. (With LayerNorm and TP > 1 upstream normalises over each rank's

@@ -65,9 +65,9 @@ def test_cli_neox_to_neoxt_to_neox_and_inspect(tmp_path, capsys):
     assert info["details"]["model_parallel_size"] == 2 and info["details"]["layout"] == "pipeline"
     assert info["num_params"] == sum(p.numel() for p in hf.parameters())
 
-    # Default config: the copy written into the exported checkpoint's configs/.
-    again = tmp_path / "again"
-    assert main(["convert", "neox-to-neoxt", "--input-dir", str(back), "--output-dir", str(again)]) == 0
+    # Defaults: the config copy written into the exported checkpoint's configs/, and <save dir>-neoxt.
+    assert main(["convert", "neox-to-neoxt", "--input-dir", str(back)]) == 0
+    again = tmp_path / "back-neoxt"
     a, b = neoxt.load_model(run_dir).state_dict(), neoxt.load_model(again).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,10 +303,11 @@ def _human(n: int) -> str:
 def run(args: Any) -> int:
     """CLI handler: ``neoxt convert inspect PATH [--json]``."""
     info = inspect_checkpoint(args.path)
-    if getattr(args, "json", False):
-        print(json.dumps(info.to_json(), indent=2))
-    else:
-        print(format_table(info))
+    text = json.dumps(info.to_json(), indent=2) if getattr(args, "json", False) else format_table(info)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `neoxt convert inspect ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -566,3 +566,20 @@ def test_reward_and_reference_values_follow_the_text():
         want_reward = [float(rewards.docs[d][0]) for d in owners] + [0.0] * (9 - len(body))
         assert item["reward"].dtype == np.float32 and item["reward"].tolist() == want_reward
         assert item["ref"].tolist() == pytest.approx([t / 10 for t in body] + [0.0] * (9 - len(body)))
+
+
+def test_pack_until_overflow_last_sample_never_recurses():
+    """Upstream retries an unreadable sample at ``shuffled % len``; when that lands on itself (the last
+    sample drawn first) upstream recurses forever. neoxt reads it without the carried token."""
+    docs = unique_docs([3, 5, 2, 6, 4, 3, 5])
+    n, seq = 6, 8
+    seed = next(s for s in range(1000) if np.random.RandomState(s).permutation(n)[0] == n - 1)
+    ds = mem_dataset(docs, IndexSpec("train", n, seq, seed, "pack_until_overflow", True))
+    assert int(ds.maps.shuffle_idx[0]) == n - 1
+    last_start = int(ds.maps.sample_idx[n - 1, 0])
+    want = [t for k in range(last_start, len(ds.maps.doc_idx)) for t in docs[int(ds.maps.doc_idx[k])]]
+    assert ds[0]["text"].tolist() == (want + [0] * (seq + 1))[: seq + 1]
+    # Every other index still follows upstream's modulo rule.
+    doc_idx, sample_idx, shuffle_idx = upstream_pack_until_overflow(docs, n, seq, seed, True)
+    for i in range(1, len(ds)):
+        assert ds[i]["text"].tolist() == upstream_item(docs, doc_idx, sample_idx, shuffle_idx, i, seq)[0]

@@ -21,12 +21,23 @@ As upstream, a non-packed sample also carries the first token of the document th
 span ends at ``(next_doc, offset 0)`` inclusive) and is then padded (text 0, labels -100) or truncated
 to ``seq_length+1``; ``allow_chopped: false`` skips documents longer than ``seq_length+1``.
 
+Preference pairs (``PairwiseDataset``, upstream's ``pairwise_dataset.py``) share one index between
+the chosen and rejected files: a pair packs by the longer side, both sides' labels decide skipping,
+the cache is named after the chosen prefix without ``_ac``, and upstream's unpacked pairwise shuffle
+(``arange(num_samples) % num_documents``) is kept.
+
 Deliberate differences from upstream (each only where upstream crashes or reads the wrong data):
 ``pack_until_overflow`` / ``unpacked`` index the split's own documents (upstream uses document
 ``k`` where it means ``documents[k]``, which only differs for the valid/test part of a ``split``);
 ``unpacked`` works without a label dataset; a pass that skips its last document wraps around
 instead of raising IndexError; a dataset whose documents can never fill a sample raises DataError
-instead of looping forever.
+instead of looping forever; pack_until_overflow's last sample (which lacks the next document) is read
+without its carried token where upstream's modulo retry would recurse forever; for pairs with
+``allow_chopped: false`` pairs *longer* than ``seq_length+1`` are skipped (upstream's test is
+inverted and skips the shorter ones).
+
+Checked against upstream's own Python code (gpt2_dataset.py / pairwise_dataset.py run with stubbed
+torch.distributed) on hundreds of random corpora: identical maps and items wherever upstream runs.
 """
 
 from __future__ import annotations
@@ -99,22 +110,26 @@ class IndexMaps:
         """The sample_idx row drawn for index ``idx``, with upstream's IndexError → modulo fallback.
 
         Upstream catches IndexError anywhere in ``__getitem__`` and retries with ``idx % len``, where
-        ``idx`` is already the shuffled value when the shuffle lookup itself succeeded.
+        ``idx`` is already the shuffled value when the shuffle lookup itself succeeded. (The only
+        unreadable row is pack_until_overflow's last one, which lacks the next sample's first
+        document.) Where that retry would cycle forever (upstream: RecursionError) the unreadable row
+        is returned and read without its carried token.
         """
         n = len(self)
         shuffle_len, rows, docs = self.shuffle_idx.shape[0], self.sample_idx.shape[0], self.doc_idx.shape[0]
+        if n == 0:
+            raise DataError("no samples: the index maps are empty")
+        row = -1
         for _ in range(4):
             if idx < 0 or idx >= shuffle_len:
-                if n == 0:
-                    break
                 idx = idx % n
                 continue
             row = int(self.shuffle_idx[idx])
             if row + 1 < rows and max(int(self.sample_idx[row, 0]), int(self.sample_idx[row + 1, 0])) < docs:
                 return row
-            if n == 0:
-                break
             idx = row % n
+        if 0 <= row < rows - 1:
+            return row
         raise DataError(f"sample {idx} cannot be read (index maps are inconsistent)")
 
     def pieces(self, row: int, sizes: np.ndarray) -> list[tuple[int, int, int]]:
@@ -127,6 +142,8 @@ class IndexMaps:
         first = int(self.doc_idx[f])
         out = [(first, off_f, int(sizes[first]) - off_f)]
         out.extend((int(self.doc_idx[k]), 0, int(sizes[int(self.doc_idx[k])])) for k in range(f + 1, e))
+        if e >= self.doc_idx.shape[0]:  # pack_until_overflow's last sample: no next document
+            return out
         last = int(self.doc_idx[e])
         # Non-packed spans end at offset 0 of the next document; an empty one has no token to give.
         out.append((last, 0, min(off_e + 1, int(sizes[last]))))

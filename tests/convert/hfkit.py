@@ -72,7 +72,8 @@ def run_cli(argv: list[str]) -> int:
 @torch.no_grad()
 def greedy(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
     """Greedy decoding with our KV cache: prefill once, then one token per forward."""
-    cache = KVCache(model.cfg, prompt.shape[0], prompt.shape[1] + steps)
+    param = model.embed.weight
+    cache = KVCache(model.cfg, prompt.shape[0], prompt.shape[1] + steps, param.device, param.dtype)
     logits = model(prompt, kv_cache=cache)
     out = []
     for _ in range(steps):

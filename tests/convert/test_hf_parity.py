@@ -139,3 +139,22 @@ def test_transformers4_and_5_config_json_forms(arch):
     assert a.rotary_emb_base == {"gpt_neox": 20000.0, "llama": 123456.0, "olmo3": 250000.0}[arch]
     assert a.rotary_pct == (0.5 if arch == "gpt_neox" else 1.0)
     assert detect_architecture(old, "x") == arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_logits_and_decoding_are_bit_identical(arch, tmp_path):
+    """In bf16 we follow each architecture's rounding (OLMo-3: rotary and norm gains in fp32)."""
+    from hfkit import greedy
+    from transformers import AutoModelForCausalLM
+
+    hf_model(arch).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    ours = neoxt.load_model(tmp_path / "hf")
+    assert ours.embed.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, 320, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours(tokens), hf(tokens).logits)
+    prompt = tokens[:1, :12]
+    hf.generation_config.eos_token_id = None
+    expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=1)[:, 12:]
+    assert torch.equal(greedy(ours, prompt, 16), expected)

@@ -38,7 +38,7 @@ from neoxt.model.attention import Attention, build_mask, check_attention_config
 from neoxt.model.init import init_weights
 from neoxt.model.kv_cache import KVCache
 from neoxt.model.norms import make_norm
-from neoxt.model.rope import inv_frequencies, rope_cos_sin
+from neoxt.model.rope import rope_tables
 
 _ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf) GeLU, as GPT-NeoX and HF GPTNeoX "gelu"
@@ -148,8 +148,7 @@ class Transformer(nn.Module):
 
         cos = sin = None
         if self.cfg.pos_emb == "rotary":
-            inv_freq = inv_frequencies(self.cfg.rotary_dim, self.cfg.rotary_emb_base)
-            cos, sin = rope_cos_sin(positions, inv_freq, x.dtype)
+            cos, sin = rope_tables(self.cfg, positions, x.dtype)
 
         masks: dict[int | None, torch.Tensor | None] = {}
 

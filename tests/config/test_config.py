@@ -253,3 +253,15 @@ def test_cli_contradiction_exit_code_2(tmp_path, capsys):
     assert main(["config", str(a)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "max_position_embeddings" in err and "seq_length" in err
+
+
+def test_olmo3_fork_sets_both_qk_norm_flags():
+    cfg = config_from_dict({"use_qk_layernorm": True, "use_separate_qk_norms": True, "norm": "rmsnorm"})
+    assert cfg.model.use_separate_qk_norms and not cfg.model.use_qk_layernorm
+
+
+def test_flash_layers_slide_when_a_window_is_set():
+    cfg = config_from_dict({"num_layers": 2, "sliding_window_width": 16, "attention_config": [[["flash", "global"], 1]]})
+    assert cfg.model.attention_types == ("sliding", "global")
+    assert config_from_dict({"num_layers": 2, "attention_config": [[["flash"], 2]]}).model.attention_types == (
+        "global", "global")

@@ -465,10 +465,8 @@ def _resolve_model(r: _Resolver) -> None:
             f"({r.src('gpt_j_residual')})"
         )
     if m.get("use_qk_layernorm") and m.get("use_separate_qk_norms"):
-        raise ConfigError(
-            f"use_qk_layernorm ({r.src('use_qk_layernorm')}) and use_separate_qk_norms "
-            f"({r.src('use_separate_qk_norms')}) are both true; pick one"
-        )
+        # The OLMo-3 fork's configs set both (its docs require it): separate norms take precedence.
+        m["use_qk_layernorm"] = False
 
 
 def _mlp_width(r: _Resolver, hidden: int) -> int:
@@ -539,6 +537,9 @@ def _attention_types(r: _Resolver, layers: int) -> tuple[str, ...]:
 def _attention_name(r: _Resolver, key: str, name: Any) -> str:
     if isinstance(name, str):
         low = name.lower()
+        if low == "flash" and r.values["model"].get("sliding_window_width"):
+            # GPT-NeoX applies sliding_window_width to every flash-attention layer.
+            return "sliding"
         if low in neox_keys.GLOBAL_ATTENTION_NAMES:
             return "global"
         if low in neox_keys.SLIDING_ATTENTION_NAMES:

@@ -238,10 +238,16 @@ class _DocRules:
     sizes: tuple[np.ndarray, ...]
     labels: tuple[TokenSource, ...]
 
-    def usable(self, doc: int, spec: IndexSpec, label_limit: int) -> bool:
-        if not spec.allow_chopped and any(int(s[doc]) > spec.seq_length + 1 for s in self.sizes):
-            return False
-        return not any(_fully_masked(lab, doc, label_limit) for lab in self.labels)
+    def too_long(self, spec: IndexSpec) -> np.ndarray:
+        """Per document id: skipped for its length (only with ``allow_chopped: false``)."""
+        out = np.zeros(len(self.lengths), dtype=bool)
+        if not spec.allow_chopped:
+            for sizes in self.sizes:
+                out |= sizes > spec.seq_length + 1
+        return out
+
+    def masked(self, doc: int, label_limit: int) -> bool:
+        return any(_fully_masked(lab, doc, label_limit) for lab in self.labels)
 
 
 def _build_pack_until_overflow(documents: np.ndarray, rules: _DocRules, spec: IndexSpec) -> IndexMaps:
@@ -258,18 +264,23 @@ def _build_pack_until_overflow(documents: np.ndarray, rules: _DocRules, spec: In
     running = 0
     pos = 0
     accepted_this_pass = 0
-    order = docs[perm].tolist()
-    order_lengths = rules.lengths[order].tolist()
+    too_long = rules.too_long(spec)
+    check_labels = bool(rules.labels)
+
+    def arrange() -> tuple[list[int], list[int], list[bool]]:
+        ordered = docs[perm]
+        return ordered.tolist(), rules.lengths[ordered].tolist(), too_long[ordered].tolist()
+
+    order, order_lengths, order_skip = arrange()
     while len(starts) < spec.num_samples:
         if pos == n_docs:  # a pass ended on a skipped document (upstream raises IndexError here)
             if accepted_this_pass == 0:
                 raise DataError(_nothing_fits(spec))
             pos, accepted_this_pass = 0, 0
             rng.shuffle(perm)
-            order = docs[perm].tolist()
-            order_lengths = rules.lengths[order].tolist()
+            order, order_lengths, order_skip = arrange()
         doc, length = order[pos], order_lengths[pos]
-        if not rules.usable(doc, spec, seq1):
+        if order_skip[pos] or (check_labels and rules.masked(doc, seq1)):
             pos += 1
             continue
         if running == 0:
@@ -286,8 +297,7 @@ def _build_pack_until_overflow(documents: np.ndarray, rules: _DocRules, spec: In
         if pos == n_docs:
             pos, accepted_this_pass = 0, 0
             rng.shuffle(perm)
-            order = docs[perm].tolist()
-            order_lengths = rules.lengths[order].tolist()
+            order, order_lengths, order_skip = arrange()
     starts.append(len(doc_idx))
     sample_idx = np.zeros((len(starts), 2), dtype=np.int64)
     sample_idx[:, 0] = starts
@@ -305,6 +315,7 @@ def _build_unpacked(documents: np.ndarray, rules: _DocRules, spec: IndexSpec) ->
     sample_idx = np.zeros((spec.num_samples + 1, 2), dtype=np.int64)
     sample_idx[:, 0] = np.arange(spec.num_samples + 1)
     docs = np.asarray(documents, dtype=np.int64)
+    too_long = rules.too_long(spec)
     need = spec.num_samples + 1
     usable: list[np.ndarray] = []
     found = 0
@@ -312,13 +323,10 @@ def _build_unpacked(documents: np.ndarray, rules: _DocRules, spec: IndexSpec) ->
     # Documents are taken in order, cycling, skipping unusable ones; read only as many as needed.
     for lo in range(0, len(docs), chunk):
         part = docs[lo : lo + chunk]
-        ok = np.ones(len(part), dtype=bool)
-        if not spec.allow_chopped:
-            for sizes in rules.sizes:
-                ok &= sizes[part] <= spec.seq_length + 1
-        for label in rules.labels:
+        ok = ~too_long[part]
+        if rules.labels:
             for k in np.flatnonzero(ok).tolist():
-                ok[k] = not _fully_masked(label, int(part[k]), spec.seq_length)
+                ok[k] = not rules.masked(int(part[k]), spec.seq_length)
         usable.append(part[ok])
         found += int(ok.sum())
         if found >= need:

@@ -176,3 +176,22 @@ def test_errors_are_one_line(tmp_path, capsys, yaml_text, message):
     cfg.write_text(yaml_text.format(missing=tmp_path / "nope_text_document", prefix=tmp_path / "x_text_document"))
     code, out, err = run_samples(capsys, cfg)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_preference_pairs_show_both_sides(tmp_path, capsys):
+    chosen = [[1, 2, 3, 10 + k] for k in range(12)]
+    rejected = [[1, 2, 3, 50 + k, 60 + k] for k in range(12)]
+    write(tmp_path / "pos_document", chosen, np.int32)
+    write(tmp_path / "neg_document", rejected, np.int32)
+    cfg = tmp_path / "dpo.yml"
+    cfg.write_text(
+        f"dataset_impl: pairwise\npack_impl: unpacked\ntrain_impl: dpo\n"
+        f"pos_train_data_paths: ['{tmp_path / 'pos_document'}']\nneg_train_data_paths: ['{tmp_path / 'neg_document'}']\n"
+        "seq_length: 8\ntrain_iters: 3\ntrain_micro_batch_size_per_gpu: 2\n"
+    )
+    code, out, err = run_samples(capsys, cfg, "--json", "--count", 6)
+    assert code == 0, err
+    for r in map(json.loads, out.splitlines()):
+        k = r["pos"][3] - 10
+        assert r["pos"] == chosen[k] + [1] + [0] * 4  # the document, upstream's carried token, padding
+        assert r["neg"][:5] == rejected[k]

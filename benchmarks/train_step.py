@@ -1,0 +1,169 @@
+"""Training tokens/s: ``neoxt.train.loop.train`` vs HF transformers' model in a plain torch loop.
+
+One HF model (GPT-NeoX or LLaMA shape) is built from a config with a fixed seed and converted in
+memory to our Transformer, so both sides train identical weights on identical batches with the same
+precision (fp32 on CPU), optimizer (AdamW, fused where torch has it, weight decay 0.1, clipping 1.0)
+and accumulation. Ours runs through the real ``train()`` loop (loss over the global token count,
+NaN checks, schedule, metrics files); HF runs the loop a user would write: ``model(ids).logits`` →
+cross-entropy → backward → clip → step. Rounds alternate the two so background load hits both
+alike; each round times ``--steps`` steps after ``--steps`` warm-up steps. Prints a table; asserts
+nothing.
+
+    .venv/bin/python benchmarks/train_step.py [--arch llama|gpt_neox] [--rounds 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This folder holds scripts named like stdlib modules (tokenize.py); keep it off the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def build_hf(arch: str, layers: int, hidden: int, vocab: int, seq: int, seed: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                  intermediate_size=4 * hidden, max_position_embeddings=max(seq, 512), pad_token_id=0,
+                  eos_token_id=None, bos_token_id=None, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    if arch == "gpt_neox":
+        return GPTNeoXForCausalLM(GPTNeoXConfig(**common, rotary_pct=0.25))
+    return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=hidden // 64, tie_word_embeddings=False))
+
+
+def convert(hf):
+    from neoxt.convert.hf import detect_architecture, hf_to_neoxt_state_dict, model_config_from_hf
+    from neoxt.model import Transformer
+
+    kind = detect_architecture(hf.config.to_dict(), "benchmark")
+    cfg = model_config_from_hf(hf.config, kind)
+    ours = Transformer(cfg)
+    ours.load_state_dict(hf_to_neoxt_state_dict(hf.state_dict(), cfg, kind))
+    return cfg, ours
+
+
+class RandomBatches:
+    """Micro-batches of random tokens; batch n depends only on n (same batches for both sides)."""
+
+    def __init__(self, micro: int, seq: int, vocab: int):
+        self.micro, self.seq, self.vocab, self.n = micro, seq, vocab, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        g = torch.Generator().manual_seed(self.n)
+        self.n += 1
+        ids = torch.randint(0, self.vocab, (self.micro, self.seq + 1), generator=g)
+        return {"tokens": ids[:, :-1], "labels": ids[:, 1:], "loss_mask": torch.ones(self.micro, self.seq)}
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, sd):
+        self.n = sd["n"]
+
+
+def run_ours(model_cfg, model, args) -> float:
+    """tokens/s of the timed window of one train() call (read from its metrics.jsonl)."""
+    from neoxt.config.schema import LoggingConfig, OptimizerConfig, RunConfig, ScheduleConfig, TrainingConfig
+    from neoxt.train.loop import TrainData, train
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = RunConfig(model=model_cfg)
+        cfg = replace(
+            cfg,
+            data=replace(cfg.data, seq_length=args.seq),
+            optimizer=OptimizerConfig(optimizer_type="adam", lr=1e-4, weight_decay=0.1, gradient_clipping=1.0),
+            schedule=ScheduleConfig(lr_decay_style="constant"),
+            training=TrainingConfig(train_iters=2 * args.steps, train_micro_batch_size_per_gpu=args.micro,
+                                    gradient_accumulation_steps=args.accum, train_batch_size=args.micro * args.accum,
+                                    precision="fp32", eval_iters=0),
+            logging=LoggingConfig(log_dir=run_dir, log_interval=args.steps),
+        )
+        train(cfg, "", data=TrainData(RandomBatches(args.micro, args.seq, args.vocab)), model=model,
+              log=lambda m: None)
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return records[-1]["tokens_per_s"]
+
+
+def run_hf(hf, args) -> float:
+    import torch.nn.functional as F
+
+    from neoxt.config.schema import OptimizerConfig
+    from neoxt.train.optim import build_optimizer
+
+    hf.train()
+    # Same optimizer construction (AdamW, same groups and fused choice) so only the step differs.
+    opt = build_optimizer(hf, OptimizerConfig(optimizer_type="adam", lr=1e-4, weight_decay=0.1))
+    data = RandomBatches(args.micro, args.seq, args.vocab)
+
+    def step():
+        micro = [next(data) for _ in range(args.accum)]
+        for b in micro:
+            logits = hf(input_ids=b["tokens"]).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["labels"].reshape(-1))
+            (loss / args.accum).backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.steps):
+        step()
+    began = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    elapsed = time.perf_counter() - began
+    return args.steps * args.accum * args.micro * args.seq / elapsed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=["llama", "gpt_neox"], default="llama")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--accum", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ours_tps, hf_tps = [], []
+    for r in range(args.rounds):
+        hf = build_hf(args.arch, args.layers, args.hidden, args.vocab, args.seq, seed=r)
+        model_cfg, ours = convert(hf)
+        ours_tps.append(run_ours(model_cfg, ours, args))
+        hf_tps.append(run_hf(hf, args))
+        print(f"round {r + 1}: neoxt {ours_tps[-1]:,.0f} tok/s | HF {hf_tps[-1]:,.0f} tok/s", flush=True)
+
+    n_params = sum(p.numel() for p in ours.parameters())
+    ours_med, hf_med = statistics.median(ours_tps), statistics.median(hf_tps)
+    print()
+    print(f"{args.arch}: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {n_params / 1e6:.2f}M params; "
+          f"batch {args.micro}x{args.accum} of {args.seq} tokens, fp32, AdamW, CPU threads {torch.get_num_threads()}")
+    print(f"{'implementation':<34}{'tokens/s (median)':>20}{'ms/step':>12}")
+    tokens_per_step = args.micro * args.accum * args.seq
+    for name, tps in (("neoxt train()", ours_med), ("HF transformers + plain loop", hf_med)):
+        print(f"{name:<34}{tps:>20,.0f}{1000 * tokens_per_step / tps:>12.1f}")
+    print(f"ratio neoxt / HF: {ours_med / hf_med:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -54,14 +54,11 @@ def test_input_file_writes_one_record_per_prompt(hf_dir, tmp_path):
         assert set(r) == KEYS
         assert 0 <= r["length"] <= 6 and r["duration_seconds"] >= 0
         assert (r["text"] is None) == (r["length"] == 0)
-    # The same seed reproduces the file; another seed gives other samples.
+    # Another seed gives other samples (same-seed reproducibility: test_generate_sampling.py).
     first = [r["text"] for r in records]
-    again = ["generate", "--model", str(hf_dir), "--text-gen-type", "input-file", "--sample-input-file",
-             str(prompts), "--maximum-tokens", "6", "--temperature", "0.8", "--top-k", "40", "--device", "cpu",
-             "--batch-size", "2"]
-    main([*again, "--seed", "7"])
-    assert [r["text"] for r in _records(out)] == first
-    main([*again, "--seed", "8"])
+    main(["generate", "--model", str(hf_dir), "--text-gen-type", "input-file", "--sample-input-file",
+          str(prompts), "--maximum-tokens", "6", "--temperature", "0.8", "--top-k", "40", "--device", "cpu",
+          "--batch-size", "2", "--seed", "8"])
     assert [r["text"] for r in _records(out)] != first
 
 

@@ -257,8 +257,9 @@ def register(sub) -> None:
                             description="Show the training (or valid/test) samples exactly as the trainer "
                                         "draws them: global order (all data-parallel ranks), seq_length+1 "
                                         "tokens each, plus labels when a label file is configured.")
-    s.add_argument("config", nargs="+", help="GPT-NeoX style YAML config files, merged in order")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    from neoxt.config.commands import add_config_arguments
+
+    add_config_arguments(s)
     s.add_argument("--split", default="train", choices=["train", "valid", "test"])
     s.add_argument("--start", type=int, default=0, help="first sample position in the stream (default 0)")
     s.add_argument("--count", type=int, default=4, help="number of samples to show (default 4)")

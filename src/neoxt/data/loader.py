@@ -536,7 +536,7 @@ def samples_command(args: Any) -> int:
 
     from neoxt.config import load_config
 
-    cfg = load_config(args.config, args.set or (), world_size=args.world_size)
+    cfg = load_config(args.configs, args.overrides, world_size=args.world_size)
     if split_num_samples(cfg)[args.split] == 0:
         raise ConfigError(
             f"the config draws no {args.split} samples (train_iters={cfg.training.train_iters}, "

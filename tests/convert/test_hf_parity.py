@@ -158,3 +158,31 @@ def test_bf16_logits_and_decoding_are_bit_identical(arch, tmp_path):
     hf.generation_config.eos_token_id = None
     expected = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=1)[:, 12:]
     assert torch.equal(greedy(ours, prompt, 16), expected)
+
+
+def test_chat_template_from_config_and_bare_tokenizer_json(tmp_path):
+    """A GPT-NeoX-style run: tokenizer.json alone, chat template only in the config → both exported."""
+    from transformers import AutoTokenizer
+
+    from conftest import CHAT_TEMPLATE, train_tiny_tokenizer
+    from neoxt.config import config_to_yaml
+    from neoxt.config.schema import DataConfig, RunConfig, TokenizerConfig
+    from neoxt.model import Transformer, preset
+    from neoxt.train.checkpoint import save_checkpoint
+
+    tok_dir = train_tiny_tokenizer(tmp_path / "tok", chat_template=None)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    cfg = preset("llama-tiny", padded_vocab_size=320)
+    run_cfg = RunConfig(model=cfg, data=DataConfig(seq_length=512), tokenizer=TokenizerConfig(
+        "HFTokenizer", str(bare / "tokenizer.json"), None, str(tmp_path / "chat.jinja")))
+    save_checkpoint(tmp_path / "run", 5, {"model": Transformer(cfg).state_dict()}, config_to_yaml(run_cfg))
+    assert run_cli(["convert", "neoxt-to-hf", "--checkpoint", str(tmp_path / "run" / "global_step5"),
+                    "--output-dir", str(tmp_path / "hf")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.chat_template == CHAT_TEMPLATE
+    assert tok("Hello world").input_ids == AutoTokenizer.from_pretrained(tok_dir)("Hello world").input_ids
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|assistant|>\n")

@@ -254,3 +254,23 @@ def test_unsupported_train_impl_fails_clearly():
     cfg = tiny_config(train_iters=1, train_impl="kto")
     with pytest.raises(ConfigError, match="train_impl"):
         train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
+
+
+def test_resume_restores_counters_and_reports_schedule_change(tmp_path):
+    from neoxt.model import Transformer
+
+    cfg = with_checkpoint(tiny_config(save=tmp_path, train_iters=4), checkpoint_factor=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    _nan_at(model, {1})
+    first = train(cfg, "", data=TrainData(PatternSource()), model=model, log=lambda m: None, stop_after=2)
+    assert first.nan_count == 1
+    longer = replace(cfg, training=replace(cfg.training, train_iters=6))
+    lines = []
+    r = train(longer, "", data=TrainData(PatternSource()), log=lines.append)
+    assert r.nan_count == 1 and r.iteration == 6
+    assert any("differs from the checkpoint" in m for m in lines)
+    kept = replace(longer, schedule=replace(longer.schedule, use_checkpoint_lr_scheduler=True))
+    lines.clear()
+    train(with_checkpoint(kept, save=str(tmp_path)), "", data=TrainData(PatternSource()), log=lines.append)
+    assert not any("differs" in m for m in lines)

@@ -41,7 +41,7 @@ from neoxt.train.losses import lm_loss_sum, token_mask
 from neoxt.train.metrics import MetricsLogger, StepStats, default_peak_tflops, wandb_settings
 from neoxt.train.optim import build_optimizer, set_lr
 from neoxt.train.precision import LossScaler, autocast
-from neoxt.train.schedule import build_schedule
+from neoxt.train.schedule import LRSchedule, build_schedule
 
 
 class TrainingStopped(NeoxtError):
@@ -230,8 +230,8 @@ def _load_full(
     data: TrainData,
     cfg: RunConfig,
     st: _State,
-) -> None:
-    """Restore everything a checkpoint holds (exact resume)."""
+) -> dict[str, Any] | None:
+    """Restore everything a checkpoint holds (exact resume); returns the saved schedule state."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
     meta = ckpt.read_meta(ckpt_dir)
@@ -245,7 +245,10 @@ def _load_full(
     template: dict[str, Any] = {"model": msd}
     if osd is not None:
         template["optimizer"] = osd
-    for key, value in (("scheduler", {}), ("loss_scaler", scaler.state_dict()), ("counters", {})):
+    # DCP fills the keys the template names, so each template has the saved dict's keys.
+    sched_template = {"start_lr": 0.0, "warmup_iter": 0.0, "num_iters": 0, "decay_style": "", "end_iter": 0, "min_lr": 0.0}
+    counters_template = {"nan_count": 0, "skipped_count": 0}
+    for key, value in (("scheduler", sched_template), ("loss_scaler", scaler.state_dict()), ("counters", counters_template)):
         if key in saved_keys:
             template[key] = value
     if "data" in saved_keys:
@@ -294,6 +297,31 @@ def _load_full(
     st.skipped_count = int(counters.get("skipped_count", 0))
     if want_rng:
         _set_rng_state(template["rng"][f"rank{rank}"])
+    return template.get("scheduler")
+
+
+def _reconcile_schedule(schedule: LRSchedule, saved: dict[str, Any] | None, cfg: RunConfig, say) -> LRSchedule:
+    """The schedule to continue with after a resume (GPT-NeoX's two switches).
+
+    ``use_checkpoint_lr_scheduler``: the checkpoint's values win. Otherwise the config's win (upstream
+    asserts they are equal unless ``override_lr_scheduler``); a difference is reported, not fatal, so
+    a user can change e.g. ``train_iters`` of a chained run on purpose.
+    """
+    if not saved:
+        return schedule
+    from_ckpt = LRSchedule(
+        lr=float(saved["start_lr"]),
+        decay_style=str(saved["decay_style"]),
+        decay_iters=int(saved["end_iter"]),
+        warmup_iters=float(saved["warmup_iter"]),
+        min_lr=float(saved["min_lr"]),
+    )
+    if cfg.schedule.use_checkpoint_lr_scheduler:
+        return from_ckpt
+    if from_ckpt != schedule and not cfg.schedule.override_lr_scheduler:
+        say(f"note: the config's learning-rate schedule {schedule} differs from the checkpoint's {from_ckpt}; "
+            "using the config's (set use_checkpoint_lr_scheduler: true to keep the checkpoint's)")
+    return schedule
 
 
 def load_weights(path: str | os.PathLike, model: nn.Module) -> Path:
@@ -501,7 +529,8 @@ def train(
     st = _State()
 
     if resume_from is not None:
-        _load_full(resume_from, model, optimizer, scaler, data, cfg, st)
+        saved_schedule = _load_full(resume_from, model, optimizer, scaler, data, cfg, st)
+        schedule = _reconcile_schedule(schedule, saved_schedule, cfg, say)
     elif finetune_from is not None:
         loaded = load_weights(finetune_from, model)
         st.iteration = int(c_cfg.iteration or 0)

@@ -270,3 +270,20 @@ def test_reward_file_reaches_the_batch(tmp_path):
     with pytest.raises(DataError, match="reward.*unpacked"):
         build_dataset(base_cfg(train_data_paths=[text], train_reward_data_paths=[reward], valid_data_paths=[text],
                                test_data_paths=[text]), "train")
+
+
+def test_restore_with_another_batch_layout_continues_on_the_next_sample(tmp_path):
+    prefix = write_corpus(tmp_path / "g_text_document", 60, 12)
+    ds = build_dataset(base_cfg(data_path=prefix), "train")
+    a = BatchLoader(ds, 4)
+    for _ in range(3):
+        next(a)
+    b = BatchLoader(ds, 2, dp_rank=1, dp_size=2)  # same global batch of 4, now on two ranks
+    b.load_state_dict(a.state_dict())
+    assert next(b).sample_indices == (14, 15)
+    c = BatchLoader(ds, 3)  # a smaller global batch: 12 consumed samples = 4 of its batches
+    c.load_state_dict(a.state_dict())
+    assert next(c).sample_indices == (12, 13, 14)
+    d = BatchLoader(ds, 5)
+    with pytest.raises(DataError, match="not a whole number"):
+        d.load_state_dict(a.state_dict())

@@ -143,3 +143,40 @@ def test_wandb_gets_the_table(workspace, monkeypatch):
     assert table.columns == ["model", "system_prompt", "task_folder", "task", "acc"]
     assert table.data == [("model-a", "terse", "safety", "tiny_mc", 0.5)] and calls["finished"]
     assert Run.summary["model-a/terse/tiny_mc/acc"] == 0.5
+
+
+def test_slurm_submits_one_job_per_pending_pair_then_gather_builds_the_table(workspace, monkeypatch, tmp_path):
+    import shlex
+
+    suite = _suite(workspace, extra="slurm: {partition: gpu, time: '00:30:00', gpus: 1, env: {HF_HUB_OFFLINE: '1'}}\n")
+    suite.write_text(suite.read_text().replace("output_dir: out", "output_dir: out_slurm"))
+    out = workspace / "out_slurm"
+    done = out / "model-b" / "safety" / "terse.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"results": {"tiny_mc": {"acc,none": 0.25, "acc_stderr,none": 0.1}}}))
+    # A stand-in sbatch on PATH: records its arguments, prints a job id.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path / 'calls'}\necho $((1000 + RANDOM))\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+
+    assert main(["eval-suite", str(suite), "--slurm"]) == 0
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 3  # 4 pairs, one already done
+    scripts = sorted((out / "slurm").glob("*.sbatch"))
+    assert [s.name for s in scripts] == ["model-a__safety__helpful.sbatch", "model-a__safety__terse.sbatch",
+                                         "model-b__safety__helpful.sbatch"]
+    text = scripts[0].read_text()
+    assert "#SBATCH --partition=gpu" in text and "#SBATCH --time=00:30:00" in text and "#SBATCH --gpus=1" in text
+    assert "export HF_HUB_OFFLINE=1" in text
+    command = shlex.split(text.strip().splitlines()[-1])
+    assert command[:2] == ["neoxt", "eval"] and command[command.index("--output") + 1] == str(
+        out / "model-a" / "safety" / "helpful.json")
+    recorded = json.loads((out / "slurm" / "jobs.json").read_text())
+    assert len(recorded) == 3 and all(r["job_id"].isdigit() for r in recorded)
+
+    # After the jobs: --gather tables whatever results exist, running nothing.
+    assert main(["eval-suite", str(suite), "--gather"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["model"], r["system_prompt"], r["acc"]) for r in rows] == [("model-b", "terse", "0.25")]

@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("suite", help="suite YAML (see neoxt.evaluate.suite for the format)")
     s.add_argument("--print-jobs", action="store_true",
                    help="print one `neoxt eval` command per pending pair (for SLURM) and run nothing")
+    s.add_argument("--slurm", action="store_true",
+                   help="submit one sbatch job per pending pair (options: the suite's `slurm` block)")
+    s.add_argument("--dry-run", action="store_true", help="with --slurm: write the scripts, submit nothing")
+    s.add_argument("--gather", action="store_true", help="only build the table from existing result files")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     s.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE/HF_DATASETS_OFFLINE")
@@ -140,6 +144,19 @@ def run_suite_command(args: argparse.Namespace) -> int:
             if not job.result_path.is_file():
                 sys.stdout.write(shell_line(job_command(job, suite)) + "\n")
         return 0
+    echo = lambda m: log.info("%s", m)  # noqa: E731
+    if args.gather:
+        from neoxt.evaluate.suite import gather_only, table_markdown
+
+        sys.stdout.write(table_markdown(gather_only(suite, echo=echo)))
+        return 0
+    if args.slurm:
+        from neoxt.evaluate.suite import submit_slurm
+
+        submit_slurm(suite, _has_template, dry_run=args.dry_run, echo=echo)
+        return 0
+    if args.dry_run:
+        raise ConfigError("--dry-run goes with --slurm")
 
     from neoxt.evaluate.harness import run_eval
     from neoxt.generate_commands import load_for_inference
@@ -160,7 +177,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
             batch_size=suite.batch_size, max_length=suite.max_length, seed=suite.seed,
         )
 
-    _, _, rows = run_suite(suite, evaluate_pair, _has_template, echo=lambda m: log.info("%s", m))
+    _, _, rows = run_suite(suite, evaluate_pair, _has_template, echo=echo)
     from neoxt.evaluate.suite import table_markdown
 
     sys.stdout.write(table_markdown(rows))

@@ -15,13 +15,17 @@ A suite file (YAML; relative paths are relative to it)::
     output_dir: results          # default: <suite dir>/results
     num_fewshot: 0               # optional; also limit, batch_size, max_length, seed
     wandb: {project: evals, entity: my-team, group: suite-1}   # optional
+    slurm: {partition: gpu, account: proj, time: "02:00:00", gpus: 1, cpus: 8,   # optional, for --slurm
+            python: /path/to/venv/bin/python, env: {HF_HUB_OFFLINE: "1"}, extra_sbatch: ["--qos=high"]}
 
 ``system_prompts.json`` is ``{"name": "prompt text", ...}`` (or a list of texts, named p1, p2, …).
 
 Each (model, folder, system prompt) writes ``<output_dir>/<model>/<folder>/<prompt>.json`` — lm-eval's
 results JSON, written atomically — so a rerun skips the pairs already done and a pair can equally be
-produced by ``neoxt eval ... --output`` in a SLURM job (see ``job_command``). System prompts go
-through the chat template, so every model's template is checked before the first job starts.
+produced by ``neoxt eval ... --output`` in a SLURM job: ``neoxt eval-suite suite.yml --slurm`` writes
+one sbatch script per pending pair and submits it, and ``--gather`` later builds the table from the
+result files. System prompts go through the chat template, so every model's template is checked
+before the first job starts, locally or on SLURM.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ log = logging.getLogger(__name__)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SUITE_KEYS = {
     "models", "groups", "run", "task_folders", "output_dir", "num_fewshot", "limit", "batch_size",
-    "max_length", "seed", "wandb",
+    "max_length", "seed", "wandb", "slurm",
 }
+_SLURM_KEYS = {"partition", "account", "time", "gpus", "cpus", "python", "env", "extra_sbatch"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class Suite:
     max_length: int | None = None
     seed: int = 1234
     wandb: dict[str, Any] | None = None
+    slurm: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +252,14 @@ def load_suite(path: str | Path) -> Suite:
     wandb = raw.get("wandb")
     if wandb is not None and not isinstance(wandb, dict):
         raise ConfigError(f"{where}: 'wandb' must be a mapping (project, entity, group, name)")
+    slurm = raw.get("slurm")
+    if slurm is not None:
+        if not isinstance(slurm, dict):
+            raise ConfigError(f"{where}: 'slurm' must be a mapping ({', '.join(sorted(_SLURM_KEYS))})")
+        unknown = set(slurm) - _SLURM_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: slurm: unknown key {sorted(unknown)[0]!r} "
+                              f"(known: {', '.join(sorted(_SLURM_KEYS))})")
     try:
         return Suite(
             path=path,
@@ -258,6 +272,7 @@ def load_suite(path: str | Path) -> Suite:
             max_length=None if raw.get("max_length") is None else int(raw["max_length"]),
             seed=int(raw.get("seed", 1234)),
             wandb=wandb,
+            slurm=slurm,
         )
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
@@ -291,6 +306,38 @@ def job_command(job: SuiteJob, suite: Suite) -> list[str]:
 
 def shell_line(cmd: Sequence[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
+
+
+def render_sbatch(job: SuiteJob, suite: Suite) -> str:
+    """A one-GPU (by default) sbatch script that produces one pair's result file (pure function).
+
+    The suite's ``slurm`` block sets partition, account, time, gpus, cpus, python (the interpreter
+    that has neoxt), env and extra_sbatch lines. Result files are written atomically by
+    ``neoxt eval``, so a job killed at its time limit leaves the pair pending for the next run.
+    """
+    opts = dict(suite.slurm or {})
+    name = f"eval-{safe_name(job.model.alias)}-{job.folder.name}-{job.prompt_name}"
+    log_dir = suite.output_dir / "slurm" / "logs"
+    lines = ["#!/bin/bash", f"# Written by `neoxt eval-suite --slurm` for {job.label} of {suite.path}",
+             f"#SBATCH --job-name={name}", "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
+             f"#SBATCH --time={opts.get('time', '04:00:00')}", f"#SBATCH --output={log_dir}/{name}-%j.out"]
+    gpus = int(opts.get("gpus", 1))
+    if gpus > 0:
+        lines.append(f"#SBATCH --gpus={gpus}")
+    if opts.get("cpus"):
+        lines.append(f"#SBATCH --cpus-per-task={int(opts['cpus'])}")
+    for key in ("partition", "account"):
+        if opts.get(key):
+            lines.append(f"#SBATCH --{key}={opts[key]}")
+    lines += [f"#SBATCH {extra}" for extra in opts.get("extra_sbatch", [])]
+    lines += ["", "set -euo pipefail", "export PYTHONUNBUFFERED=1"]
+    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in (opts.get("env") or {}).items()]
+    cmd = job_command(job, suite)
+    python = opts.get("python")
+    if python:  # run the CLI through a given interpreter instead of `neoxt` on PATH
+        cmd = [str(python), "-m", "neoxt.cli", *cmd[1:]]
+    lines += ["", shell_line(cmd), ""]
+    return "\n".join(lines)
 
 
 def check_chat_templates(suite: Suite, has_template: Callable[[ModelEntry], bool]) -> None:
@@ -443,3 +490,51 @@ def run_suite(
     if suite.wandb is not None:
         log_wandb(suite, rows)
     return pending, skipped, rows
+
+
+def submit_slurm(
+    suite: Suite,
+    has_template: Callable[[ModelEntry], bool],
+    *,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """One sbatch job per pending pair; scripts under ``<output_dir>/slurm/``, ids in ``jobs.json``.
+
+    Pairs whose result file exists are skipped, as in a local run; when the jobs are done,
+    ``neoxt eval-suite --gather`` builds the table from the result files.
+    """
+    from neoxt.distributed.launch import sbatch_submit
+
+    check_chat_templates(suite, has_template)
+    slurm_dir = suite.output_dir / "slurm"
+    (slurm_dir / "logs").mkdir(parents=True, exist_ok=True)
+    submitted = []
+    for job in build_jobs(suite):
+        if job.result_path.is_file():
+            continue
+        script = slurm_dir / f"{safe_name(job.model.alias)}__{job.folder.name}__{job.prompt_name}.sbatch"
+        _write_text_atomic(script, render_sbatch(job, suite))
+        job_id = None if dry_run else sbatch_submit(script)
+        submitted.append({"pair": job.label, "script": str(script), "result": str(job.result_path),
+                          "job_id": job_id})
+        echo(f"eval-suite: {'wrote' if dry_run else f'submitted job {job_id}:'} {script}")
+    if submitted and not dry_run:
+        record = slurm_dir / "jobs.json"
+        previous = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else []
+        _write_text_atomic(record, json.dumps(previous + submitted, indent=2))
+    echo(f"eval-suite: {len(submitted)} pair(s) {'written' if dry_run else 'submitted'}; "
+         "when they finish, `neoxt eval-suite SUITE --gather` builds the table")
+    return submitted
+
+
+def gather_only(suite: Suite, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Build the tables from whatever result files exist (after SLURM jobs), running nothing."""
+    jobs = build_jobs(suite)
+    done = [j for j in jobs if j.result_path.is_file()]
+    rows = gather(suite, jobs)
+    md, csv_path = write_tables(suite, rows)
+    echo(f"eval-suite: {len(done)}/{len(jobs)} pairs have results; table → {md} and {csv_path}")
+    if suite.wandb is not None:
+        log_wandb(suite, rows)
+    return rows

@@ -527,9 +527,6 @@ class GPTDataset:
     def __len__(self) -> int:
         return len(self.maps)
 
-    def sample_row(self, idx: int) -> int:
-        return self.maps.resolve(int(idx))
-
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         pieces = self.maps.pieces(self.maps.resolve(int(idx)), self.text.sizes)
         seq1 = self.seq_length + 1

@@ -132,3 +132,28 @@ def test_config_without_an_hf_architecture(tmp_path, capsys):
     save_checkpoint(tmp_path / "run", 3, {"model": Transformer(cfg).state_dict()}, text)
     _fails(["convert", "neoxt-to-hf", "--checkpoint", str(tmp_path / "run"), "--output-dir", str(tmp_path / "hf")],
            capsys, "GPTNeoXForCausalLM", "gpt_j_tied")
+
+
+def test_pythia_era_gpt_neox_checkpoint(tmp_path, tiny_tokenizer_dir):
+    """Older HF GPTNeoX dirs: pytorch_model.bin, `embed_out`, attention buffers, rotary_pct in config.json."""
+    hf = hf_model("gpt_neox")
+    sd = {("embed_out.weight" if k == "lm_head.weight" else k): v.clone() for k, v in hf.state_dict().items()}
+    for i in range(hf.config.num_hidden_layers):
+        sd[f"gpt_neox.layers.{i}.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()
+        sd[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        sd[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    src = tmp_path / "pythia"
+    src.mkdir()
+    torch.save(sd, src / "pytorch_model.bin")
+    cfg = hf.config.to_dict()
+    cfg.pop("rope_parameters")
+    cfg.update(rotary_pct=0.25, rotary_emb_base=10000, architectures=["GPTNeoXForCausalLM"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert run_cli(["convert", "hf-to-neoxt", "--hf-model", str(src), "--output-dir", str(tmp_path / "out")]) == 0
+    tokens = torch.randint(0, 320, (1, 20))
+    with torch.no_grad():
+        assert (neoxt.load_model(tmp_path / "out")(tokens) - hf(tokens).logits).abs().max() <= 1e-4
+    sd["gpt_neox.layers.0.attention.rogue.weight"] = torch.zeros(2)
+    torch.save(sd, src / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="unexpected tensor gpt_neox.layers.0.attention.rogue.weight"):
+        neoxt.load_model(src)

@@ -20,11 +20,13 @@ import torch
 import torch.distributed as dist
 
 from neoxt.config.schema import ParallelismConfig, RunConfig, TrainingConfig
+from neoxt.distributed.parallelize import clip_grad_norm_
 from neoxt.model import Transformer, preset
 
 STEPS = 4
 BATCH, SEQ = 4, 16
 LR = 1e-2
+CLIP = 0.5  # active from the first step: a wrong global gradient norm changes the curve
 PRESETS = {"neox": "gpt-neox-tiny", "llama": "llama-tiny", "olmo3": "olmo3-tiny"}
 
 
@@ -67,7 +69,7 @@ def make_opt(params, kind: str) -> torch.optim.Optimizer:
 
 
 def opt_kind(layout: str) -> str:
-    return "sgd" if layout in ("fsdp", "hsdp") else "adamw"
+    return "sgd" if layout in ("fsdp", "hsdp", "fsdptp", "hsdptp") else "adamw"
 
 
 def train_plain(model: torch.nn.Module, steps: int = STEPS, opt: str = "adamw") -> list[float]:
@@ -78,6 +80,7 @@ def train_plain(model: torch.nn.Module, steps: int = STEPS, opt: str = "adamw") 
     for _ in range(steps):
         loss = ce(model(tokens), labels)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
@@ -91,6 +94,7 @@ def dp_step(model, opt, tok, lab, dp_size: int) -> float:
         logits.reshape(-1, logits.shape[-1]).float(), lab.reshape(-1), reduction="sum"
     )
     (loss_sum / (lab.numel() * dp_size)).backward()
+    clip_grad_norm_(model.parameters(), CLIP)
     opt.step()
     opt.zero_grad()
     report = loss_sum.detach() / (lab.numel() * dp_size)
@@ -168,6 +172,7 @@ def run_scenario(name: str) -> list[float] | dict:
         losses = []
         for _ in range(STEPS):
             loss = pipe.step(tokens if pipe.has_first else None, labels if pipe.has_last else None)
+            clip_grad_norm_(list(pipe.parameters()), CLIP, pp_mesh=mesh["pp"])
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
@@ -178,6 +183,9 @@ def run_scenario(name: str) -> list[float] | dict:
         "fsdp": ParallelismConfig(),
         "hsdp": ParallelismConfig(data_parallel_replicate=world),
         "tpac": ParallelismConfig(model_parallel_size=world, checkpoint_activations=True),
+        # 4 processes: FSDP over 2 x TP over 2 (the usual multi-node layout), with sequence parallel.
+        "fsdptp": ParallelismConfig(model_parallel_size=2, sequence_parallel=True),
+        "hsdptp": ParallelismConfig(model_parallel_size=2, data_parallel_replicate=2),
     }[layout]
     mesh = build_mesh(par, world)
     model = parallelize(build(arch, **over), run_config(arch, par, **over), mesh)

@@ -126,3 +126,18 @@ def test_checkpoint_reshards_between_two_ranks_and_one(results, ckpt_root):
     resumed = [dist_worker.dp_step(model, opt, tokens, labels, 1) for _ in range(2)]
     assert resumed == pytest.approx(ref[2:], abs=1e-5)
     assert resumed == pytest.approx(got["two"][2:], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["fsdptp:llama", "hsdptp:olmo3"])
+def test_four_process_2d_layouts_match_single_process(scenario, tmp_path):
+    """FSDP x TP (+SP) and HSDP x TP on 4 processes (the multi-node layout), with gradient clipping."""
+    out = tmp_path / "losses.json"
+    proc = torchrun(HERE / "dist_worker.py", [str(out), scenario], nproc=4, timeout=300)
+    assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads(out.read_text())[scenario]
+    assert "error" not in got, got.get("error")
+    layout, arch = scenario.split(":")
+    ref = dist_worker.train_plain(dist_worker.build(arch), opt=dist_worker.opt_kind(layout))
+    assert got["losses"][0] == pytest.approx(ref[0], abs=2e-5)
+    assert got["losses"] == pytest.approx(ref, abs=5e-4)

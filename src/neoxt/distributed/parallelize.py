@@ -39,7 +39,6 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -356,6 +355,54 @@ def _gather_hook():
     return hook
 
 
-def tied_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Logits with a tied embedding matrix that may be a (replicated or FSDP-gathered) DTensor."""
-    return F.linear(x, _local(weight))
+# ---------------------------------------------------------------------------------------------
+# Gradient clipping
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters, max_norm: float, norm_type: float = 2.0, pp_mesh: DeviceMesh | None = None
+) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for parallelized models; returns the global norm (fp32).
+
+    torch's version stacks per-parameter norms, which fails when gradients are DTensors on
+    different meshes (FSDP x TP weights on the 2-D mesh, replicated norms on the dp mesh) or a mix
+    of DTensors and plain tensors. Here every rank adds up ``|local shard|^p`` divided by how many
+    ranks hold the same shard (the Replicate dims of its mesh; for plain tensors every rank of the
+    pipeline stage), and *one* all-reduce over all ranks sums the stages, shards and groups: the
+    result is bit-identical on every rank, so replicated weights stay identical after clipping.
+    ``pp_mesh`` (when pipelining) tells how many stages share the world. ``max_norm <= 0`` or
+    ``inf`` only measures.
+    """
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    stages = pp_mesh.size() if pp_mesh is not None else 1
+    inf = norm_type == float("inf")
+    device = grads[0].device if grads else torch.device("cpu")
+    by_copies: dict[int, list[torch.Tensor]] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            copies = math.prod(
+                g.device_mesh.size(i) for i, pl in enumerate(g.placements) if isinstance(pl, Replicate)
+            )
+            by_copies.setdefault(copies, []).append(g.to_local())
+        else:
+            by_copies.setdefault(world // stages, []).append(g)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for copies, local in by_copies.items():
+        norms = torch._foreach_norm(local, norm_type)
+        if inf:
+            total = torch.maximum(total, torch.stack(norms).max().float())
+        else:
+            total += torch.stack(norms).float().pow(norm_type).sum() / copies
+    if world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM)
+    total = total if inf else total ** (1.0 / norm_type)
+    if max_norm and 0 < max_norm < float("inf"):
+        coef = max_norm / (float(total) + 1e-6)
+        if coef < 1.0:
+            for local in by_copies.values():
+                torch._foreach_mul_(local, coef)
+    return total

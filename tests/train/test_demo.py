@@ -42,3 +42,20 @@ def test_full_demo_loss_falls(tmp_path, capsys):
     out = capsys.readouterr().out
     first, last = (float(x.split()[0]) for x in out.split("demo: loss fell from ")[1].split(" to ")[:2])
     assert last < 0.5 * first
+
+
+def test_loss_falls_ten_percent_in_100_iterations_on_shipped_corpus(tmp_path):
+    """Acceptance 5 (the users' install check): real tokenizer, preprocess, loader, loop."""
+    from neoxt.config import load_config
+    from neoxt.train.demo import _demo_config_path, prepare_data
+    from neoxt.train.loop import train
+
+    dataset, vocab = prepare_data(tmp_path / "data")
+    cfg = load_config([str(_demo_config_path())], [
+        f"data_path={dataset}", f"vocab_file={vocab}", "split=949,50,1", "num_layers=2", "hidden_size=64",
+        "intermediate_size=128", "seq_length=32", "max_position_embeddings=32", "train_micro_batch_size_per_gpu=4",
+        "train_iters=100", "lr_decay_iters=100", "eval_iters=0", f"index_cache_dir={tmp_path / 'cache'}",
+    ])
+    r = train(cfg, None, log=lambda m: None)
+    first, last = sum(r.losses[:10]) / 10, sum(r.losses[-10:]) / 10
+    assert last < 0.9 * first, (first, last)

@@ -144,13 +144,15 @@ def generate_tokens(
     use_cache: bool = True,
     stop_check: Callable[[list[int]], bool] | None = None,
     max_seq_len: int | None = None,
+    vocab_limit: int | None = None,
 ) -> list[Completion]:
     """Generate up to ``params.maximum_tokens`` tokens after each prompt, all rows in one batch.
 
     ``stop_check(generated_ids)`` is asked after each new token of a row (used for stop strings);
     ``max_seq_len`` caps prompt + generation (the model's context), ending rows early when reached.
     Without ``use_cache`` every step re-runs the whole sequence (GPT-NeoX's ``recompute``), which
-    must give the same tokens and exists to check the cache.
+    must give the same tokens and exists to check the cache. ``vocab_limit`` (the tokenizer's size)
+    keeps the padding rows of the output layer (``padded_vocab_size``) from ever being picked.
     """
     params.check()
     if not prompts:
@@ -199,7 +201,11 @@ def generate_tokens(
                 kv_cache=cache,
                 key_padding_mask=real[:, :cursor] if any_pad else None,
             )
-        new = next_tokens(logits[:, -1, :], params, generator)
+        last = logits[:, -1, :]
+        if vocab_limit is not None and vocab_limit < last.size(-1):
+            last = last.clone()
+            last[:, vocab_limit:] = float("-inf")
+        new = next_tokens(last, params, generator)
         new = torch.where(done, torch.full_like(new, pad_id), new)
         tokens[:, cursor] = new
         cursor += 1
@@ -297,6 +303,7 @@ def generate_texts(
             use_cache=use_cache,
             stop_check=stop_check,
             max_seq_len=max_seq_len,
+            vocab_limit=getattr(tokenizer, "vocab_size", None),
         )
         duration = time.time() - began
         for text, done in zip(chunk, completions):

@@ -105,6 +105,17 @@ def test_filter_logits_matches_hf_warpers():
     assert torch.equal(torch.isfinite(filter_logits(logits, top_p=1e-9)).sum(-1), torch.ones(16, dtype=torch.long))
 
 
+def test_padding_rows_of_the_vocabulary_are_never_sampled():
+    model = _model("llama-tiny")  # padded_vocab_size 512
+    with torch.no_grad():
+        model.lm_head.weight[300:] += 50.0 * model.lm_head.weight[300:].sign()  # make padding rows attractive
+    params = SamplingParams(temperature=2.0, maximum_tokens=12)
+    free = generate_tokens(model, PROMPTS, params, generator=torch.Generator().manual_seed(0))
+    assert any(t >= 300 for c in free for t in c.tokens)  # the trap works without a limit
+    limited = generate_tokens(model, PROMPTS, params, generator=torch.Generator().manual_seed(0), vocab_limit=300)
+    assert all(t < 300 for c in limited for t in c.tokens)
+
+
 def test_invalid_sampling_params_are_config_errors():
     with pytest.raises(ConfigError, match="top_p"):
         SamplingParams(top_p=1.5).check()

@@ -583,3 +583,13 @@ def test_pack_until_overflow_last_sample_never_recurses():
     doc_idx, sample_idx, shuffle_idx = upstream_pack_until_overflow(docs, n, seq, seed, True)
     for i in range(1, len(ds)):
         assert ds[i]["text"].tolist() == upstream_item(docs, doc_idx, sample_idx, shuffle_idx, i, seq)[0]
+
+
+def test_cache_of_another_split_range_is_not_reused(tmp_path):
+    text = write_indexed(tmp_path / "s_text_document", unique_docs([4] * 8))
+    spec = IndexSpec("valid", 4, 4, 1)
+    a = build_gpt_dataset("valid", text.prefix, text, np.arange(2, 5, dtype=np.int32), spec)
+    assert set(np.asarray(a.maps.doc_idx).tolist()) == {2, 3, 4}
+    # Same cache name and same shapes (the split string changed, the range's sizes did not): rebuilt.
+    b = build_gpt_dataset("valid", text.prefix, text, np.arange(5, 8, dtype=np.int32), spec)
+    assert set(np.asarray(b.maps.doc_idx).tolist()) == {5, 6, 7}

@@ -425,10 +425,16 @@ def _load_cached(paths: dict[str, str]) -> IndexMaps | None:
 
 
 def _plausible(maps: IndexMaps, documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec) -> bool:
-    """Cheap staleness check: the cache name does not record the data, so confirm it still fits."""
+    """Cheap staleness check: the cache name records neither the data nor the split's document range
+    (a changed ``split`` string keeps the names), so confirm the maps still fit both."""
     if len(maps.doc_idx) and int(np.max(maps.doc_idx)) >= len(sizes):
         return False
     if spec.pack_impl == "packed":
+        # Every document of the range appears in doc_idx, so its extremes must be the range's.
+        if len(documents) and (
+            int(np.min(maps.doc_idx)) != int(np.min(documents)) or int(np.max(maps.doc_idx)) != int(np.max(documents))
+        ):
+            return False
         tokens = int(np.asarray(sizes)[documents].sum(dtype=np.int64))
         epochs = num_epochs_needed(tokens, spec.seq_length, spec.num_samples)
         return (

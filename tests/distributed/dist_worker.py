@@ -69,7 +69,7 @@ def make_opt(params, kind: str) -> torch.optim.Optimizer:
 
 
 def opt_kind(layout: str) -> str:
-    return "sgd" if layout in ("fsdp", "hsdp", "fsdptp", "hsdptp") else "adamw"
+    return "sgd" if layout in ("fsdp", "hsdp", "fsdptp", "hsdptp", "fsdpbf16") else "adamw"
 
 
 def train_plain(model: torch.nn.Module, steps: int = STEPS, opt: str = "adamw") -> list[float]:
@@ -182,13 +182,19 @@ def run_scenario(name: str) -> list[float] | dict:
         "sp": ParallelismConfig(model_parallel_size=world, sequence_parallel=True),
         "fsdp": ParallelismConfig(),
         "hsdp": ParallelismConfig(data_parallel_replicate=world),
+        "fsdpbf16": ParallelismConfig(),
         "tpac": ParallelismConfig(model_parallel_size=world, checkpoint_activations=True),
         # 4 processes: FSDP over 2 x TP over 2 (the usual multi-node layout), with sequence parallel.
         "fsdptp": ParallelismConfig(model_parallel_size=2, sequence_parallel=True),
         "hsdptp": ParallelismConfig(model_parallel_size=2, data_parallel_replicate=2),
     }[layout]
     mesh = build_mesh(par, world)
-    model = parallelize(build(arch, **over), run_config(arch, par, **over), mesh)
+    precision = "bf16" if layout.endswith("bf16") else "fp32"
+    model = parallelize(build(arch, **over), run_config(arch, par, precision, **over), mesh)
+    if precision == "bf16":  # FSDP2 mixed precision: fp32 sharded master weights, bf16 compute
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        with torch.no_grad():
+            assert model(tokens[:1]).dtype == torch.bfloat16
     dp_rank, dp_size = dp_rank_size(mesh)
     per = BATCH // dp_size
     tok, lab = tokens[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]

@@ -34,6 +34,7 @@ SCENARIOS = [
     "sptied:neox",
     "tpac:olmo3",
     "fsdp:llama",
+    "fsdpbf16:llama",
     "hsdp:olmo3",
     "pp1f1b:llama",
     "ppgpipe:neox",
@@ -100,8 +101,11 @@ def test_two_process_layout_matches_single_process(scenario, results, references
     ref = references[(arch, layout.endswith("tied"), dist_worker.opt_kind(layout))]
     losses = got["losses"]
     assert len(losses) == len(ref) == dist_worker.STEPS
-    assert losses[0] == pytest.approx(ref[0], abs=2e-5), (losses, ref)
-    assert losses == pytest.approx(ref, abs=5e-4), (losses, ref)
+    if layout.endswith("bf16"):  # bf16 compute vs the fp32 reference: close, not equal
+        assert losses == pytest.approx(ref, abs=3e-2) and losses != pytest.approx(ref, abs=1e-6)
+    else:
+        assert losses[0] == pytest.approx(ref[0], abs=2e-5), (losses, ref)
+        assert losses == pytest.approx(ref, abs=5e-4), (losses, ref)
     assert losses[-1] < losses[0]  # it trained
 
 

@@ -164,3 +164,13 @@ def test_neoxt_checkpoint_eval_matches_hf_backend_on_its_export(tmp_path, tiny_t
         for [(ll_a, g_a)], [(ll_b, g_b)] in zip(a, b):
             assert abs(float(ll_a) - float(ll_b)) <= 1e-4 and g_a == g_b
     assert ours["results"]["tiny_mc"]["acc,none"] == theirs["results"]["tiny_mc"]["acc,none"]
+
+
+def test_hf_eos_ids_reads_generation_config_then_config(tmp_path):
+    from neoxt.evaluate.harness import hf_eos_ids
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert hf_eos_ids(tmp_path) == (2,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    assert hf_eos_ids(tmp_path) == (2, 7)
+    assert hf_eos_ids(tmp_path / "missing") == ()

@@ -72,7 +72,7 @@ def _output_path(output: str) -> Path:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from neoxt.evaluate.harness import results_table, run_eval, write_results
+    from neoxt.evaluate.harness import hf_eos_ids, results_table, run_eval, write_results
     from neoxt.generate_commands import load_for_inference
 
     if args.batch_size < 1:
@@ -96,6 +96,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         log_samples=args.log_samples,
         offline=args.offline,
         seed=args.seed,
+        stop_token_ids=hf_eos_ids(inf.source) if inf.is_hf_dir else (),
     )
     results.setdefault("config", {})["model"] = inf.source
     sys.stdout.write(results_table(results) + "\n")
@@ -158,7 +159,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         raise ConfigError("--dry-run goes with --slurm")
 
-    from neoxt.evaluate.harness import run_eval
+    from neoxt.evaluate.harness import hf_eos_ids, run_eval
     from neoxt.generate_commands import load_for_inference
 
     loaded: dict[str, Any] = {}
@@ -175,6 +176,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
             inf.model, tok, list(job.folder.tasks), num_fewshot=suite.num_fewshot, limit=suite.limit,
             include_path=str(job.folder.path), apply_chat_template=True, system_prompt=job.prompt_text,
             batch_size=suite.batch_size, max_length=suite.max_length, seed=suite.seed,
+            stop_token_ids=hf_eos_ids(inf.source) if inf.is_hf_dir else (),
         )
 
     _, _, rows = run_suite(suite, evaluate_pair, _has_template, echo=echo)

@@ -128,6 +128,7 @@ class NeoxtLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
         name: str = "neoxt",
+        stop_token_ids: Sequence[int] = (),
     ):
         super().__init__()
         self.model = model
@@ -137,6 +138,9 @@ class NeoxtLM(TemplateLM):
         self._max_length = int(max_length or getattr(cfg, "max_position_embeddings", 2048))
         self._max_gen_toks = int(max_gen_toks)
         self._name = name
+        # HF generate also stops at the model's generation_config EOS ids (e.g. an instruct model's
+        # end-of-turn token); pass them here to stop where lm-eval's hf backend stops.
+        self._stop_ids = tuple(dict.fromkeys([tokenizer.eos_token_id, *stop_token_ids]))
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"tokenizer of {name} has no EOS token; lm-eval needs one (set eos_token)")
 
@@ -276,7 +280,7 @@ class NeoxtLM(TemplateLM):
                 top_k=int(kwargs.get("top_k", 0) or 0) if kwargs.get("do_sample") else 0,
                 top_p=float(kwargs.get("top_p", 0.0) or 0.0) if kwargs.get("do_sample") else 0.0,
                 maximum_tokens=max_gen,
-                stop_token_ids=(self.eot_token_id,),
+                stop_token_ids=self._stop_ids,
             )
             if kwargs.get("do_sample") and params.greedy:
                 params = replace(params, temperature=1.0)
@@ -304,6 +308,23 @@ class NeoxtLM(TemplateLM):
                 bar.update(len(chunk))
         bar.close()
         return out  # type: ignore[return-value]
+
+
+def hf_eos_ids(model_dir: str | Path) -> tuple[int, ...]:
+    """The EOS ids HF ``generate`` stops at for an HF model directory (generation_config.json,
+    else config.json); ``int`` or list in either file."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            try:
+                eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            except json.JSONDecodeError:
+                continue
+            if isinstance(eos, int):
+                return (eos,)
+            if isinstance(eos, list):
+                return tuple(int(e) for e in eos)
+    return ()
 
 
 def _check_tasks(task_manager: Any, tasks: Sequence[str], include_path: str | None) -> list[str]:
@@ -344,11 +365,13 @@ def run_eval(
     offline: bool = False,
     seed: int = 1234,
     bootstrap_iters: int = 100000,
+    stop_token_ids: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Evaluate ``model`` on lm-eval ``tasks``; returns lm-eval's results dict.
 
     Training calls this for ``eval_tasks``; ``neoxt eval`` and the suite runner call it per model.
-    ``offline`` sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE for local task folders.
+    ``offline`` sets HF_HUB_OFFLINE / HF_DATASETS_OFFLINE for local task folders;
+    ``stop_token_ids`` adds end-of-generation ids besides the tokenizer's EOS (see ``hf_eos_ids``).
     """
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -367,7 +390,7 @@ def run_eval(
     task_names = _check_tasks(manager, tasks, include_path)
     if not hasattr(tokenizer, "eos_token_id") and hasattr(tokenizer, "eod_id"):
         tokenizer = TokenizerView(tokenizer)
-    lm = NeoxtLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = NeoxtLM(model, tokenizer, batch_size=batch_size, max_length=max_length, stop_token_ids=stop_token_ids)
     was_training = model.training
     model.eval()
     began = time.time()

@@ -61,7 +61,7 @@ def reference_stream(docs, documents, num_samples, seq_length, seed, global_batc
                 toks += list(docs[doc_idx[k]])
             toks += list(docs[doc_idx[e]][: oe + 1])
         out.append([int(t) for t in toks])
-    return out
+    return out, length
 
 
 def make_docs(num_docs, seed):
@@ -93,30 +93,31 @@ def test_packed_samples_match_gpt_neox_in_global_order(tmp_path, capsys):
     cfg = tmp_path / "run.yml"
     cfg.write_text(
         f"data_path: {prefix}\nsplit: '90,8,2'\nseq_length: {SEQ}\nseed: 4321\n"
-        "train_iters: 25\ntrain_micro_batch_size_per_gpu: 2\ngradient_accumulation_steps: 2\n"
+        "train_iters: 25\ntrain_micro_batch_size_per_gpu: 3\ngradient_accumulation_steps: 2\n"
         "eval_interval: 10\neval_iters: 2\n"
     )
     train_docs = list(range(0, 108))  # round(0.9*120)=108, upstream's split rounding
-    num_samples = 25 * 4
+    num_samples = 25 * 6
     code, out, err = run_samples(capsys, cfg, "--json", "--start", 0, "--count", 400)
     assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["position"] for r in records] == list(range(400))
-    want = reference_stream(docs, train_docs, num_samples, SEQ, 4321, 2, range(400))
+    want, length = reference_stream(docs, train_docs, num_samples, SEQ, 4321, 3, range(400))
+    assert length < 400 and length % 3  # the stream wraps, dropping an incomplete last batch
     assert [r["text"] for r in records] == want
     assert all(len(r["text"]) == SEQ + 1 for r in records)
     assert records[-1]["index"] < records[-1]["position"]  # 400 samples run past the stream: it wrapped
-    assert records[5]["iteration"] == 2 and records[5]["dp_rank"] == 0 and records[5]["micro_batch"] == 2
+    assert records[7]["iteration"] == 2 and records[7]["dp_rank"] == 0 and records[7]["micro_batch"] == 2
     # A window further on (past the end of the stream: it wraps) and with two data-parallel ranks.
     code, out, _ = run_samples(capsys, cfg, "--json", "--start", 95, "--count", 20, "--world-size", 2)
     records = [json.loads(line) for line in out.splitlines()]
-    want = reference_stream(docs, train_docs, 2 * num_samples, SEQ, 4321, 4, range(95, 115))
+    want, _ = reference_stream(docs, train_docs, 2 * num_samples, SEQ, 4321, 6, range(95, 115))
     assert [r["text"] for r in records] == want
-    assert [r["dp_rank"] for r in records[:4]] == [1, 0, 0, 1]
+    assert [r["dp_rank"] for r in records[:5]] == [1, 0, 0, 0, 1]  # 95 = batch 15 row 5; rank 1 has rows 3-5
     # The validation split uses its own document range and its own index maps.
     code, out, _ = run_samples(capsys, cfg, "--json", "--split", "valid", "--count", 6)
     records = [json.loads(line) for line in out.splitlines()]
-    want = reference_stream(docs, list(range(108, 118)), (25 // 10 + 1) * 2 * 4, SEQ, 4321, 2, range(6))
+    want, _ = reference_stream(docs, list(range(108, 118)), (25 // 10 + 1) * 2 * 6, SEQ, 4321, 3, range(6))
     assert [r["text"] for r in records] == want
 
 

@@ -42,6 +42,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="a Jinja chat template (or a file) for a model that has none")
 
 
+def local_model_path(source: str) -> str:
+    """A local path as is; an 'org/name' Hub id downloaded into the HF cache (offline: cache only)."""
+    if Path(source).exists():
+        return source
+    if source.startswith(("/", ".", "~")) or source.count("/") != 1:
+        raise ConfigError(f"model path {source} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model {source}: not a local path and not downloadable from the Hub "
+                          f"({type(err).__name__}: {first})") from None
+
+
 def load_for_inference(args: argparse.Namespace) -> Inference:
     """The run config, model and tokenizer named by CONFIG… and/or --model."""
     import torch
@@ -57,8 +73,7 @@ def load_for_inference(args: argparse.Namespace) -> Inference:
     path = args.model_path or cfg.checkpoint.load
     if not path:
         raise ConfigError("no model to load: pass --model PATH or set `load` in the config")
-    if not Path(path).exists():
-        raise ConfigError(f"model path {path} does not exist")
+    path = local_model_path(str(path))
     hf_dir = is_hf_model_dir(path)
     tok_cfg = cfg.tokenizer
     if not tok_cfg.vocab_file and not hf_dir:

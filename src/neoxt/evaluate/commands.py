@@ -118,19 +118,6 @@ def _has_template(entry: Any) -> bool:
     return bool(load_tokenizer(read_checkpoint_config(resolve_checkpoint(src)).tokenizer).chat_template)
 
 
-def _local_model_path(source: str) -> str:
-    """A local path as is; a Hub id downloaded into the HF cache (offline mode uses the cache only)."""
-    if Path(source).exists():
-        return source
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(source)
-    except Exception as err:
-        raise ConfigError(f"model {source}: not a local path and not downloadable from the Hub "
-                          f"({type(err).__name__}: {err})") from None
-
-
 def run_suite_command(args: argparse.Namespace) -> int:
     from neoxt.evaluate.suite import build_jobs, job_command, load_suite, run_suite, shell_line
 
@@ -167,7 +154,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
     def evaluate_pair(job) -> dict[str, Any]:
         if job.model.alias not in loaded:
             loaded.clear()  # one model in memory at a time
-            ns = argparse.Namespace(configs=[], overrides=[], model_path=_local_model_path(job.model.source),
+            ns = argparse.Namespace(configs=[], overrides=[], model_path=job.model.source,
                                     device=args.device, dtype=args.dtype, chat_template=job.model.chat_template)
             inf = load_for_inference(ns)
             loaded[job.model.alias] = (inf, eval_tokenizer(inf, job.model.chat_template))

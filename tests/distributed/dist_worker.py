@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from neoxt.config.schema import ParallelismConfig, RunConfig, TrainingConfig
-from neoxt.distributed.parallelize import clip_grad_norm_
+from neoxt.distributed.parallelize import build_parallel_model, clip_grad_norm_
 from neoxt.model import Transformer, preset
 
 STEPS = 4
@@ -183,6 +183,7 @@ def run_scenario(name: str) -> list[float] | dict:
         "fsdp": ParallelismConfig(),
         "hsdp": ParallelismConfig(data_parallel_replicate=world),
         "fsdpbf16": ParallelismConfig(),
+        "meta": ParallelismConfig(model_parallel_size=world),
         "tpac": ParallelismConfig(model_parallel_size=world, checkpoint_activations=True),
         # 4 processes: FSDP over 2 x TP over 2 (the usual multi-node layout), with sequence parallel.
         "fsdptp": ParallelismConfig(model_parallel_size=2, sequence_parallel=True),
@@ -190,7 +191,11 @@ def run_scenario(name: str) -> list[float] | dict:
     }[layout]
     mesh = build_mesh(par, world)
     precision = "bf16" if layout.endswith("bf16") else "fp32"
-    model = parallelize(build(arch, **over), run_config(arch, par, precision, **over), mesh)
+    if layout == "meta":  # meta-device build: compared on its own terms (different init draws)
+        torch.manual_seed(1234)
+        model = build_parallel_model(run_config(arch, par), mesh, "cpu")
+    else:
+        model = parallelize(build(arch, **over), run_config(arch, par, precision, **over), mesh)
     if precision == "bf16":  # FSDP2 mixed precision: fp32 sharded master weights, bf16 compute
         assert all(p.dtype == torch.float32 for p in model.parameters())
         with torch.no_grad():

@@ -64,3 +64,9 @@ def test_tp_refuses_uneven_head_split():
     learned = Transformer(preset("gpt-neox-tiny", pos_emb="learned"))
     with pytest.raises(ConfigError, match="sequence_parallel"):
         check_tp(learned, 2, sequence_parallel=True)
+
+
+def test_dp_group_is_none_without_mesh():
+    from neoxt.distributed.mesh import dp_group
+
+    assert dp_group(None) is None

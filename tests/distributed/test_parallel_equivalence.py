@@ -75,7 +75,7 @@ def ckpt_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, ckpt_root) -> dict:
     out = tmp_path_factory.mktemp("dist") / "losses.json"
-    proc = torchrun(HERE / "dist_worker.py", [str(out), *SCENARIOS, f"ckpt:{CKPT_ARCH}"],
+    proc = torchrun(HERE / "dist_worker.py", [str(out), *SCENARIOS, f"ckpt:{CKPT_ARCH}", "meta:olmo3"],
                     env={"NEOXT_TEST_CKPT_DIR": str(ckpt_root)})
     assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -91,6 +91,16 @@ def references() -> dict:
             over = {"no_weight_tying": False} if tied else {}
             refs[(arch, tied, opt)] = dist_worker.train_plain(dist_worker.build(arch, **over), opt=opt)
     return refs
+
+
+def test_meta_device_build_trains(results):
+    """build_parallel_model (meta device -> TP shards -> init) starts at ~ln(vocab) and trains."""
+    import math
+
+    got = results["meta:olmo3"]
+    assert "error" not in got, got.get("error")
+    losses = got["losses"]
+    assert abs(losses[0] - math.log(128)) < 0.2 and losses[-1] < losses[0] - 0.1, losses
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -141,3 +141,14 @@ def dp_rank_size(mesh: DeviceMesh | None) -> tuple[int, int]:
 
 def dim_size(mesh: DeviceMesh | None, name: str) -> int:
     return 1 if mesh is None else mesh[name].size()
+
+
+def dp_group(mesh: DeviceMesh | None):
+    """The process group to sum token counts and loss shares over (None: no reduction needed).
+
+    Not the world group: tensor-parallel (and pipeline) ranks of one data-parallel rank see the same
+    batch, so reducing over the world would count it tp x pp times.
+    """
+    if mesh is None or mesh["dp"].size() == 1:
+        return None
+    return mesh["dp"].get_group()

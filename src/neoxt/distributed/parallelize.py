@@ -90,6 +90,26 @@ def parallelize(
     return model
 
 
+def build_parallel_model(cfg: RunConfig, mesh: DeviceMesh | None, device: torch.device | str) -> nn.Module:
+    """A parallelized ``Transformer`` whose full weights never exist on one device.
+
+    Built on the meta device, parallelized (TP/AC/compile/FSDP), then only this rank's shards are
+    allocated on ``device`` and initialised with ``neoxt.model.init.init_weights`` (DTensor random
+    ops give each shard its part of one consistent full tensor). Use it for large models; small
+    ones may equally be built on ``device`` and passed to ``parallelize``. Seed torch's RNG the same
+    on every rank first.
+    """
+    from neoxt.model import Transformer
+    from neoxt.model.init import init_weights
+
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    parallelize(model, cfg, mesh)
+    model.to_empty(device=device)
+    init_weights(model, cfg.model)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # FSDP2
 

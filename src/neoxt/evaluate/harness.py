@@ -140,9 +140,9 @@ class NeoxtLM(TemplateLM):
         self._name = name
         # HF generate also stops at the model's generation_config EOS ids (e.g. an instruct model's
         # end-of-turn token); pass them here to stop where lm-eval's hf backend stops.
-        self._stop_ids = tuple(dict.fromkeys([tokenizer.eos_token_id, *stop_token_ids]))
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"tokenizer of {name} has no EOS token; lm-eval needs one (set eos_token)")
+        self._stop_ids = tuple(dict.fromkeys([tokenizer.eos_token_id, *stop_token_ids]))
 
     # --- properties lm-eval reads --------------------------------------------------------------
 
@@ -224,10 +224,11 @@ class NeoxtLM(TemplateLM):
             batch = torch.zeros((len(inputs), width), dtype=torch.long, device=device)
             for row, inp in enumerate(inputs):
                 batch[row, : len(inp)] = torch.as_tensor(inp, dtype=torch.long)
-            logprobs = F.log_softmax(self.model(batch).float(), dim=-1)
+            logits = self.model(batch)
             for row, i in enumerate(chunk):
                 n_in, cont = len(inputs[row]), conts[row]
-                scored = logprobs[row, n_in - len(cont) : n_in]
+                # log_softmax is per position, so only the continuation's rows need it (and fp32).
+                scored = F.log_softmax(logits[row, n_in - len(cont) : n_in].float(), dim=-1)
                 target = torch.as_tensor(cont, dtype=torch.long, device=device)
                 greedy = bool((scored.argmax(dim=-1) == target).all())
                 answer = (float(scored.gather(1, target[:, None]).sum()), greedy)

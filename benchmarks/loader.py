@@ -18,16 +18,21 @@ Prints one table; asserts nothing.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
-
+# This directory holds tokenize.py (another benchmark), which would shadow the standard library's
+# tokenize module (numpy imports it through inspect/linecache); look up modules without it.
+_HERE = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _HERE]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 from neoxt.data.indexed import IndexedDataset, IndexedDatasetWriter  # noqa: E402
 from neoxt.data.loader import BatchLoader  # noqa: E402

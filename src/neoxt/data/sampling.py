@@ -421,7 +421,8 @@ def _load_cached(paths: dict[str, str]) -> IndexMaps | None:
     if sample_idx.ndim != 2 or sample_idx.shape[1] != 2 or arrays["doc_idx"].ndim != 1:
         log.warning("ignoring malformed index cache %s; rebuilding", paths["sample_idx"])
         return None
-    return IndexMaps(arrays["doc_idx"], sample_idx, arrays["shuffle_idx"])
+    # Plain ndarray views of the maps: still memory-mapped, without np.memmap's per-index overhead.
+    return IndexMaps(np.asarray(arrays["doc_idx"]), np.asarray(sample_idx), np.asarray(arrays["shuffle_idx"]))
 
 
 def _plausible(maps: IndexMaps, documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec) -> bool:

@@ -14,7 +14,14 @@ PAD = 1
 
 
 def _hf_model(arch: str):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Olmo3Config,
+        Olmo3ForCausalLM,
+    )
 
     common = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=128, max_position_embeddings=128, pad_token_id=PAD, eos_token_id=0,
@@ -22,8 +29,11 @@ def _hf_model(arch: str):
     torch.manual_seed(0)
     if arch == "gpt_neox":
         model = GPTNeoXForCausalLM(GPTNeoXConfig(**common, rotary_pct=0.25, use_parallel_residual=True))
-    else:
+    elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2))
+    else:  # sliding window of 8 on three of four layers: the window is crossed while generating
+        model = Olmo3ForCausalLM(Olmo3Config(**{**common, "num_hidden_layers": 4}, sliding_window=8,
+                                             layer_types=["sliding_attention"] * 3 + ["full_attention"]))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
@@ -39,7 +49,7 @@ def _convert(hf_model) -> Transformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama", "olmo3"])
 def test_greedy_batch_equals_hf_generate(arch):
     hf = _hf_model(arch)
     ours = _convert(hf)

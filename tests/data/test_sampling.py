@@ -395,6 +395,10 @@ def test_cache_uses_upstream_names_and_is_reused(tmp_path):
     stem = "corpus_text_document_train_indexmap_12ns_8sl_1234s_packedpi_ac"
     assert names == [f"{stem}_{p}.npy" for p in ("doc_idx", "sample_idx", "shuffle_idx")]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    # Loadable the way upstream loads them, with upstream's dtypes (int32 doc/sample idx, uint32 shuffle).
+    loaded = {p: np.load(tmp_path / f"{stem}_{p}.npy", allow_pickle=True, mmap_mode="r") for p in ("doc_idx", "sample_idx", "shuffle_idx")}
+    assert (loaded["doc_idx"].dtype, loaded["sample_idx"].dtype, loaded["shuffle_idx"].dtype) == (np.int32, np.int32, np.uint32)
+    assert loaded["sample_idx"].shape[1] == 2
     first = [ds[i]["text"].tolist() for i in range(len(ds))]
     # A second build loads the files (memory-mapped) instead of rebuilding.
     again = load_or_build_index_maps(text.prefix, docs, text.sizes, spec)

@@ -77,6 +77,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.tasks and not (args.configs or args.overrides):
+        raise ConfigError("no tasks: pass --tasks or set eval_tasks in the config")
     inf = load_for_inference(args)
     ev = inf.cfg.evaluation
     tasks = args.tasks or list(ev.eval_tasks)

@@ -9,6 +9,7 @@ from the same datasets in the same order as upstream.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Protocol
 import numpy as np
 
 from neoxt.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 class Dataset(Protocol):
@@ -158,6 +161,8 @@ def blend(datasets: Sequence[Dataset], weights: Sequence[float]) -> BlendedDatas
     size = sum(len(d) for d in datasets)
     if size == 0:
         raise DataError("blend of empty datasets")
+    if size >= 10_000_000:
+        log.info("building blend indices for %d samples over %d datasets", size, len(datasets))
     index, sample = blending_indices(weights, size)
     norm = np.asarray(weights, dtype=np.float64) / np.sum(weights, dtype=np.float64)
     return BlendedDataset(tuple(datasets), tuple(float(x) for x in norm), index, sample)

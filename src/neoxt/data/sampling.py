@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
@@ -467,6 +468,11 @@ def load_or_build_index_maps(
         return cached
     if cached is not None:
         log.warning("index cache %s does not match the data; rebuilding", paths["doc_idx"])
+    log.info(
+        "building %s index maps for %s (%d samples of %d tokens, %d documents)",
+        spec.pack_impl, os.path.basename(prefix), spec.num_samples, spec.seq_length, len(documents),
+    )
+    started = time.perf_counter()
     maps = build_index_maps(documents, sizes, spec, label, pair_sizes=pair_sizes, pair_label=pair_label)
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
@@ -486,6 +492,8 @@ def load_or_build_index_maps(
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    stem = paths["doc_idx"][: -len("_doc_idx.npy")]
+    log.info("index maps cached as %s_*.npy (%.1f s)", stem, time.perf_counter() - started)
     return maps
 
 

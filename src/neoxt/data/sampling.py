@@ -391,7 +391,9 @@ _PARTS = ("doc_idx", "sample_idx", "shuffle_idx")
 
 
 def cache_paths(prefix: str, spec: IndexSpec, cache_dir: str | None = None) -> dict[str, str]:
-    """The three cache files; next to the data unless ``cache_dir`` (then named by the prefix's basename)."""
+    """The three cache files: next to the data (upstream's names), or in ``cache_dir`` under the
+    prefix's basename — so two datasets sharing a basename in different directories must not share a
+    ``cache_dir`` (the staleness check catches most, not all, such clashes)."""
     base = prefix if cache_dir is None else os.path.join(cache_dir, os.path.basename(prefix))
     stem = spec.stem(base)
     return {part: f"{stem}_{part}.npy" for part in _PARTS}

@@ -15,6 +15,12 @@ Upstream wraps its loader in ``itertools.cycle``, which after a resume replays o
 the resume point on; here a wrap always restarts at batch 0, so the stream depends only on the
 position, not on when the job was restarted.
 
+Beyond text (+ label file), a split may carry KTO rewards (``{split}_reward_data_paths``, unpacked
+only) and precomputed reference log-probs (``<prefix>_<precompute_model_name>``), which reach the
+batch cut to the inputs; with ``dataset_impl: pairwise`` (DPO/RM) the chosen (``pos_``) and rejected
+(``neg_``) files share one index and a micro-batch holds the B chosen rows followed by the B rejected
+ones, as upstream's DPO batch.
+
 Document boundaries (``reset_attention_mask``) travel as ``document_ids [B, T]`` — the number of EOD
 tokens strictly before each position — rather than a ``[B, 1, T, T]`` mask: T× smaller, enough for
 flex_attention's document masking, and ``Batch.attention_mask()`` expands it to the dense boolean mask

@@ -279,3 +279,18 @@ def test_progress_logs_one_line_per_interval_off_a_terminal(capsys):
     p = Progress(None, "preprocess", every_s=3600.0)
     p.update(10, 1000, 4000)
     assert capsys.readouterr().err == ""  # at most one line per interval
+
+
+def test_ftfy_is_applied_or_asked_for(tmp_path, tok_cfg, monkeypatch):
+    import sys
+    import types
+
+    tok = load_tokenizer(tok_cfg)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}, {"text": "world"}])
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # not installed
+    with pytest.raises(DataError, match="pip install ftfy"):
+        preprocess(str(src), str(tmp_path / "o"), tok_cfg, ftfy=True)
+    assert final_and_temp_files(tmp_path, "o_") == []
+    monkeypatch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=str.upper))
+    res = preprocess(str(src), str(tmp_path / "o"), tok_cfg, ftfy=True)
+    assert [tok.decode(d) for d in IndexedDataset(res.outputs["text"])] == ["HELLO", "WORLD"]

@@ -30,15 +30,15 @@ def _add_runtime_flags(p: argparse.ArgumentParser, default_keys: list[str]) -> N
                    help="skip malformed records (bad JSON, missing key) and count them, instead of stopping")
     p.add_argument("--split", default=None, help="split of a saved HF DatasetDict or Hub dataset")
     p.add_argument("--subset", default=None, help="configuration name of a Hub dataset")
-    p.add_argument("--ftfy", action="store_true", help="accepted for GPT-NeoX compatibility; not applied")
+    p.add_argument("--ftfy", action="store_true",
+                   help="fix mojibake with ftfy before tokenizing (preprocess; needs the ftfy package). "
+                        "preprocess-chat accepts and ignores it, as upstream does")
 
 
 def _check_impl(args: argparse.Namespace) -> None:
     if args.dataset_impl != "mmap":
         raise DataError(f"--dataset-impl {args.dataset_impl}: only the mmap format is written "
                         "(it is what GPT-NeoX trains on)")
-    if args.ftfy:
-        print("neoxt: --ftfy is not applied (text is tokenized as given)", file=sys.stderr)
 
 
 def _preprocess(args: argparse.Namespace) -> int:
@@ -49,7 +49,7 @@ def _preprocess(args: argparse.Namespace) -> int:
     cfg = TokenizerConfig(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
                           merge_file=args.merge_file)
     result = preprocess(args.input, args.output_prefix, cfg, keys=args.jsonl_keys,
-                        append_eod=args.append_eod, workers=args.workers,
+                        append_eod=args.append_eod, ftfy=args.ftfy, workers=args.workers,
                         skip_bad_lines=args.skip_bad_lines, num_docs=args.num_docs,
                         split=args.split, subset=args.subset)
     print(format_summary(result.outputs, result.stats, result.dtype))
@@ -61,6 +61,8 @@ def _preprocess_chat(args: argparse.Namespace) -> int:
     from neoxt.data.tokenize import format_summary
 
     _check_impl(args)
+    if args.ftfy:
+        print("neoxt: --ftfy is ignored by preprocess-chat (as upstream)", file=sys.stderr)
     result = preprocess_chat(args.input, args.output_prefix, args.tokenizer_path, keys=args.jsonl_keys,
                              generation_role=args.generation_role, only_last=args.only_last,
                              no_mask=args.no_mask, for_rm=args.for_rm, reward_key=args.reward_key,

@@ -13,6 +13,8 @@ Decisions where upstream (tools/datasets/preprocess_data.py) is silent or odd:
   drops empty texts) and counted in the summary; dropping it from every key's file keeps document
   ``i`` of each file the same record. An input with no documents at all is an error.
 - A value that is a list of strings is joined with blank lines (lm_dataformat's behaviour).
+- ``--ftfy`` applies ``ftfy.fix_text`` before tokenizing, as upstream; without the package it is an
+  error, not a silent no-op.
 - Malformed JSON, a missing key or a non-text value is an error naming ``file:line``; with
   ``skip_bad_lines`` the record is skipped and counted instead.
 - Output goes to temporary names and is renamed only when every record has been written.
@@ -263,6 +265,15 @@ class TextEncodeSpec:
     tokenizer: TokenizerConfig
     keys: tuple[str, ...] = ("text",)
     append_eod: bool = False
+    ftfy: bool = False
+
+
+def _load_ftfy() -> Callable[[str], str]:
+    try:
+        import ftfy
+    except ImportError as err:
+        raise DataError("--ftfy needs the 'ftfy' package: pip install ftfy") from err
+    return ftfy.fix_text
 
 
 class TextEncoder:
@@ -275,6 +286,7 @@ class TextEncoder:
         self.tok = load_tokenizer(spec.tokenizer)
         if spec.append_eod and self.tok.eod_id is None:
             raise DataError(f"--append-eod: tokenizer {self.tok.name} has no end-of-document token")
+        self.fix = _load_ftfy() if spec.ftfy else None
 
     def __call__(self, batch: Batch) -> EncodedBatch:
         keys = self.spec.keys
@@ -292,6 +304,8 @@ class TextEncoder:
             if any(not v for v in values):
                 out.empty += 1
                 continue
+            if self.fix is not None:  # upstream: ftfy.fix_text before tokenizing
+                values = [self.fix(v) for v in values]
             out.nbytes += sum(len(v) for v in values)
             rows.append(values)
         encoded = [self.tok.encode_batch([r[k] for r in rows]) for k in range(len(keys))]
@@ -325,6 +339,7 @@ def preprocess(
     tokenizer: TokenizerConfig,
     keys: Sequence[str] = ("text",),
     append_eod: bool = False,
+    ftfy: bool = False,
     workers: int = 1,
     skip_bad_lines: bool = False,
     num_docs: int | None = None,
@@ -343,7 +358,9 @@ def preprocess(
     paths = expand_inputs(inputs)
     tok = load_tokenizer(tokenizer)  # fail here, in the main process, on a bad tokenizer
     dtype = best_fitting_dtype(tok.vocab_size)
-    spec = TextEncodeSpec(tokenizer=tokenizer, keys=keys, append_eod=append_eod)
+    spec = TextEncodeSpec(tokenizer=tokenizer, keys=keys, append_eod=append_eod, ftfy=ftfy)
+    if ftfy:
+        _load_ftfy()  # fail before any output exists
     if append_eod and tok.eod_id is None:
         raise DataError(f"--append-eod: tokenizer {tok.name} has no end-of-document token")
     batches = iter_batches(paths, keys, batch_size=batch_size, split=split, subset=subset)

@@ -107,7 +107,9 @@ def _open_binary(path: str) -> io.BufferedIOBase:
         import zstandard
 
         raw = open(path, "rb")  # noqa: SIM115 -- owned by the stream reader (closefd)
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+        # Archives are often several zstd frames back to back: read through all of them.
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True, read_across_frames=True)
+        return io.BufferedReader(reader)
     return open(path, "rb")  # noqa: SIM115
 
 

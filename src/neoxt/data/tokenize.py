@@ -9,9 +9,9 @@ tokenizers, so ``--workers N`` means N busy cores and nothing else.
 Decisions where upstream (tools/datasets/preprocess_data.py) is silent or odd:
 
 - Every key is tokenized from its own field (upstream tokenized the ``text`` field for every key).
-- A document whose text is empty or null for any key — or that tokenizes to no tokens — is dropped (upstream
-  drops empty texts) and counted in the summary; dropping it from every key's file keeps document
-  ``i`` of each file the same record. An input with no documents at all is an error.
+- A document whose text is empty or null for any key — or that tokenizes to no tokens — is dropped
+  (upstream drops empty texts) and counted in the summary; dropping it from every key's file keeps
+  document ``i`` of each file the same record. An input with no documents at all is an error.
 - A value that is a list of strings is joined with blank lines (lm_dataformat's behaviour).
 - ``--ftfy`` applies ``ftfy.fix_text`` before tokenizing, as upstream; without the package it is an
   error, not a silent no-op.

@@ -404,20 +404,37 @@ def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], precision: s
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source: BatchSource, iters: int, cfg: RunConfig, device: torch.device) -> tuple[float, int]:
-    """Mean loss over the counted tokens of ``iters`` global validation batches."""
+def evaluate(
+    model: nn.Module,
+    source: BatchSource,
+    iters: int,
+    cfg: RunConfig,
+    device: torch.device,
+    objective: Callable[..., torch.Tensor] | None = None,
+) -> tuple[float, int]:
+    """Mean loss over the counted tokens of ``iters`` global validation batches (or the mean
+    post-training objective over those batches), and the number of counted tokens."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
+    acc = cfg.training.gradient_accumulation_steps
     try:
-        for _ in range(iters * cfg.training.gradient_accumulation_steps):
-            batch = _move(next(source), device)
-            s, n = _forward_loss(model, batch, cfg.training.precision, device.type, 0.0)
-            total += s.double()
-            count += n.double()
+        for _ in range(iters):
+            micro = [_move(next(source), device) for _ in range(acc)]
+            for batch in micro:
+                count += token_mask(batch["labels"], batch.get("loss_mask")).sum().double()
+            if objective is not None:
+                total += objective(micro, backward=False) / max(iters, 1)
+                continue
+            for batch in micro:
+                s, _ = _forward_loss(model, batch, cfg.training.precision, device.type, 0.0)
+                total += s.double()
     finally:
         model.train(was_training)
+    if objective is not None:  # already a global mean per batch
+        _all_reduce_sum(count)
+        return total.item(), int(count.item())
     _all_reduce_sum(total)
     _all_reduce_sum(count)
     return (total / count.clamp(min=1)).item(), int(count.item())
@@ -481,9 +498,9 @@ def train(
     t_cfg, c_cfg = cfg.training, cfg.checkpoint
     if t_cfg.train_iters <= 0:
         raise ConfigError("train_iters must be set to a positive number of iterations")
-    if t_cfg.train_impl != "normal":
+    if t_cfg.train_impl not in ("normal", "dpo"):
         raise ConfigError(
-            f"train_impl: '{t_cfg.train_impl}' is not supported yet (only 'normal': language-model and SFT training)"
+            f"train_impl: '{t_cfg.train_impl}' is not supported yet (supported: normal (LM and SFT), dpo)"
         )
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
@@ -535,6 +552,14 @@ def train(
         loaded = load_weights(finetune_from, model)
         st.iteration = int(c_cfg.iteration or 0)
         say(f"loaded weights from {loaded}")
+    objective = None
+    if t_cfg.train_impl == "dpo":
+        from neoxt.train.posttrain import build_objective
+
+        load_src = c_cfg.load
+        objective = build_objective(
+            cfg, model, (lambda m: load_weights(load_src, m)) if load_src else None, fresh_start=resume_from is None
+        )
     if c_cfg.no_save_optim and c_cfg.save:
         say("warning: no_save_optim is set: checkpoints hold no optimizer state, so a run resumed from "
             "them (e.g. the next job of a chain) cannot continue exactly")
@@ -593,7 +618,10 @@ def train(
                 micro = [_move(next(data.train), device) for _ in range(grad_acc)]
                 lr = schedule.lr_at(st.iteration)
                 set_lr(optimizer, lr)
-                loss_total = accumulate_gradients(model, micro, t_cfg.precision, scaler.scale, t_cfg.z_loss)
+                if objective is not None:
+                    loss_total = objective(micro, scaler.scale)
+                else:
+                    loss_total = accumulate_gradients(model, micro, t_cfg.precision, scaler.scale, t_cfg.z_loss)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, max_norm=clip if clip and clip > 0 else float("inf"), foreach=True
                 )
@@ -646,7 +674,7 @@ def train(
 
                 if data.valid is not None and t_cfg.eval_interval and st.iteration % t_cfg.eval_interval == 0:
                     with torch.random.fork_rng(devices=[]):
-                        v_loss, v_tokens = evaluate(model, data.valid, t_cfg.eval_iters, cfg, device)
+                        v_loss, v_tokens = evaluate(model, data.valid, t_cfg.eval_iters, cfg, device, objective)
                     metrics.record_eval(st.iteration, v_loss, v_tokens)
 
                 steps_this_call += 1
@@ -694,6 +722,8 @@ class _DictBatches:
         out = {"tokens": b.tokens, "labels": b.labels, "loss_mask": b.loss_mask, "position_ids": b.position_ids}
         if b.document_ids is not None:
             out["attention_mask"] = b.attention_mask()
+        if getattr(b, "ref", None) is not None:
+            out["ref"] = b.ref
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -690,7 +690,8 @@ def train(
                 if wants_save or at_exit_interval or st.iteration == t_cfg.train_iters:
                     save_now()
                 if stop_after is not None and steps_this_call >= stop_after:
-                    result.status = status = "killed"
+                    result.status = "killed"
+                    status = "running"  # what a real kill leaves behind
                     break
                 if at_exit_interval and st.iteration < t_cfg.train_iters:
                     say(f"exit_interval {exit_interval}: stopping at iteration {st.iteration}")

@@ -3,6 +3,11 @@
 ``metrics.jsonl`` (one object per logged step) and ``heartbeat.json`` (rewritten atomically every
 step) are the files ``neoxt status`` reads; their keys are a contract (DESIGN.md). Validation results
 go to ``eval.jsonl`` beside them so every ``metrics.jsonl`` line has the same shape.
+
+Heartbeat ``status``: "running" (also what a crash or ``kill -9`` leaves behind; ``neoxt status``
+tells them apart by the age of ``time`` and by ``pid``), "finished", "failed" (an error, or
+``on_nan: stop``), "interrupted" (SIGTERM/SIGUSR1 or ``exit_interval``: a checkpoint was saved and
+rerunning the same command continues).
 """
 
 from __future__ import annotations

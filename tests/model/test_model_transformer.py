@@ -217,6 +217,19 @@ def test_qk_layernorm_normalises_like_upstream():
     torch.testing.assert_close(before, after, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("norm, joint", [("layernorm", True), ("rmsnorm", False)])
+def test_qk_layernorm_reduction_follows_upstream(norm, joint):
+    """Upstream's qk_layernorm has a [heads, head_dim] gain; torch LayerNorm then normalises over all
+    heads jointly, upstream's RMSNorm over head_dim only: scaling one head moves the others iff joint."""
+    name = "gpt-neox-tiny" if norm == "layernorm" else "llama-tiny"
+    attn = Transformer(preset(name, num_kv_heads=4, use_qk_layernorm=True)).layers[0].attn
+    x = torch.randn(1, 3, 4, 16)
+    scaled = x.clone()
+    scaled[:, :, 0] *= 10
+    other_heads_moved = not torch.allclose(attn.qk_norm(x)[:, :, 1:], attn.qk_norm(scaled)[:, :, 1:])
+    assert other_heads_moved == joint
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(padded_vocab_size=None), "padded_vocab_size"),
     (dict(attention_types=("global",)), "attention_types has 1 entries"),

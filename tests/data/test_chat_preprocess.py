@@ -216,3 +216,21 @@ def test_template_errors_name_the_record(tmp_path, tiny_tokenizer_dir):
         preprocess_chat(str(src), str(tmp_path / "o"), str(tiny_tokenizer_dir), keys=["messages"],
                         chat_template=strict)
     assert not list(tmp_path.glob("o_*"))
+
+
+def test_failure_writing_one_index_commits_no_file(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Tokens and labels are one unit: if the label index cannot be written, the token files never appear."""
+    from neoxt.data.indexed import IndexedDatasetWriter
+
+    real = IndexedDatasetWriter.write_index
+
+    def failing(self):
+        if "label" in self.prefix:
+            raise OSError("disk full")
+        return real(self)
+
+    monkeypatch.setattr(IndexedDatasetWriter, "write_index", failing)
+    src = write_chats(tmp_path / "c.jsonl")
+    with pytest.raises(OSError, match="disk full"):
+        preprocess_chat(str(src), str(tmp_path / "o"), str(tiny_tokenizer_dir), keys=["messages"])
+    assert not list(tmp_path.glob("o_*"))

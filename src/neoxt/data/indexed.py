@@ -252,6 +252,7 @@ class IndexedDatasetWriter:
         self._docs_tmp = self._idx_path + ".tmp-docs"
         Path(self._bin_path).parent.mkdir(parents=True, exist_ok=True)
         self._done = False
+        self._indexed = False
         self._files = []
         try:
             # closed in finalize/discard
@@ -287,7 +288,7 @@ class IndexedDatasetWriter:
         return arr
 
     def _check_open(self) -> None:
-        if self._done:
+        if self._done or self._indexed:
             raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
 
     def _spill(self, force: bool = False) -> None:
@@ -343,6 +344,15 @@ class IndexedDatasetWriter:
 
     def finalize(self) -> None:
         """Write the index and move both files to their final names."""
+        self.write_index()
+        self.commit()
+
+    def write_index(self) -> None:
+        """First half of ``finalize``: the complete index, still under its temporary name.
+
+        Several datasets written together (tokens + labels) call this on each, then ``commit`` on
+        each, so a failure while writing any index leaves none of them under a final name.
+        """
         self._check_open()
         try:
             self._spill(force=True)
@@ -359,6 +369,16 @@ class IndexedDatasetWriter:
                     out.write(((ends - chunk + offset) * self.dtype.itemsize).astype("<i8").tobytes())
                     offset += int(ends[-1])
                 _copy_file(self._docs_tmp, out)
+        except BaseException:
+            self.discard()
+            raise
+        self._indexed = True
+
+    def commit(self) -> None:
+        """Second half of ``finalize``: rename both files into place (only renames, nothing to fail midway)."""
+        if not self._indexed or self._done:
+            raise RuntimeError(f"writer for {self.prefix}: commit needs write_index first, once")
+        try:
             # Remove a stale index first: at no moment does a final-named .idx describe another .bin.
             if os.path.exists(self._idx_path):
                 os.remove(self._idx_path)
@@ -391,7 +411,7 @@ class IndexedDatasetWriter:
         if exc_type is not None:
             self.discard()
         elif not self._done:
-            self.finalize()
+            self.commit() if self._indexed else self.finalize()
 
 
 def _read_chunks(path: str, dtype: type, count: int = 1 << 22) -> Iterator[np.ndarray]:

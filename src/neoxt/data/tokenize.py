@@ -243,8 +243,10 @@ def run_pipeline(
             raise DataError("no documents to write: every input record was empty or skipped"
                             + (f" ({stats.skipped_bad} bad, {stats.dropped_empty} empty)"
                                if stats.skipped_bad or stats.dropped_empty else ""))
+        for writer in writers.values():  # every index complete before any file takes its final name
+            writer.write_index()
         for writer in writers.values():
-            writer.finalize()
+            writer.commit()
     except BaseException:
         for writer in writers.values():
             writer.discard()

@@ -189,6 +189,7 @@ def test_cli_skip_bad_lines(tmp_path, tiny_tokenizer_dir, capsys):
     assert main(args + ["--skip-bad-lines"]) == 0
     out = capsys.readouterr().out
     assert "3 documents" in out and "skipped 1 bad records" in out and "c.jsonl:4" in out
+    assert f'"train_label_data_paths": ["{tmp_path / "cli_messages_label_document"}"],' in out.splitlines()
     assert len(IndexedDataset(tmp_path / "cli_messages_label_document")) == 3
 
 

@@ -200,6 +200,7 @@ def test_cli_preprocess_and_inspect(tmp_path, tiny_tokenizer_dir, capsys):
                "--append-eod", "--dataset-impl", "mmap", "--workers", "1", "--log-interval", "10"])
     out = capsys.readouterr().out
     assert rc == 0 and "5 documents" in out and "tokens/s" in out
+    assert f'"train_data_paths": ["{tmp_path / "cli_text_document"}"],' in out.splitlines()
     rc = main(["data", "inspect", str(tmp_path / "cli_text_document"), "--doc", "2",
                "--tokenizer", str(tiny_tokenizer_dir)])
     out = capsys.readouterr().out

@@ -119,3 +119,29 @@ def test_config_errors(tmp_path, tiny_tokenizer_dir):
         load_tokenizer(tokenizer_type="GPT2BPETokenizer", vocab_file=vocab)
     # type names are case-insensitive, as upstream compares them lowercased
     assert load_tokenizer(tokenizer_type="hftokenizer", vocab_file=str(tiny_tokenizer_dir)).vocab_size == 320
+
+
+def test_hf_gpt2_tokenizer_adds_padding(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world"] * 10, trainer=trainers.BpeTrainer(
+        vocab_size=270, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(tmp_path / "gpt2ish")
+    base = load_tokenizer(tokenizer_type="HFTokenizer", vocab_file=str(tmp_path / "gpt2ish"))
+    assert base.pad_id is None
+    hf_gpt2 = load_tokenizer(tokenizer_type="HFGPT2Tokenizer", vocab_file=str(tmp_path / "gpt2ish"))
+    assert hf_gpt2.vocab_size == base.vocab_size + 1  # upstream: len(tokenizer) after adding <|padding|>
+    assert hf_gpt2.pad_id == base.vocab_size and hf_gpt2.eod_id == 0
+    assert hf_gpt2.encode("hello world<|padding|>")[-1] == hf_gpt2.pad_id
+
+
+def test_directory_without_tokenizer_json_goes_through_transformers(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"vocab_file .*d: not a file, directory or loadable Hub tokenizer"):
+        load_tokenizer(tokenizer_type="HFTokenizer", vocab_file=str(tmp_path / "d"))

@@ -53,7 +53,15 @@ def _preprocess(args: argparse.Namespace) -> int:
                         skip_bad_lines=args.skip_bad_lines, num_docs=args.num_docs,
                         split=args.split, subset=args.subset)
     print(format_summary(result.outputs, result.stats, result.dtype))
+    _print_config_hint({"train_data_paths": list(result.outputs.values())})
     return 0
+
+
+def _print_config_hint(paths: dict[str, list[str]]) -> None:
+    from neoxt.data.prepare_hf import config_lines
+
+    print("config:")
+    print(config_lines(paths))
 
 
 def _preprocess_chat(args: argparse.Namespace) -> int:
@@ -70,6 +78,11 @@ def _preprocess_chat(args: argparse.Namespace) -> int:
                              workers=args.workers, skip_bad_lines=args.skip_bad_lines,
                              num_docs=args.num_docs, split=args.split, subset=args.subset)
     print(format_summary(result.outputs, result.stats, "int32"))
+    hint = {"train_data_paths": [result.outputs[k] for k in args.jsonl_keys],
+            "train_label_data_paths": [result.outputs[f"{k}_label"] for k in args.jsonl_keys]}
+    if args.reward_key:
+        hint["train_reward_data_paths"] = [result.outputs[f"{k}_reward"] for k in args.jsonl_keys]
+    _print_config_hint(hint)
     return 0
 
 

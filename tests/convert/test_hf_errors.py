@@ -157,3 +157,12 @@ def test_pythia_era_gpt_neox_checkpoint(tmp_path, tiny_tokenizer_dir):
     torch.save(sd, src / "pytorch_model.bin")
     with pytest.raises(ConversionError, match="unexpected tensor gpt_neox.layers.0.attention.rogue.weight"):
         neoxt.load_model(src)
+
+
+def test_missing_local_dir_and_unreachable_hub_id(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))  # nothing cached: offline lookup must fail
+    _fails(["convert", "hf-to-neoxt", "--hf-model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o1")],
+           capsys, "nope: no such directory")
+    _fails(["convert", "hf-to-neoxt", "--hf-model", "no-such-org/no-such-model", "--output-dir",
+            str(tmp_path / "o2")], capsys, "no-such-org/no-such-model", "not downloadable from the Hub")

@@ -28,7 +28,8 @@ def _register_hf(conv: argparse._SubParsersAction) -> None:
     p = conv.add_parser(
         "hf-to-neoxt", help="HF model dir (GPTNeoX, LLaMA, OLMo-3) → neoxt run dir (checkpoint, config, tokenizer)"
     )
-    p.add_argument("--hf-model", required=True, metavar="PATH", help="local HF model directory")
+    p.add_argument("--hf-model", required=True, metavar="PATH",
+                   help="local HF model directory, or an org/name Hub id (downloaded into the HF cache)")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="new neoxt run directory (must not exist)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="cast weights (default: keep)")
     p.add_argument("--iteration", type=int, default=0, metavar="N", help="write global_step<N> (default 0)")

@@ -515,18 +515,45 @@ def _copy_tokenizer(hf_dir: Path, tmp_tok: Path, final_tok: Path) -> TokenizerCo
     return TokenizerConfig("HFTokenizer", None, None, chat)
 
 
+# What a conversion needs from a Hub repository (weights in safetensors, else PyTorch pickles).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
+
+
+def resolve_hf_source(source: str | os.PathLike) -> Path:
+    """A local HF model directory as is; an ``org/name`` Hub id downloaded into the HF cache first
+    (with ``HF_HUB_OFFLINE=1``: the cached snapshot only)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1:
+        raise ConversionError(f"{source}: no such directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+        if not any(local.glob("*.safetensors")):
+            local = Path(snapshot_download(text, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+    except Exception as err:  # the hub client raises many types (offline, 404, auth, network)
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConversionError(f"{source}: not a local directory and not downloadable from the Hub "
+                              f"({type(err).__name__}: {first})") from None
+    return local
+
+
 def convert_hf_to_neoxt(
     hf_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | None = None, iteration: int = 0
 ) -> Path:
-    """HF model directory → neoxt run directory (checkpoint, config.yml, tokenizer/). Returns the step dir."""
+    """HF model directory (or Hub id) → neoxt run directory (checkpoint, config.yml, tokenizer/).
+
+    Returns the checkpoint (step) directory.
+    """
     from neoxt.config import config_to_yaml
     from neoxt.config.schema import DataConfig, RunConfig, TrainingConfig
     from neoxt.convert.loading import read_hf_model
     from neoxt.train.checkpoint import save_checkpoint, step_dir_name
 
-    hf_dir, out = Path(hf_dir), Path(output_dir).absolute()
-    if not hf_dir.is_dir():
-        raise ConversionError(f"{hf_dir}: no such directory")
+    hf_dir, out = resolve_hf_source(hf_dir), Path(output_dir).absolute()
     torch_dtype = DTYPES[dtype] if dtype else None
     tmp = _temp_beside(out)
     try:

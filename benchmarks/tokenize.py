@@ -15,6 +15,9 @@ times on the same text:
 * ``neoxt preprocess N workers`` — the real command (``python -m neoxt.cli preprocess``), wall time
   of the whole process: start-up, JSON parsing, tokenizing, writing, renaming.
 
+Beside wall time each row reports the CPU seconds its process tree used (workers included), which
+on a shared, loaded machine is the steadier measure of how much work each approach does.
+
 Every row runs in its own subprocess. Prints one table; asserts nothing. Timings on a shared machine
 are noisy: run twice and compare like with like.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -132,6 +136,12 @@ if __name__ == "__main__":
 """
 
 
+def children_cpu() -> float:
+    """CPU seconds of every finished descendant (their pool workers included): load-independent cost."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run_json(cmd: list[str], env: dict[str, str]) -> dict:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -160,8 +170,12 @@ def main() -> None:
         else:
             train_tokenizer(corpus, tokfile, args.vocab)
 
-        def best(run) -> tuple[int, float]:
-            results = [run() for _ in range(max(1, args.repeat))]
+        def best(run) -> tuple[int, float, float]:
+            results = []
+            for _ in range(max(1, args.repeat)):
+                cpu = children_cpu()
+                ntok, seconds = run()
+                results.append((ntok, seconds, children_cpu() - cpu))
             return min(results, key=lambda r: r[1])
 
         def snippet(code: str, extra: list[str], parallel: str):
@@ -197,9 +211,11 @@ def main() -> None:
     vocab = f"tokenizer {args.tokenizer}" if args.tokenizer else f"trained BPE vocab {args.vocab}"
     print(f"corpus: {docs:,} documents, {nbytes / 2**20:.1f} MB JSONL; {vocab}; "
           f"{os.cpu_count()} CPU cores; best of {max(1, args.repeat)}")
-    print(f"{'what':<30} {'tokens':>12} {'seconds':>9} {'tokens/s':>12}  note")
-    for label, ntok, sec, note in rows:
-        print(f"{label:<30} {ntok:>12,} {sec:>9.2f} {ntok / sec:>12,.0f}  {note}")
+    print(f"{'what':<30} {'tokens':>12} {'seconds':>9} {'tokens/s':>12} {'cpu s':>7} {'tok/cpu-s':>11}  note")
+    for label, ntok, sec, cpu, note in rows:
+        print(f"{label:<30} {ntok:>12,} {sec:>9.2f} {ntok / sec:>12,.0f} {cpu:>7.2f} {ntok / cpu:>11,.0f}  {note}")
+    print("cpu s: CPU time of the whole process tree (start-up included), so it is less sensitive to "
+          "other load than wall time")
 
 
 if __name__ == "__main__":

@@ -67,18 +67,23 @@ def _heartbeat(run: Path) -> int:
         return -1
 
 
-def test_chained_jobs_signal_resume_and_finish(cluster, tmp_path, tiny_tokenizer_dir, corpus):
-    prefix, vocab = _data(tmp_path, tiny_tokenizer_dir, corpus)
+def _write_config(tmp_path: Path, tokenizer_dir: Path, corpus: list[str], train_iters: int) -> tuple[Path, Path]:
+    prefix, vocab = _data(tmp_path, tokenizer_dir, corpus)
     run = tmp_path / "run"
     cfg = tmp_path / "cfg.yml"
     cfg.write_text(yaml.safe_dump({
         "num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 16,
         "max_position_embeddings": 32, "pos_emb": "rotary", "norm": "layernorm", "activation": "gelu",
         "optimizer": {"type": "Adam", "params": {"lr": 1.0e-3}}, "train_micro_batch_size_per_gpu": 2,
-        "train_iters": TRAIN_ITERS, "precision": "fp32", "seed": 3, "train_data_paths": [prefix],
-        "tokenizer_type": "HFTokenizer", "vocab_file": vocab, "save": str(run), "checkpoint_factor": 100000,
-        "eval_interval": 100000, "log_interval": 50, "index_cache_dir": str(tmp_path / "cache"),
+        "train_iters": train_iters, "precision": "fp32", "seed": 3, "train_data_paths": [prefix],
+        "tokenizer_type": "HFTokenizer", "vocab_file": vocab, "save": str(run), "checkpoint_factor": 10**9,
+        "eval_interval": 10**9, "log_interval": 1000, "index_cache_dir": str(tmp_path / "cache"),
     }))
+    return cfg, run
+
+
+def test_chained_jobs_signal_resume_and_finish(cluster, tmp_path, tiny_tokenizer_dir, corpus):
+    cfg, run = _write_config(tmp_path, tiny_tokenizer_dir, corpus, TRAIN_ITERS)
     launch = subprocess.run(
         [sys.executable, "-m", "neoxt.cli", "launch", "--slurm", str(cfg), "--nodes", "1", "--gpus-per-node", "0",
          "--nproc-per-node", "1", "--time", "00:10:00", "--signal", "USR1@90", "--chain", "3",
@@ -120,3 +125,27 @@ def test_chained_jobs_signal_resume_and_finish(cluster, tmp_path, tiny_tokenizer
     for job_id, out in zip(ids, (out1, out2, out3)):
         assert f"job {job_id} finished with exit code 0" in out, out
         assert cluster.job_state(job_id) in ("COMPLETED", "UNKNOWN"), cluster.job_state(job_id)
+
+
+@pytest.mark.slow
+def test_walltime_signal_timer_checkpoints_before_the_limit(cluster, tmp_path, tiny_tokenizer_dir, corpus):
+    """SLURM's own timer: --time 3 min, --signal USR1@90 (SLURM sends it up to ~60 s early). The job
+    must save and end COMPLETED (exit 0) before the limit, never be killed by it."""
+    cfg, run = _write_config(tmp_path, tiny_tokenizer_dir, corpus, 10**6)
+    launch = subprocess.run(
+        [sys.executable, "-m", "neoxt.cli", "launch", "--slurm", str(cfg), "--gpus-per-node", "0",
+         "--nproc-per-node", "1", "--time", "00:03:00", "--signal", "USR1@90"],
+        capture_output=True, text=True, env=cluster.env, cwd=REPO, timeout=60,
+    )
+    assert launch.returncode == 0, launch.stdout + launch.stderr
+    (job_id,) = re.findall(r"submitted job (\d+)", launch.stdout)
+    t0 = time.time()
+    while cluster.active_jobs([job_id]):
+        assert time.time() - t0 < 300, "job outlived its time limit"
+        time.sleep(1)
+    log = (run / "logs" / f"run-{job_id}.out").read_text()
+    assert "SIGUSR1 received" in log and "received signal SIGUSR1: saved at iteration" in log, log
+    assert f"job {job_id} finished with exit code 0" in log, log
+    assert "DUE TO TIME LIMIT" not in log
+    assert cluster.job_state(job_id) == "COMPLETED"
+    assert (run / "latest").exists()

@@ -242,13 +242,21 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
 
 
 def build_prompt(
-    tokenizer: Any, text: str, *, apply_chat_template: bool, system_prompt: str | None
+    tokenizer: Any,
+    text: str,
+    *,
+    apply_chat_template: bool,
+    system_prompt: str | None,
+    history: Sequence[tuple[str, str]] = (),
 ) -> list[int]:
-    """Prompt ids for one input: raw text, or the chat template around it (with a system turn)."""
+    """Prompt ids for one input: raw text, or the chat template around it (with a system turn and
+    the earlier ``(user, assistant)`` turns of an interactive chat)."""
     if apply_chat_template:
         messages = []
         if system_prompt:
             messages.append({"role": "system", "content": system_prompt})
+        for user, assistant in history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": text})
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
     if system_prompt:
@@ -270,10 +278,12 @@ def generate_texts(
     batch_size: int = 8,
     max_seq_len: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    history: Sequence[tuple[str, str]] = (),
 ) -> list[dict[str, Any]]:
     """GPT-NeoX output records for each input text (``""`` means unconditional: start from EOD).
 
-    ``on_batch(done, total)`` is called after each batch (progress display).
+    ``on_batch(done, total)`` is called after each batch (progress display); ``history`` holds
+    earlier chat turns (with ``apply_chat_template``).
     """
     eod = tokenizer.eod_id
     if eod is not None and eod not in params.stop_token_ids:
@@ -291,7 +301,8 @@ def generate_texts(
         chunk = texts[start : start + batch_size]
         began = time.time()
         prompts = [
-            build_prompt(tokenizer, t, apply_chat_template=apply_chat_template, system_prompt=system_prompt)
+            build_prompt(tokenizer, t, apply_chat_template=apply_chat_template, system_prompt=system_prompt,
+                         history=history)
             for t in chunk
         ]
         completions = generate_tokens(
@@ -375,7 +386,8 @@ def interactive_loop(
 ) -> int:
     """A prompt loop for a person at a terminal; an empty first line, EOF or ``/quit`` ends it.
 
-    With a multi-character ``prompt_end`` lines are joined until one contains it (GPT-NeoX).
+    With a multi-character ``prompt_end`` lines are joined until one contains it (GPT-NeoX). With
+    the chat template the loop is a conversation: earlier turns are kept until ``/reset``.
     """
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
@@ -399,6 +411,7 @@ def interactive_loop(
         return line.rstrip("\n") if line else None
 
     count = 0
+    history: list[tuple[str, str]] = []
     while True:
         text = ""
         prompt = "Context prompt >>> "
@@ -410,6 +423,11 @@ def interactive_loop(
                 return count
             if not text and line.strip() in ("", "/quit", "/exit"):
                 return count
+            if not text and line.strip() == "/reset":
+                history.clear()
+                stdout.write("[conversation reset]\n")
+                prompt = "Context prompt >>> "
+                continue
             if prompt_end == "\n" or prompt_end in line:
                 text += line.split(prompt_end)[0] if prompt_end != "\n" else line
                 break
@@ -424,7 +442,10 @@ def interactive_loop(
             generator=generator,
             use_cache=use_cache,
             max_seq_len=max_seq_len,
+            history=history,
         )[0]
+        if apply_chat_template:
+            history.append((text, record["text"] or ""))
         stdout.write(f"Generated Text: {record['text'] or ''}\n")
         stdout.write(f"[{record['length']} tokens, {record['duration_seconds']:.2f} s]\n")
         stdout.flush()

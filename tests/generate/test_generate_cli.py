@@ -185,3 +185,26 @@ def test_interactive_loop_joins_lines_until_prompt_end(hf_dir):
     text = stdout.getvalue()
     assert text.count("Context prompt >>> ") == 3 and text.count("... ") == 1
     assert text.count("Generated Text: ") == 2
+
+
+def test_interactive_chat_keeps_the_conversation_until_reset(hf_dir):
+    import io
+
+    from neoxt import load_model
+    from neoxt.generate import SamplingParams, interactive_loop
+    from neoxt.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_type="HFTokenizer", vocab_file=str(hf_dir))
+    seen = []
+    original = tok.apply_chat_template
+
+    def recording(messages, add_generation_prompt=False):
+        seen.append([m["role"] for m in messages])
+        return original(messages, add_generation_prompt=add_generation_prompt)
+
+    tok.apply_chat_template = recording
+    stdin = io.StringIO("Hello\nHow are you?\n/reset\nAgain\n")
+    count = interactive_loop(load_model(hf_dir), tok, SamplingParams(maximum_tokens=2), apply_chat_template=True,
+                             system_prompt="Be brief.", stdin=stdin, stdout=io.StringIO())
+    assert count == 3
+    assert seen == [["system", "user"], ["system", "user", "assistant", "user"], ["system", "user"]]

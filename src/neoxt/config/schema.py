@@ -56,6 +56,19 @@ class ModelConfig:
     pos_emb: Literal["rotary", "learned", "none"] = "rotary"
     rotary_pct: float = 1.0
     rotary_emb_base: float = 10000.0
+    # RoPE scaling for long context, with HF's rope_parameters meaning: "none", "linear", "llama3"
+    # (LLaMA-3.1+) or "yarn" (OLMo-3 long-context checkpoints).
+    rope_scaling_type: Literal["none", "linear", "llama3", "yarn"] = "none"
+    rope_scaling_factor: float = 1.0
+    rope_original_max_position_embeddings: int | None = None
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    # YaRN's cos/sin multiplier; None means HF's default (0.1·ln(factor) + 1).
+    rope_attention_factor: float | None = None
+    # Which layers are scaled: "all", or "global" (OLMo-3 scales only its full-attention layers).
+    rope_scaling_layers: Literal["all", "global"] = "all"
 
     activation: Literal["gelu", "relu", "silu", "swiglu", "geglu", "reglu"] = "gelu"
     use_bias_in_attn_linear: bool = True

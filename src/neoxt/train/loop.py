@@ -128,11 +128,16 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
+def _all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum over the data-parallel process group; ``None`` (one data-parallel rank) is a no-op.
 
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    Never the world group by default: tensor-parallel ranks of one data-parallel rank see the same
+    batch and must not be counted twice.
+    """
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(t, group=group)
     return t
 
 
@@ -411,6 +416,7 @@ def evaluate(
     cfg: RunConfig,
     device: torch.device,
     objective: Callable[..., torch.Tensor] | None = None,
+    group: Any = None,
 ) -> tuple[float, int]:
     """Mean loss over the counted tokens of ``iters`` global validation batches (or the mean
     post-training objective over those batches), and the number of counted tokens."""
@@ -433,10 +439,10 @@ def evaluate(
     finally:
         model.train(was_training)
     if objective is not None:  # already a global mean per batch
-        _all_reduce_sum(count)
+        _all_reduce_sum(count, group)
         return total.item(), int(count.item())
-    _all_reduce_sum(total)
-    _all_reduce_sum(count)
+    _all_reduce_sum(total, group)
+    _all_reduce_sum(count, group)
     return (total / count.clamp(min=1)).item(), int(count.item())
 
 
@@ -446,6 +452,7 @@ def accumulate_gradients(
     precision: str = "fp32",
     loss_scale: float = 1.0,
     z_loss: float = 0.0,
+    group: Any = None,
 ) -> torch.Tensor:
     """Backward over one global batch; returns the loss (mean over every counted token, float64).
 
@@ -455,11 +462,10 @@ def accumulate_gradients(
     result, and a micro-batch with no counted token contributes zero loss and zero gradient.
     """
     device = micro[0]["tokens"].device
-    _, world = _rank_world()
     counted = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro:
         counted += token_mask(b["labels"], b.get("loss_mask")).sum()
-    _all_reduce_sum(counted)
+    _all_reduce_sum(counted, group)
     denom = counted.clamp(min=1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro:
@@ -467,13 +473,13 @@ def accumulate_gradients(
         loss = loss_sum / denom.to(loss_sum.dtype)
         (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         loss_total += loss.detach().double()
-    _all_reduce_sum(loss_total)  # every rank's share of the global mean
+    _all_reduce_sum(loss_total, group)  # every rank's share of the global mean
     params = [p for p in model.parameters() if p.grad is not None]
-    if world > 1 and not _is_sharded(model):
+    if group is not None and not _is_sharded(model):
         # Plain data parallelism: each rank's loss is already divided by the global token count,
         # so the summed gradients are the global-mean gradient.
         for p in params:
-            _all_reduce_sum(p.grad)
+            _all_reduce_sum(p.grad, group)
     if loss_scale != 1.0:
         torch._foreach_mul_([p.grad for p in params], 1.0 / loss_scale)
     return loss_total
@@ -493,7 +499,7 @@ def train(
     ``data`` / ``model`` override what ``cfg`` would build (tests, benchmarks, post-training).
     ``stop_after``: return after this many steps of this call, without saving (tests simulate a kill).
     """
-    rank, world = _rank_world()
+    rank, _ = _rank_world()
     say = log or (lambda msg: print(msg, flush=True) if rank == 0 else None)
     t_cfg, c_cfg = cfg.training, cfg.checkpoint
     if t_cfg.train_iters <= 0:
@@ -533,13 +539,26 @@ def train(
     else:
         say(f"starting from scratch (seed {t_cfg.seed})" + (f"; checkpoints go to {c_cfg.save}" if c_cfg.save else ""))
 
-    seed_everything(t_cfg.seed + rank)
+    # Same seed on every rank: identical initial weights before sharding.
+    seed_everything(t_cfg.seed)
+    from neoxt.distributed.mesh import build_mesh, dp_group, dp_rank_size, init_distributed
+    from neoxt.distributed.parallelize import clip_grad_norm_ as sharded_clip_grad_norm_
+    from neoxt.distributed.parallelize import parallelize
+
+    if cfg.parallelism.pipe_parallel_size > 1:
+        raise ConfigError("pipe_parallel_size > 1: pipeline parallelism is not wired into neoxt train yet; "
+                          "use pipe_parallel_size 0 or 1 (one stage)")
+    init_distributed()
+    mesh = build_mesh(cfg.parallelism)
+    dp_rank, dp_size = dp_rank_size(mesh)
+    group = dp_group(mesh)
     device = _device()
     if model is None:
         model = build_model(cfg, device)
+    parallelize(model, cfg, mesh)
     model.train()
     if data is None:
-        data = open_train_data(cfg)
+        data = open_train_data(cfg, dp_rank, dp_size)
     optimizer = build_optimizer(model, cfg.optimizer)
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t_cfg.train_iters)
     scaler = LossScaler.from_config(t_cfg)
@@ -558,7 +577,8 @@ def train(
 
         load_src = c_cfg.load
         objective = build_objective(
-            cfg, model, (lambda m: load_weights(load_src, m)) if load_src else None, fresh_start=resume_from is None
+            cfg, model, (lambda m: load_weights(load_src, m)) if load_src else None,
+            fresh_start=resume_from is None, group=group,
         )
     if c_cfg.no_save_optim and c_cfg.save:
         say("warning: no_save_optim is set: checkpoints hold no optimizer state, so a run resumed from "
@@ -566,6 +586,7 @@ def train(
 
     start_iteration = st.iteration
     params = [p for p in model.parameters() if p.requires_grad]
+    sharded = _is_sharded(model)
     clip = cfg.optimizer.gradient_clipping
     grad_acc = t_cfg.gradient_accumulation_steps
     save_iters, save_factor = _save_iterations(cfg)
@@ -621,10 +642,14 @@ def train(
                 if objective is not None:
                     loss_total = objective(micro, scaler.scale)
                 else:
-                    loss_total = accumulate_gradients(model, micro, t_cfg.precision, scaler.scale, t_cfg.z_loss)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, max_norm=clip if clip and clip > 0 else float("inf"), foreach=True
-                )
+                    loss_total = accumulate_gradients(
+                        model, micro, t_cfg.precision, scaler.scale, t_cfg.z_loss, group
+                    )
+                max_norm = clip if clip and clip > 0 else float("inf")
+                if sharded:
+                    grad_norm = sharded_clip_grad_norm_(params, max_norm)
+                else:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
                 loss_value = loss_total.item()
                 norm_value = float(grad_norm)
                 loss_ok, norm_ok = math.isfinite(loss_value), math.isfinite(norm_value)
@@ -654,9 +679,9 @@ def train(
                     st.skipped_count += 1
 
                 st.iteration += 1
-                tokens = sum(int(b["tokens"].numel()) for b in micro) * world
+                tokens = sum(int(b["tokens"].numel()) for b in micro) * dp_size
                 st.consumed_tokens += tokens
-                st.consumed_samples += sum(int(b["tokens"].shape[0]) for b in micro) * world
+                st.consumed_samples += sum(int(b["tokens"].shape[0]) for b in micro) * dp_size
                 result.losses.append(loss_value if not (nan or overflow) else float("nan"))
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -674,7 +699,9 @@ def train(
 
                 if data.valid is not None and t_cfg.eval_interval and st.iteration % t_cfg.eval_interval == 0:
                     with torch.random.fork_rng(devices=[]):
-                        v_loss, v_tokens = evaluate(model, data.valid, t_cfg.eval_iters, cfg, device, objective)
+                        v_loss, v_tokens = evaluate(
+                            model, data.valid, t_cfg.eval_iters, cfg, device, objective, group
+                        )
                     metrics.record_eval(st.iteration, v_loss, v_tokens)
 
                 steps_this_call += 1
@@ -734,7 +761,7 @@ class _DictBatches:
         self.loader.load_state_dict(state)
 
 
-def open_train_data(cfg: RunConfig) -> TrainData:
+def open_train_data(cfg: RunConfig, dp_rank: int = 0, dp_size: int = 1) -> TrainData:
     """Train/valid micro-batch sources for ``cfg`` from ``neoxt.data.loader`` (this rank's slice)."""
     from neoxt.data.loader import build_loader
 
@@ -744,8 +771,11 @@ def open_train_data(cfg: RunConfig) -> TrainData:
         from neoxt.tokenizer import load_tokenizer
 
         eod_id = load_tokenizer(cfg.tokenizer).eod_id
-    rank, world = _rank_world()
-    dp_rank = rank % max(1, cfg.training.data_parallel_size) if world > 1 else 0
+    if dp_size != cfg.training.data_parallel_size:
+        raise ConfigError(
+            f"the config's data-parallel size {cfg.training.data_parallel_size} (from WORLD_SIZE when it was "
+            f"loaded) differs from the {dp_size} data-parallel ranks running; load the config in the job"
+        )
     train = build_loader(cfg, "train", dp_rank=dp_rank, eod_id=eod_id)
     if train is None:
         raise ConfigError("no training data: set data_path or train_data_paths")

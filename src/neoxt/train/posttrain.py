@@ -27,11 +27,11 @@ from neoxt.train.losses import dpo_loss, sequence_logprobs, token_mask
 from neoxt.train.precision import autocast
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
+def _all_reduce_sum(t: torch.Tensor, group: Any = None) -> torch.Tensor:
+    if group is not None:  # None: one data-parallel rank, nothing to sum
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
     return t
 
 
@@ -43,6 +43,7 @@ class DPOObjective:
     fp32: bool
     reference_free: bool
     precision: str
+    group: Any = None  # the data-parallel process group (None: a single data-parallel rank)
 
     def _logps(self, model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.precision, b["tokens"].device.type):
@@ -72,7 +73,7 @@ class DPOObjective:
             if b["tokens"].shape[0] % 2:
                 raise ConfigError("train_impl: dpo needs preference batches (dataset_impl: pairwise)")
             pairs += b["tokens"].shape[0] // 2
-        _all_reduce_sum(pairs)
+        _all_reduce_sum(pairs, self.group)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for b in micro:
             ref_c, ref_r = self._reference(b)
@@ -85,16 +86,12 @@ class DPOObjective:
             if backward:
                 (loss * loss_scale if loss_scale != 1.0 else loss).backward()
             total += loss.detach().double()
-        _all_reduce_sum(total)
+        _all_reduce_sum(total, self.group)
         if backward:
             params = [p for p in self.model.parameters() if p.grad is not None]
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized() and not any(
-                type(p).__name__ == "DTensor" for p in params
-            ):
+            if self.group is not None and not any(type(p).__name__ == "DTensor" for p in params):
                 for p in params:
-                    dist.all_reduce(p.grad)
+                    _all_reduce_sum(p.grad, self.group)
             if loss_scale != 1.0 and params:
                 torch._foreach_mul_([p.grad for p in params], 1.0 / loss_scale)
         return total
@@ -105,6 +102,7 @@ def build_objective(
     model: nn.Module,
     load_reference: Callable[[nn.Module], Any] | None,
     fresh_start: bool,
+    group: Any = None,
 ) -> DPOObjective:
     """The DPO objective for ``cfg``; ``load_reference(module)`` fills a module with the ``load`` weights.
 
@@ -135,4 +133,5 @@ def build_objective(
         fp32=t.dpo_fp32,
         reference_free=t.dpo_reference_free,
         precision=t.precision,
+        group=group,
     )

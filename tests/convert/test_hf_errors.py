@@ -88,13 +88,13 @@ def test_unknown_architecture(llama_dir, tmp_path, capsys):
         neoxt.load_model(src)
 
 
-def test_rope_scaling_is_refused(llama_dir, tmp_path, capsys):
+def test_unsupported_rope_scaling_is_refused(llama_dir, tmp_path, capsys):
     src = _copy(llama_dir, tmp_path)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     (src / "config.json").write_text(json.dumps(cfg))
     _fails(["convert", "hf-to-neoxt", "--hf-model", str(src), "--output-dir", str(tmp_path / "out")], capsys,
-           "rope_type 'linear'")
+           "rope_type 'dynamic'")
 
 
 def test_existing_output_is_not_touched(llama_dir, tmp_path, capsys):

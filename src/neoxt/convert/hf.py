@@ -6,7 +6,9 @@ Pure functions (no file I/O beyond what the caller hands in):
 - ``model_config_from_hf(hf_config)`` → our ``ModelConfig`` (reads transformers' normalised config
   object, so both the transformers-4 form of config.json — ``rope_theta``, ``rotary_pct``,
   ``rotary_emb_base``, ``rope_scaling`` — and the transformers-5 ``rope_parameters`` form, per layer
-  type for OLMo-3, are understood).
+  type for OLMo-3, are understood). RoPE scaling (linear, llama3, YaRN) maps onto the
+  ``rope_scaling_*`` fields; OLMo-3's YaRN on full-attention layers only is
+  ``rope_scaling_layers: global``, and ``hf_config_from_model_config`` writes the same dicts back.
 - ``hf_config_from_model_config(cfg, arch)`` → a transformers config object.
 - ``hf_to_neoxt_state_dict`` / ``neoxt_to_hf_state_dict`` → renamed, re-laid-out tensors, exact
   (no arithmetic on values, so a round trip is bit-identical).
@@ -85,23 +87,93 @@ def hf_config_object(config_json: Mapping[str, Any], arch: str):
     return cls.from_dict(raw)
 
 
-def _rope(hf, arch: str, source: str) -> tuple[float, float]:
-    """(rope_theta, rotary fraction); rejects rope scaling we do not implement."""
+# HF rope_parameters key → our ModelConfig field, per scaling type (rope_theta and
+# partial_rotary_factor are read separately; "type" is the transformers-4 spelling of rope_type).
+_ROPE_KEYS = {
+    "linear": {"factor": "rope_scaling_factor"},
+    "llama3": {"factor": "rope_scaling_factor", "original_max_position_embeddings": "rope_original_max_position_embeddings",
+               "low_freq_factor": "rope_low_freq_factor", "high_freq_factor": "rope_high_freq_factor"},
+    "yarn": {"factor": "rope_scaling_factor", "original_max_position_embeddings": "rope_original_max_position_embeddings",
+             "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "attention_factor": "rope_attention_factor"},
+}
+_ROPE_COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+
+
+def _rope_scaling_fields(params: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Our rope_scaling_* fields for one HF rope_parameters dict (one-line error on what we lack)."""
+    from neoxt.model.rope import scaled_inv_frequencies
+
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return {}
+    if rope_type not in _ROPE_KEYS:
+        raise ConversionError(f"{source}: rope_type {rope_type!r} is not supported "
+                              f"(supported: default, {', '.join(_ROPE_KEYS)})")
+    params = dict(params)
+    if rope_type == "yarn" and params.get("truncate", True) is not True:
+        raise ConversionError(f"{source}: rope_parameters truncate={params['truncate']!r} (YaRN) is not supported")
+    params.pop("truncate", None)
+    if rope_type == "yarn" and (params.get("mscale") is not None or params.get("mscale_all_dim") is not None):
+        # DeepSeek-style mscale only sets the attention factor: keep the value it gives.
+        _, factor = scaled_inv_frequencies(2, 10000.0, {**params, "rope_type": "yarn"}, 1)
+        params.setdefault("attention_factor", factor)
+        params.pop("mscale", None)
+        params.pop("mscale_all_dim", None)
+    keys = _ROPE_KEYS[rope_type]
+    unknown = sorted(set(params) - set(keys) - _ROPE_COMMON)
+    if unknown:
+        raise ConversionError(f"{source}: rope_parameters key {unknown[0]!r} is not supported for rope_type {rope_type!r}")
+    if params.get("factor") is None:
+        raise ConversionError(f"{source}: rope_parameters for rope_type {rope_type!r} need a 'factor'")
+    fields: dict[str, Any] = {"rope_scaling_type": rope_type}
+    for key, field in keys.items():
+        value = params.get(key)
+        if value is None:
+            continue
+        fields[field] = int(value) if key == "original_max_position_embeddings" else float(value)
+    return fields
+
+
+def _rope(hf, arch: str, source: str) -> dict[str, Any]:
+    """Our rotary fields (base, fraction, scaling) for an HF config's rope_parameters.
+
+    OLMo-3 keeps one dict per layer type: equal dicts mean scaling on every layer; plain RoPE on
+    sliding layers with scaling on full-attention layers (its long-context checkpoints) is
+    ``rope_scaling_layers: global``; anything else has no neoxt equivalent.
+    """
     params = dict(hf.rope_parameters or {})
+    layers = "all"
     if arch == "olmo3":
-        per_type = {t: params.get(t) for t in set(hf.layer_types)}
-        distinct = {tuple(sorted((p or {}).items())) for p in per_type.values()}
-        if len(distinct) != 1:
+        per_type = {t: dict(params.get(t) or {}) for t in set(hf.layer_types)}
+        full, sliding = per_type.get("full_attention"), per_type.get("sliding_attention")
+        scaled = {t for t, p in per_type.items() if p.get("rope_type", p.get("type", "default")) != "default"}
+        plain = {k: v for k, v in (full or {}).items() if k in ("rope_theta", "partial_rotary_factor")}
+        if full is not None and sliding is not None and scaled == {"full_attention"} and \
+                {k: v for k, v in sliding.items() if k not in ("rope_type", "type")} == plain:
+            layers = "global"
+        elif len({tuple(sorted(p.items())) for p in per_type.values()}) != 1:
             raise ConversionError(
-                f"{source}: rope_parameters differ between layer types ({per_type}); neoxt has one "
-                "rotary setting for all layers"
+                f"{source}: rope_parameters differ between layer types ({per_type}); neoxt supports the same "
+                "rotary setting for all layers, or scaling on full_attention layers only"
             )
-        params = dict(next(iter(per_type.values())) or {})
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        raise ConversionError(f"{source}: rope_type {rope_type!r} (rope scaling) is not supported; only 'default'")
-    theta = float(params.get("rope_theta", 10000.0))
-    return theta, float(params.get("partial_rotary_factor", 1.0))
+        params = full if full is not None else next(iter(per_type.values()))
+    fields = _rope_scaling_fields(params, source)
+    if fields:
+        fields["rope_scaling_layers"] = layers
+    fields["rotary_emb_base"] = float(params.get("rope_theta", 10000.0))
+    fields["rotary_pct"] = float(params.get("partial_rotary_factor", 1.0))
+    return fields
+
+
+def _hf_rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers' rope_parameters for the layers ``cfg`` scales (the inverse of ``_rope``)."""
+    from neoxt.model.rope import scaling_parameters
+
+    params = {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)}
+    params.update(scaling_parameters(cfg) or {})
+    if cfg.rope_original_max_position_embeddings is None:
+        params.pop("original_max_position_embeddings", None)  # HF fills in max_position_embeddings itself
+    return params
 
 
 def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelConfig:
@@ -113,7 +185,8 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
             f"{source}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size {hf.hidden_size}; "
             "neoxt needs head_dim = hidden_size / num_attention_heads"
         )
-    theta, pct = _rope(hf, arch, source)
+    rope = _rope(hf, arch, source)
+    pct = rope["rotary_pct"]
     if int(head_dim * pct) % 2:
         raise ConversionError(f"{source}: partial_rotary_factor {pct} gives an odd rotary dimension")
     common = dict(
@@ -124,8 +197,7 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
         max_position_embeddings=hf.max_position_embeddings,
         padded_vocab_size=hf.vocab_size,
         pos_emb="rotary",
-        rotary_pct=pct,
-        rotary_emb_base=theta,
+        **rope,
         no_weight_tying=not hf.tie_word_embeddings,
         attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(getattr(hf, "initializer_range", 0.02)),
@@ -199,6 +271,8 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
     """A transformers config object equivalent to ``cfg`` (``extra``: token ids, dtype...)."""
     from transformers import GPTNeoXConfig, LlamaConfig, Olmo3Config
 
+    from neoxt.model.rope import is_scaled
+
     arch = arch or architecture_for(cfg)
     common = dict(
         vocab_size=cfg.padded_vocab_size,
@@ -213,7 +287,7 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
         initializer_range=cfg.init_method_std,
         architectures=[HF_CLASS[arch]],
     )
-    rope = {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)}
+    rope = _hf_rope_parameters(cfg)
     checks = {
         "pos_emb must be 'rotary'": cfg.pos_emb == "rotary",
         "use_qk_layernorm is not supported": not cfg.use_qk_layernorm,
@@ -262,9 +336,11 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
         "use_bias_in_mlp must be false": not cfg.use_bias_in_mlp,
     })
     layer_types = ["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.attention_types]
+    plain = {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)}
+    sliding = dict(rope) if is_scaled(cfg, "sliding") else plain
     return Olmo3Config(
         **common, layer_types=layer_types, sliding_window=cfg.sliding_window_width or 4096,
-        rope_parameters={"sliding_attention": dict(rope), "full_attention": dict(rope)}, **extra,
+        rope_parameters={"sliding_attention": sliding, "full_attention": dict(rope)}, **extra,
     )
 
 

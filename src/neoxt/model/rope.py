@@ -9,6 +9,12 @@ Angles are computed in fp32 exactly as transformers does (``positions.float() * 
 logits match HF's bit for bit in the rotary part even at large positions. GPT-NeoX and LLaMA round
 cos/sin to the activation dtype before rotating; OLMo-3 rotates in fp32 and rounds the result
 (``rope_tables`` picks the convention from the config, so bf16 logits match transformers' too).
+
+Long-context scaling (``rope_scaling_type``: linear, llama3, YaRN) changes the inverse frequencies
+and, for YaRN, multiplies cos/sin by an attention factor — in fp32, before any rounding, as
+transformers does. It applies to every layer, or (``rope_scaling_layers: global``, OLMo-3) only to
+full-attention layers while sliding-window layers keep plain RoPE, so ``rope_tables`` returns one
+cos/sin pair per attention type.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 
 from neoxt.config.schema import ModelConfig
+from neoxt.errors import ConfigError
 
 
 def inv_frequencies(rotary_dim: int, base: float) -> torch.Tensor:
@@ -89,19 +96,88 @@ def _yarn(dim: int, base: float, p: Mapping[str, Any], max_position_embeddings: 
     return inv_freq, float(attention)
 
 
+def scaling_parameters(cfg: ModelConfig) -> dict[str, Any] | None:
+    """``cfg``'s RoPE scaling as transformers' ``rope_parameters`` keys (without rope_theta), or None."""
+    kind = cfg.rope_scaling_type
+    if kind == "none":
+        return None
+    params: dict[str, Any] = {"rope_type": kind, "factor": float(cfg.rope_scaling_factor)}
+    if kind == "linear":
+        return params
+    params["original_max_position_embeddings"] = (
+        cfg.rope_original_max_position_embeddings or cfg.max_position_embeddings
+    )
+    if kind == "llama3":
+        params.update(low_freq_factor=float(cfg.rope_low_freq_factor), high_freq_factor=float(cfg.rope_high_freq_factor))
+        return params
+    params.update(beta_fast=float(cfg.rope_beta_fast), beta_slow=float(cfg.rope_beta_slow))
+    if cfg.rope_attention_factor is not None:
+        params["attention_factor"] = float(cfg.rope_attention_factor)
+    return params
+
+
+def is_scaled(cfg: ModelConfig, attention_type: str) -> bool:
+    """Whether layers of ``attention_type`` ("global" | "sliding") use the scaled frequencies."""
+    if cfg.rope_scaling_type == "none":
+        return False
+    return cfg.rope_scaling_layers == "all" or attention_type == "global"
+
+
+def check_rope_config(cfg: ModelConfig) -> None:
+    """Reject RoPE scaling settings that would divide by zero or silently do nothing, naming the key."""
+    kind = cfg.rope_scaling_type
+    if kind == "none":
+        return
+    if cfg.pos_emb != "rotary":
+        raise ConfigError(f"rope_scaling_type {kind!r} needs pos_emb 'rotary', got {cfg.pos_emb!r}")
+    if not cfg.rope_scaling_factor > 0:
+        raise ConfigError(f"rope_scaling_factor must be positive, got {cfg.rope_scaling_factor}")
+    original = cfg.rope_original_max_position_embeddings
+    if original is not None and original <= 0:
+        raise ConfigError(f"rope_original_max_position_embeddings must be positive, got {original}")
+    if kind == "llama3" and cfg.rope_low_freq_factor == cfg.rope_high_freq_factor:
+        raise ConfigError("rope_low_freq_factor and rope_high_freq_factor must differ for llama3 scaling "
+                          f"(both {cfg.rope_low_freq_factor})")
+
+
+def _frequencies(cfg: ModelConfig, scaled: bool) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention factor) for plain or scaled layers (a few dozen values: not worth caching)."""
+    if not scaled:
+        return inv_frequencies(cfg.rotary_dim, cfg.rotary_emb_base), 1.0
+    return scaled_inv_frequencies(
+        cfg.rotary_dim, cfg.rotary_emb_base, scaling_parameters(cfg), cfg.max_position_embeddings
+    )
+
+
 def rope_cos_sin(
-    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, attention_scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B, T, rotary_dim] for integer positions [B, T]."""
+    """cos/sin tables [B, T, rotary_dim] for integer positions [B, T], times ``attention_scaling`` in fp32."""
     freqs = positions[..., None].float() * inv_freq.to(device=positions.device, dtype=torch.float32)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    if attention_scaling == 1.0:
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
 
 
-def rope_tables(cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, T, rotary_dim] for ``cfg`` at integer positions [B, T], for activations of ``dtype``."""
+def rope_tables(
+    cfg: ModelConfig, positions: torch.Tensor, dtype: torch.dtype
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Attention type ("global" | "sliding") → cos/sin [B, T, rotary_dim] at integer positions [B, T].
+
+    Layer ``i`` rotates with ``rope_tables(...)[cfg.attention_types[i]]``; types that share the same
+    frequencies share one pair of tensors. ``dtype`` is the activations' dtype.
+    """
     table_dtype = torch.float32 if cfg.norm_placement == "olmo3" else dtype
-    return rope_cos_sin(positions, inv_frequencies(cfg.rotary_dim, cfg.rotary_emb_base), table_dtype)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    by_scaling: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}
+    for kind in dict.fromkeys(cfg.attention_types):
+        scaled = is_scaled(cfg, kind)
+        if scaled not in by_scaling:
+            inv_freq, attention_scaling = _frequencies(cfg, scaled)
+            by_scaling[scaled] = rope_cos_sin(positions, inv_freq, table_dtype, attention_scaling)
+        out[kind] = by_scaling[scaled]
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

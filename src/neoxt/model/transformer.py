@@ -14,7 +14,8 @@ Read top to bottom, this file is the model's definition:
    - post (original Transformer): ``x = attn_norm(x + attn(x)); x = mlp_norm(x + mlp(x))``
 
    Attention (``attention.py``): unfused q/k/v/o projections, optional Q/K norms, rotary embeddings
-   on the first ``rotary_dim`` dims of each head, causal SDPA with grouped-query heads, per-layer
+   on the first ``rotary_dim`` dims of each head (optionally scaled for long context, on all layers
+   or only the full-attention ones: ``rope.py``), causal SDPA with grouped-query heads, per-layer
    full or sliding-window masks. MLP: ``down(act(up(x)))``, or for gated activations
    ``down(act(gate(x)) * up(x))`` with ``intermediate_size`` the width of each branch.
 3. **Final norm** ``final_norm``.
@@ -38,7 +39,7 @@ from neoxt.model.attention import Attention, build_mask, check_attention_config
 from neoxt.model.init import init_weights
 from neoxt.model.kv_cache import KVCache
 from neoxt.model.norms import make_norm
-from neoxt.model.rope import rope_tables
+from neoxt.model.rope import check_rope_config, rope_tables
 
 _ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf) GeLU, as GPT-NeoX and HF GPTNeoX "gelu"
@@ -146,9 +147,7 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(positions)
         x = self.drop(x)
 
-        cos = sin = None
-        if self.cfg.pos_emb == "rotary":
-            cos, sin = rope_tables(self.cfg, positions, x.dtype)
+        rope = rope_tables(self.cfg, positions, x.dtype) if self.cfg.pos_emb == "rotary" else {}
 
         masks: dict[int | None, torch.Tensor | None] = {}
 
@@ -158,7 +157,8 @@ class Transformer(nn.Module):
             return masks[window]
 
         plain = key_padding_mask is None and attn_mask is None
-        for layer in self.layers:
+        for kind, layer in zip(self.cfg.attention_types, self.layers, strict=True):
+            cos, sin = rope.get(kind, (None, None))  # per attention type: RoPE scaling may differ
             x = layer(x, cos, sin, mask_for, kv_cache, plain)
         if kv_cache is not None:
             kv_cache.advance(T)
@@ -185,3 +185,4 @@ def check_model_config(cfg: ModelConfig) -> None:
     if cfg.gpt_j_residual and cfg.norm_placement != "pre":
         raise ConfigError(f"gpt_j_residual needs norm_placement 'pre', got {cfg.norm_placement!r}")
     check_attention_config(cfg)
+    check_rope_config(cfg)

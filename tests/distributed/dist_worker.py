@@ -69,7 +69,7 @@ def make_opt(params, kind: str) -> torch.optim.Optimizer:
 
 
 def opt_kind(layout: str) -> str:
-    return "sgd" if layout in ("fsdp", "hsdp", "fsdptp", "hsdptp", "fsdpbf16") else "adamw"
+    return "sgd" if layout in ("fsdp", "hsdp", "fsdptp", "hsdptp", "fsdpbf16", "fsdpcompile") else "adamw"
 
 
 def train_plain(model: torch.nn.Module, steps: int = STEPS, opt: str = "adamw") -> list[float]:
@@ -184,6 +184,13 @@ def run_scenario(name: str) -> list[float] | dict:
         "hsdp": ParallelismConfig(data_parallel_replicate=world),
         "fsdpbf16": ParallelismConfig(),
         "meta": ParallelismConfig(model_parallel_size=world),
+        "tpcompile": ParallelismConfig(model_parallel_size=world, compile=True),
+        "spcompile": ParallelismConfig(model_parallel_size=world, compile=True, sequence_parallel=True),
+        "tpcompileac": ParallelismConfig(model_parallel_size=world, compile=True, checkpoint_activations=True),
+        "tpcompilesel": ParallelismConfig(model_parallel_size=world, compile=True, checkpoint_activations=True,
+                                          activation_checkpointing_mode="selective"),
+        "fsdpcompile": ParallelismConfig(compile=True, checkpoint_activations=True,
+                                         activation_checkpointing_mode="selective"),
         "tpac": ParallelismConfig(model_parallel_size=world, checkpoint_activations=True),
         # 4 processes: FSDP over 2 x TP over 2 (the usual multi-node layout), with sequence parallel.
         "fsdptp": ParallelismConfig(model_parallel_size=2, sequence_parallel=True),

@@ -155,3 +155,23 @@ def test_four_process_2d_layouts_match_single_process(scenario, tmp_path):
     ref = dist_worker.train_plain(dist_worker.build(arch), opt=dist_worker.opt_kind(layout))
     assert got["losses"][0] == pytest.approx(ref[0], abs=2e-5)
     assert got["losses"] == pytest.approx(ref, abs=5e-4)
+
+
+COMPILE_SCENARIOS = ["tpcompile:llama", "spcompile:olmo3", "tpcompileac:neox", "tpcompilesel:olmo3",
+                     "fsdpcompile:olmo3"]
+
+
+@pytest.mark.slow
+def test_compile_under_tp_sp_fsdp_with_checkpointing(tmp_path):
+    """torch.compile composed with TP / SP / FSDP and full or selective checkpointing (cold compile on
+    2 processes: ~30-60 s). Tolerance 2e-3: inductor's fused kernels round differently."""
+    out = tmp_path / "losses.json"
+    proc = torchrun(HERE / "dist_worker.py", [str(out), *COMPILE_SCENARIOS], timeout=600)
+    assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for scenario in COMPILE_SCENARIOS:
+        got = results[scenario]
+        assert "error" not in got, (scenario, got.get("error"))
+        layout, arch = scenario.split(":")
+        ref = dist_worker.train_plain(dist_worker.build(arch), opt=dist_worker.opt_kind(layout))
+        assert got["losses"] == pytest.approx(ref, abs=2e-3), (scenario, got["losses"], ref)

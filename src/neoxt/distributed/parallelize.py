@@ -77,12 +77,16 @@ def parallelize(
     """
     par = cfg.parallelism
     if mesh is not None and mesh["tp"].size() > 1:
-        apply_tp(model, mesh["tp"], sequence_parallel=par.sequence_parallel)
+        # torch 2.13: a vocab-parallel embedding's backward fails when its gradient comes out of a
+        # compiled block ('Tensor' object has no attribute '_local_tensor'); keep it replicated then.
+        apply_tp(model, mesh["tp"], sequence_parallel=par.sequence_parallel, vocab_parallel_embedding=not par.compile)
     elif par.sequence_parallel and mesh is not None:
         warnings.warn("sequence_parallel needs model_parallel_size > 1; ignored", stacklevel=2)
     if par.checkpoint_activations:
-        apply_activation_checkpointing(model, par.activation_checkpointing_mode, par.checkpoint_num_layers)
-    if par.compile:
+        apply_activation_checkpointing(
+            model, par.activation_checkpointing_mode, par.checkpoint_num_layers, compile=par.compile
+        )
+    elif par.compile:
         apply_compile(model)
     if mesh is not None and mesh["dp"].size() > 1:
         dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
@@ -151,9 +155,17 @@ def apply_fsdp(
 # Activation checkpointing and compile
 
 
-def _checkpoint_forward(module: nn.Module) -> None:
-    """Recompute ``module``'s forward in backward; parameter names are untouched (no wrapper module)."""
-    inner = module.forward
+def _compiled(fn, compile: bool):
+    return torch.compile(fn) if compile else fn
+
+
+def _checkpoint_forward(module: nn.Module, compile: bool = False) -> None:
+    """Recompute ``module``'s forward in backward; parameter names are untouched (no wrapper module).
+
+    With ``compile`` the forward is compiled *inside* the eager checkpoint: torch 2.13 cannot
+    compile a checkpoint around tensor-parallel (DTensor) code (AOTAutograd saves a DeviceMesh).
+    """
+    inner = _compiled(module.forward, compile)
 
     def forward(*args, **kwargs):
         return checkpoint(inner, *args, use_reentrant=False, **kwargs)
@@ -161,9 +173,22 @@ def _checkpoint_forward(module: nn.Module) -> None:
     module.forward = forward
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int = 1) -> None:
+def _checkpoint_block(block: nn.Module, compile: bool = False) -> None:
+    """``_checkpoint_forward`` for a ``Block``, whose ``mask_for`` argument is a memoising closure:
+    the mask is resolved before the checkpointed region so the recomputed forward is pure."""
+    inner = _compiled(block.forward, compile)
+
+    def forward(x, cos, sin, mask_for, kv_cache=None, plain=True):
+        mask = mask_for(block.attn.window)
+        return checkpoint(inner, x, cos, sin, lambda _window: mask, kv_cache, plain, use_reentrant=False)
+
+    block.forward = forward
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int = 1, compile: bool = False) -> None:
     """``full``: recompute every block in backward (only block inputs are kept).
     ``selective``: recompute each block's attention sublayer only (q/k/v, scores, o), keep the MLP's.
+    ``compile``: also compile what is checkpointed (and, for selective, the MLP) — see ``apply_compile``.
 
     GPT-NeoX's ``checkpoint_num_layers`` > 1 groups several blocks per recompute region to store
     fewer boundaries; with FSDP unsharding block by block, one region per block is never worse (a
@@ -179,11 +204,20 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int 
             stacklevel=2,
         )
     for block in blocks(model):
-        _checkpoint_forward(block.attn if mode == "selective" else block)
+        if mode == "selective":
+            _checkpoint_forward(block.attn, compile)
+            if compile:
+                block.mlp.compile()
+        else:
+            _checkpoint_block(block, compile)
 
 
 def apply_compile(model: nn.Module) -> None:
-    """``torch.compile`` each block (same code per block, so one compiled graph is reused)."""
+    """``torch.compile`` each block (same code per block, so one compiled graph is reused).
+
+    Without activation checkpointing only; with it, ``apply_activation_checkpointing(compile=True)``
+    compiles the checkpointed functions instead.
+    """
     for block in blocks(model):
         block.compile()
 
@@ -278,7 +312,9 @@ def check_tp(model: nn.Module, tp: int, sequence_parallel: bool) -> None:
         raise ConfigError("sequence_parallel is not supported with pos_emb: learned")
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False, vocab_parallel_embedding: bool = True
+) -> None:
     """Megatron-style tensor parallel over ``tp_mesh`` (see the module docstring)."""
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -300,11 +336,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = Fa
     head = getattr(model, "lm_head", None)
     top_plan: dict[str, object] = {}
     if embed is not None:
-        if head is not None or not cfg.tie_word_embeddings:
-            if vocab_split:
-                top_plan["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq_out)
-            elif sp:
-                embed.register_forward_hook(_to_seq_shard_hook(tp_mesh))
+        if vocab_split and vocab_parallel_embedding and not cfg.tie_word_embeddings:
+            top_plan["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq_out)
         elif sp:
             embed.register_forward_hook(_to_seq_shard_hook(tp_mesh))
     if head is not None and vocab_split:

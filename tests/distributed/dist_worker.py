@@ -150,7 +150,7 @@ def run_checkpoint_scenario(arch: str) -> dict[str, list[float]]:
 
 
 def run_scenario(name: str) -> list[float] | dict:
-    from neoxt.distributed.mesh import build_mesh, dp_rank_size
+    from neoxt.distributed.mesh import build_mesh, dp_group, dp_rank_size
     from neoxt.distributed.parallelize import parallelize
     from neoxt.distributed.pipeline import build_pipeline
 
@@ -163,18 +163,29 @@ def run_scenario(name: str) -> list[float] | dict:
     world = dist.get_world_size()
     tokens, labels = batch()
     if layout.startswith("pp"):
-        sched = {"pp1f1b": "1f1b", "ppgpipe": "gpipe", "ppint": "interleaved_1f1b"}[layout]
-        par = ParallelismConfig(pipe_parallel_size=world, pipeline_schedule=sched)
+        # "ppfsdp"/"pptp": 4 processes, 2 stages x (FSDP or TP) over 2.
+        sched = {"pp1f1b": "1f1b", "ppgpipe": "gpipe", "ppint": "interleaved_1f1b", "ppfsdp": "1f1b",
+                 "pptp": "interleaved_1f1b"}[layout]
+        pp = 2 if layout in ("ppfsdp", "pptp") else world
+        par = ParallelismConfig(pipe_parallel_size=pp, pipeline_schedule=sched,
+                                model_parallel_size=2 if layout == "pptp" else 1)
         cfg = run_config(arch, par)
         mesh = build_mesh(par, world)
-        pipe = build_pipeline(build(arch), cfg, mesh, n_microbatches=4)
+        dp_rank, dp_size = dp_rank_size(mesh)
+        per = BATCH // dp_size
+        tok, lab = tokens[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]
+        pipe = build_pipeline(build(arch), cfg, mesh, n_microbatches=per if dp_size > 1 else 4)
         opt = torch.optim.AdamW(list(pipe.parameters()), lr=LR)
         losses = []
         for _ in range(STEPS):
-            loss = pipe.step(tokens if pipe.has_first else None, labels if pipe.has_last else None)
+            loss = pipe.step(tok if pipe.has_first else None, lab if pipe.has_last else None)
             clip_grad_norm_(list(pipe.parameters()), CLIP, pp_mesh=mesh["pp"])
             opt.step()
             opt.zero_grad()
+            group = dp_group(mesh)
+            if group is not None:
+                dist.all_reduce(loss, group=group)
+                loss = loss / dp_size
             losses.append(loss.item())
         return losses
     par = {

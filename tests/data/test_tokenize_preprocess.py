@@ -297,3 +297,11 @@ def test_ftfy_is_applied_or_asked_for(tmp_path, tok_cfg, monkeypatch):
     monkeypatch.setitem(sys.modules, "ftfy", types.SimpleNamespace(fix_text=str.upper))
     res = preprocess(str(src), str(tmp_path / "o"), tok_cfg, ftfy=True)
     assert [tok.decode(d) for d in IndexedDataset(res.outputs["text"])] == ["HELLO", "WORLD"]
+
+
+def test_hub_name_is_tried_through_datasets_and_fails_cleanly_offline(tmp_path, tok_cfg, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="someorg/somedata: cannot load Hub dataset"):
+        preprocess("someorg/somedata", str(tmp_path / "o"), tok_cfg)
+    assert final_and_temp_files(tmp_path, "o_") == []

@@ -305,3 +305,19 @@ def test_hub_name_is_tried_through_datasets_and_fails_cleanly_offline(tmp_path, 
     with pytest.raises(DataError, match="someorg/somedata: cannot load Hub dataset"):
         preprocess("someorg/somedata", str(tmp_path / "o"), tok_cfg)
     assert final_and_temp_files(tmp_path, "o_") == []
+
+
+def test_large_vocabulary_writes_int32(tmp_path):
+    """A vocabulary of 65500 or more ids needs int32 files (upstream's best_fitting_dtype)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 70_000)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(tmp_path / "big.json"))
+    cfg = TokenizerConfig(tokenizer_type="HFTokenizer", vocab_file=str(tmp_path / "big.json"))
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "w1 w65535 w69999"}, {"text": "w70000"}])
+    res = preprocess(str(src), str(tmp_path / "o"), cfg, append_eod=True)
+    ds = IndexedDataset(res.outputs["text"])
+    assert res.dtype == ds.dtype == np.int32
+    assert [d.tolist() for d in ds] == [[1, 65535, 69999, 0], [0, 0]]  # w70000 is unknown -> unk (0)

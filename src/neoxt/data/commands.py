@@ -245,7 +245,9 @@ def register(sub) -> None:
     h.add_argument("--subset", default=None)
     h.add_argument("--split", default="train")
     h.add_argument("--output-dir", default=None, help="default: ./data/<dataset name>")
-    h.add_argument("--vocab-file", required=True, help="HF tokenizer directory, tokenizer.json or Hub name")
+    h.add_argument("--vocab-file", default="EleutherAI/gpt-neox-20b",
+                   help="HF tokenizer directory, tokenizer.json or Hub name (default: EleutherAI/gpt-neox-20b, "
+                        "GPT-NeoX's tokenizer, fetched from the Hub)")
     h.add_argument("--text-key", default=None, help="column to use (default: 'text' or 'messages', detected)")
     h.add_argument("--count-only", action="store_true", help="only count tokens")
     h.add_argument("--skip-count", action="store_true", help="skip the counting stage")

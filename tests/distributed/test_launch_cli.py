@@ -150,7 +150,7 @@ def test_sbatch_refusal_is_one_line_error(tmp_path, capsys, monkeypatch):
         (["--env", "1BAD=x"], "KEY=VALUE"),
         (["--env", "NOVALUE"], "KEY=VALUE"),
         (["--chain", "0"], "--chain 0"),
-        (["--nodes", "3", "--gpus-per-node", "1"], "model_parallel_size=2"),
+        (["--nodes", "3", "--gpus-per-node", "1"], "world size 3 is not divisible"),
         (["--env-file", "/nonexistent/file.env"], "/nonexistent/file.env"),
     ],
 )
@@ -181,4 +181,6 @@ def test_single_node_dry_run_and_world_check(tmp_path, capsys):
     assert out.split()[:3] == [sys.executable, "-m", "neoxt.distributed.agent"]
     assert "--standalone" in out and "--nproc-per-node=4" in out and out.strip().endswith(f"train {cfg}")
     rc, _, err = _launch([str(cfg), "--nproc-per-node", "3", "--dry-run"], capsys)
-    assert rc == 2 and "pipe_parallel_size=2" in err
+    assert rc == 2 and "pipe_parallel_size" in err and "3" in err
+    rc, out, _ = _launch([str(cfg), "--nproc-per-node", "2", "--dry-run", "--set", "train_iters=7"], capsys)
+    assert rc == 0 and out.strip().endswith(f"train {cfg} --set=train_iters=7")

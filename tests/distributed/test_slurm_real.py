@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from launchkit import write_train_config  # noqa: E402
 from slurm_cluster import missing_tools, slurm_cluster  # noqa: E402
 
 REPO = HERE.parents[1]
@@ -49,17 +49,6 @@ def cluster(tmp_path_factory):
         yield c
 
 
-def _data(root: Path, tokenizer_dir: Path, corpus: list[str]) -> tuple[str, str]:
-    from neoxt.config.schema import TokenizerConfig
-    from neoxt.data.tokenize import preprocess
-
-    tok = TokenizerConfig(tokenizer_type="HFTokenizer", vocab_file=str(tokenizer_dir / "tokenizer.json"))
-    src = root / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus))
-    res = preprocess([str(src)], str(root / "docs"), tok, keys=("text",), append_eod=True)
-    return res.outputs["text"], tok.vocab_file
-
-
 def _heartbeat(run: Path) -> int:
     try:
         return json.loads((run / "heartbeat.json").read_text())["iteration"]
@@ -67,23 +56,8 @@ def _heartbeat(run: Path) -> int:
         return -1
 
 
-def _write_config(tmp_path: Path, tokenizer_dir: Path, corpus: list[str], train_iters: int) -> tuple[Path, Path]:
-    prefix, vocab = _data(tmp_path, tokenizer_dir, corpus)
-    run = tmp_path / "run"
-    cfg = tmp_path / "cfg.yml"
-    cfg.write_text(yaml.safe_dump({
-        "num_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "seq_length": 16,
-        "max_position_embeddings": 32, "pos_emb": "rotary", "norm": "layernorm", "activation": "gelu",
-        "optimizer": {"type": "Adam", "params": {"lr": 1.0e-3}}, "train_micro_batch_size_per_gpu": 2,
-        "train_iters": train_iters, "precision": "fp32", "seed": 3, "train_data_paths": [prefix],
-        "tokenizer_type": "HFTokenizer", "vocab_file": vocab, "save": str(run), "checkpoint_factor": 10**9,
-        "eval_interval": 10**9, "log_interval": 1000, "index_cache_dir": str(tmp_path / "cache"),
-    }))
-    return cfg, run
-
-
 def test_chained_jobs_signal_resume_and_finish(cluster, tmp_path, tiny_tokenizer_dir, corpus):
-    cfg, run = _write_config(tmp_path, tiny_tokenizer_dir, corpus, TRAIN_ITERS)
+    cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, TRAIN_ITERS)
     launch = subprocess.run(
         [sys.executable, "-m", "neoxt.cli", "launch", "--slurm", str(cfg), "--nodes", "1", "--gpus-per-node", "0",
          "--nproc-per-node", "1", "--time", "00:10:00", "--signal", "USR1@90", "--chain", "3",
@@ -131,7 +105,7 @@ def test_chained_jobs_signal_resume_and_finish(cluster, tmp_path, tiny_tokenizer
 def test_walltime_signal_timer_checkpoints_before_the_limit(cluster, tmp_path, tiny_tokenizer_dir, corpus):
     """SLURM's own timer: --time 3 min, --signal USR1@90 (SLURM sends it up to ~60 s early). The job
     must save and end COMPLETED (exit 0) before the limit, never be killed by it."""
-    cfg, run = _write_config(tmp_path, tiny_tokenizer_dir, corpus, 10**6)
+    cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 10**6)
     launch = subprocess.run(
         [sys.executable, "-m", "neoxt.cli", "launch", "--slurm", str(cfg), "--gpus-per-node", "0",
          "--nproc-per-node", "1", "--time", "00:03:00", "--signal", "USR1@90"],

@@ -22,6 +22,8 @@ def register(sub) -> None:
         ),
     )
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="GPT-NeoX style YAML files, merged in order")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable); passed on to `neoxt train`")
     p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs per node, else 1)")
     p.add_argument("--dry-run", action="store_true", help="print the command / sbatch script, submit nothing")
     s = p.add_argument_group("SLURM")
@@ -42,10 +44,10 @@ def register(sub) -> None:
     p.set_defaults(handler=run_launch)
 
 
-def _load(configs: list[str]):
+def _load(configs: list[str], overrides: list[str], world_size: int):
     from neoxt.config import load_config
 
-    return load_config(configs)
+    return load_config(configs, overrides, world_size=world_size)
 
 
 def _local_gpus() -> int:
@@ -60,14 +62,21 @@ def _local_gpus() -> int:
 def run_launch(args: argparse.Namespace) -> int:
     from neoxt.distributed import launch as L
 
-    cfg = _load(args.configs)
+    if args.slurm:
+        gpus = 4 if args.gpus_per_node is None else args.gpus_per_node
+        nproc = args.nproc_per_node or max(gpus, 1)
+        world = nproc * args.nodes
+    else:
+        nproc = args.nproc_per_node or max(_local_gpus(), 1)
+        world = nproc
+    cfg = _load(args.configs, args.overrides, world)
     par = cfg.parallelism
     tp, pp = max(par.model_parallel_size, 1), max(par.pipe_parallel_size, 1)
     configs = [str(Path(c).resolve()) for c in args.configs]
+    train_args = [*configs, *(f"--set={o}" for o in args.overrides)]
     if not args.slurm:
-        nproc = args.nproc_per_node or max(_local_gpus(), 1)
         L.check_world(nproc, tp, pp, "--nproc-per-node")
-        argv = [sys.executable, *L.torchrun_args(nproc, configs)]
+        argv = [sys.executable, *L.torchrun_args(nproc, train_args)]
         if args.dry_run:
             print(shlex.join(argv))
             return 0
@@ -84,9 +93,7 @@ def run_launch(args: argparse.Namespace) -> int:
     _, sig_secs = L.parse_signal(args.signal or L.DEFAULT_SIGNAL)
     if sig_secs >= secs:
         raise L.LaunchError(f"--signal {args.signal}: {sig_secs} s warning is not shorter than --time {args.time}")
-    gpus = 4 if args.gpus_per_node is None else args.gpus_per_node
-    nproc = args.nproc_per_node or max(gpus, 1)
-    L.check_world(nproc * args.nodes, tp, pp, f"--nodes {args.nodes} x {nproc} processes")
+    L.check_world(world, tp, pp, f"--nodes {args.nodes} x {nproc} processes")
     env = L.parse_env_items(args.env)
     for f in args.env_file:
         env += L.read_env_file(f)
@@ -94,7 +101,7 @@ def run_launch(args: argparse.Namespace) -> int:
     run_name = args.run_name or save_dir.name
     log_dir = Path(args.log_dir or cfg.logging.log_dir or save_dir / "logs").resolve()
     job = L.SlurmJob(
-        configs=tuple(configs),
+        configs=tuple(train_args),
         run_name=run_name,
         nodes=args.nodes,
         gpus_per_node=gpus,

@@ -1,0 +1,71 @@
+"""`neoxt launch --nproc-per-node 2` runs `neoxt train` on 2 ranks; its checkpoint continues on 1 rank
+and a 1-rank checkpoint continues on 2, both on the uninterrupted 1-rank loss curve.
+
+The global batch is fixed (``train_batch_size: 4``, micro-batch 2): 2 ranks x 1 micro-batch or
+1 rank x 2 accumulated micro-batches see the same samples, so the curves agree to float summation
+order (tolerance 1e-5 on per-step losses).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from launchkit import metrics_losses, write_train_config  # noqa: E402
+
+REPO = HERE.parents[1]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def _neoxt(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "neoxt.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+# lr_decay_iters pins the schedule to 8 steps when a run is stopped early with --set train_iters=4.
+BATCH = {"train_batch_size": 4, "log_interval": 1, "lr_decay_iters": 8}
+
+
+@pytest.fixture()
+def reference(tmp_path, tiny_tokenizer_dir, corpus) -> dict[int, float]:
+    cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 8, "ref", **BATCH)
+    _neoxt("train", str(cfg))
+    losses = metrics_losses(run)
+    assert sorted(losses) == list(range(1, 9))
+    return losses
+
+
+def _check(run: Path, ref: dict[int, float]) -> None:
+    got = metrics_losses(run)
+    assert sorted(got) == list(range(1, 9)), run
+    assert [got[i] for i in range(1, 9)] == pytest.approx([ref[i] for i in range(1, 9)], abs=1e-5), run
+
+
+def test_two_ranks_then_one(tmp_path, tiny_tokenizer_dir, corpus, reference):
+    cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 8, "a", **BATCH)
+    _neoxt("launch", str(cfg), "--nproc-per-node", "2", "--set", "train_iters=4")
+    assert (run / "latest").read_text().strip() == "global_step4"
+    out = _neoxt("train", str(cfg))
+    assert f"resuming from {run / 'global_step4'}" in out
+    _check(run, reference)
+
+
+@pytest.mark.xfail(reason="trainer: rank 1 finds no rng.rank1 in a 1-rank checkpoint and the collective "
+                          "DCP load fails (neoxt.train.loop._load_full); reported to the training helper",
+                   strict=False)
+def test_one_rank_then_two(tmp_path, tiny_tokenizer_dir, corpus, reference):
+    cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 8, "b", **BATCH)
+    _neoxt("train", str(cfg), "--set", "train_iters=4")
+    out = _neoxt("launch", str(cfg), "--nproc-per-node", "2")
+    assert f"resuming from {run / 'global_step4'}" in out
+    _check(run, reference)

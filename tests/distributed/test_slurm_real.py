@@ -1,4 +1,4 @@
-"""A real SLURM run: `neoxt launch --slurm --chain 3` on a one-node localhost cluster (CPU).
+"""A real SLURM run: `neoxt launch --slurm --chain 3` on a one-node localhost cluster (CPU, 2 ranks).
 
 Job 1 is sent the walltime warning signal the way ``#SBATCH --signal=B:USR1@N`` delivers it (to the
 batch shell, here early via ``scancel --signal=USR1 --batch`` so the test does not wait minutes for
@@ -60,7 +60,7 @@ def test_chained_jobs_signal_resume_and_finish(cluster, tmp_path, tiny_tokenizer
     cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, TRAIN_ITERS)
     launch = subprocess.run(
         [sys.executable, "-m", "neoxt.cli", "launch", "--slurm", str(cfg), "--nodes", "1", "--gpus-per-node", "0",
-         "--nproc-per-node", "1", "--time", "00:10:00", "--signal", "USR1@90", "--chain", "3",
+         "--nproc-per-node", "2", "--time", "00:10:00", "--signal", "USR1@90", "--chain", "3",
          "--env", "NEOXT_TEST_MARKER=chained run", "--log-dir", str(tmp_path / "logs")],
         capture_output=True, text=True, env=cluster.env, cwd=REPO, timeout=60,
     )
@@ -89,6 +89,7 @@ def test_chained_jobs_signal_resume_and_finish(cluster, tmp_path, tiny_tokenizer
 
     out1, out2, out3 = (p.read_text() for p in logs)
     assert "SIGUSR1 received, asking training to checkpoint and exit" in out1, out1
+    assert "SIGUSR1 forwarded to 2 training process(es); all exited 0 after saving" in out1, out1
     m = re.search(r"received signal SIGUSR1: saved at iteration (\d+)", out1)
     assert m, out1
     saved = int(m.group(1))

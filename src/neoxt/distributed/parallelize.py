@@ -1,24 +1,35 @@
 """Turn one ``Transformer`` into its parallel form: TP -> activation checkpointing -> compile -> FSDP2.
 
-Entry point for the trainer::
+How a training loop uses this package (what the tests in tests/distributed do)::
 
-    env = init_distributed(); mesh = build_mesh(cfg.parallelism)        # mesh is None for 1 process
-    model = parallelize(Transformer(cfg.model), cfg, mesh)               # same object, modified in place
-    # with pipe_parallel_size > 1 use neoxt.distributed.pipeline.build_pipeline instead
+    from neoxt.distributed.mesh import init_distributed, build_mesh, dp_rank_size, dp_group
+    env = init_distributed()                          # torchrun env -> gloo (CPU) / nccl (CUDA)
+    mesh = build_mesh(cfg.parallelism)                # None for a lone process
+    dp_rank, dp_size = dp_rank_size(mesh)             # which slice of the global batch to read
+    model = parallelize(Transformer(cfg.model), cfg, mesh)   # or build_parallel_model(cfg, mesh, dev)
+    opt = build_optimizer(model, ...)                 # after parallelize: FSDP swaps the parameters
+    ...  loss = token_loss_sum / global_token_count;  loss.backward()
+         # token counts and loss shares are summed over dp_group(mesh), NOT the world group
+         # (tp/pp ranks of one dp rank see the same batch); FSDP sums the gradients itself
+    clip_grad_norm_(model.parameters(), max_norm)     # this module's: grads live on several meshes
+    # pipe_parallel_size > 1: neoxt.distributed.pipeline.build_pipeline(model, cfg, mesh, n_micro)
+    #   and pipeline.step(tokens, labels) instead of forward/backward
 
 The order is the one that composes (the torchtitan recipe): tensor parallel first (it swaps weights
 for DTensors on the ``tp`` mesh), then activation checkpointing and ``torch.compile`` per block (they
-wrap the block's forward, TP hooks included), FSDP2 last (it shards whatever parameters it finds,
-DTensor or not, over the data-parallel mesh, and its all-gather hooks sit outside the compiled
-block). Parameter names never change: checkpointing and compile replace a module's ``forward``
+wrap the block's forward, TP hooks included; with both, the compiled function runs inside an eager
+checkpoint, since torch 2.13 cannot compile a checkpoint around DTensor code), FSDP2 last (it shards
+whatever parameters it finds, DTensor or not, over the data-parallel mesh, and its all-gather hooks
+sit outside the compiled block). Parameter names never change: checkpointing and compile replace a module's ``forward``
 rather than wrapping the module, so ``state_dict`` keys, the optimizer's name-based param groups and
 DCP checkpoints are the same with every combination of switches, and a checkpoint written under one
 mesh loads under any other.
 
 Tensor parallel (Megatron layout, heads split across ranks): q/k/v/up/gate column-parallel,
-o/down row-parallel; an untied embedding is vocab-parallel and the untied head column-parallel with
-gathered logits; tied embeddings stay replicated over ``tp`` (the head is then ``F.linear`` with the
-embedding matrix, which a vocab-sharded DTensor cannot join). OLMo-3's q_norm/k_norm normalise the
+o/down row-parallel; an untied embedding is vocab-parallel (replicated when compiling: torch 2.13
+cannot backprop it out of a compiled block) and the untied head column-parallel with gathered
+logits; tied embeddings stay replicated over ``tp`` (the head is then ``F.linear`` with the embedding
+matrix, which a vocab-sharded DTensor cannot join). OLMo-3's q_norm/k_norm normalise the
 *whole* q (k) projection, which TP shards: they become ``ShardedFeatureNorm``, which all-reduces the
 statistics over ``tp`` (and all-reduces their gradient back, since each rank's features depend on
 every rank's share of the sum). GPT-NeoX's per-head ``qk_norm`` is split by heads; its RMS variant

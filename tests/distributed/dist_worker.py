@@ -119,8 +119,9 @@ def load_full_state(path, model, opt) -> None:
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
-def run_checkpoint_scenario(arch: str) -> dict[str, list[float]]:
-    """2 FSDP ranks: resume the 1-process checkpoint (``<dir>/one``) and save their own (``<dir>/two``)."""
+def run_checkpoint_scenario(layout: str, arch: str) -> dict[str, list[float]]:
+    """2 ranks (``ckpt``: FSDP, ``ckpttp``: TP): resume the 1-process checkpoint
+    ``<dir>/one-<arch>`` and save their own as ``<dir>/<layout>-<arch>``."""
     import os
 
     from neoxt.distributed.mesh import build_mesh, dp_rank_size
@@ -128,24 +129,25 @@ def run_checkpoint_scenario(arch: str) -> dict[str, list[float]]:
     from neoxt.train.checkpoint import save_checkpoint
 
     root = os.environ["NEOXT_TEST_CKPT_DIR"]
-    par = ParallelismConfig()
+    par = ParallelismConfig(model_parallel_size=2 if layout == "ckpttp" else 1)
     mesh = build_mesh(par, dist.get_world_size())
     dp_rank, dp_size = dp_rank_size(mesh)
     tokens, labels = batch()
     per = BATCH // dp_size
     tok, lab = tokens[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]
+    scale = dp_size / dist.get_world_size()  # dp_step's report sums over all ranks
     out: dict[str, list[float]] = {}
 
     model = parallelize(build(arch), run_config(arch, par), mesh)
     opt = make_opt(model.parameters(), "adamw")
-    load_full_state(f"{root}/one/global_step2", model, opt)
-    out["resumed_from_one"] = [dp_step(model, opt, tok, lab, dp_size) for _ in range(2)]
+    load_full_state(f"{root}/one-{arch}/global_step2", model, opt)
+    out["resumed_from_one"] = [dp_step(model, opt, tok, lab, dp_size) * scale for _ in range(2)]
 
     model = parallelize(build(arch), run_config(arch, par), mesh)
     opt = make_opt(model.parameters(), "adamw")
-    out["two"] = [dp_step(model, opt, tok, lab, dp_size) for _ in range(2)]
-    save_checkpoint(f"{root}/two", 2, full_state(model, opt), "{}\n")
-    out["two"] += [dp_step(model, opt, tok, lab, dp_size) for _ in range(2)]
+    out["two"] = [dp_step(model, opt, tok, lab, dp_size) * scale for _ in range(2)]
+    save_checkpoint(f"{root}/{layout}-{arch}", 2, full_state(model, opt), "{}\n")
+    out["two"] += [dp_step(model, opt, tok, lab, dp_size) * scale for _ in range(2)]
     return out
 
 
@@ -155,8 +157,8 @@ def run_scenario(name: str) -> list[float] | dict:
     from neoxt.distributed.pipeline import build_pipeline
 
     layout, arch = name.split(":")
-    if layout == "ckpt":
-        return run_checkpoint_scenario(arch)
+    if layout.startswith("ckpt"):
+        return run_checkpoint_scenario(layout, arch)
     over = {}
     if layout.endswith("tied"):  # tied embeddings: replicated over tp, head is F.linear(x, embed.weight)
         layout, over = layout[: -len("tied")], {"no_weight_tying": False}

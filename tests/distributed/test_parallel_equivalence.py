@@ -51,31 +51,29 @@ def torchrun(script: Path, args: list[str], nproc: int = 2, timeout: int = 150, 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-CKPT_ARCH = "llama"
+CKPT_SCENARIOS = ["ckpt:llama", "ckpttp:olmo3"]  # FSDP(2) and TP(2, sharded q/k norms)
 
 
 @pytest.fixture(scope="module")
 def ckpt_root(tmp_path_factory) -> Path:
-    """``one/``: a checkpoint saved by one process after 2 of 4 steps (the 2-rank run resumes it)."""
-    import torch
-
+    """``one-<arch>/``: checkpoints saved by one process after 2 of 4 steps (the 2-rank runs resume them)."""
     from neoxt.train.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
-    model = dist_worker.build(CKPT_ARCH)
-    opt = dist_worker.make_opt(model.parameters(), "adamw")
-    tokens, labels = dist_worker.batch()
-    for _ in range(2):
-        dist_worker.dp_step(model, opt, tokens, labels, 1)
-    save_checkpoint(root / "one", 2, dist_worker.full_state(model, opt), "{}\n")
-    assert torch.is_tensor(next(iter(dist_worker.full_state(model, opt)["model"].values())))
+    for arch in sorted({s.split(":")[1] for s in CKPT_SCENARIOS}):
+        model = dist_worker.build(arch)
+        opt = dist_worker.make_opt(model.parameters(), "adamw")
+        tokens, labels = dist_worker.batch()
+        for _ in range(2):
+            dist_worker.dp_step(model, opt, tokens, labels, 1)
+        save_checkpoint(root / f"one-{arch}", 2, dist_worker.full_state(model, opt), "{}\n")
     return root
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, ckpt_root) -> dict:
     out = tmp_path_factory.mktemp("dist") / "losses.json"
-    proc = torchrun(HERE / "dist_worker.py", [str(out), *SCENARIOS, f"ckpt:{CKPT_ARCH}", "meta:olmo3"],
+    proc = torchrun(HERE / "dist_worker.py", [str(out), *SCENARIOS, *CKPT_SCENARIOS, "meta:olmo3"],
                     env={"NEOXT_TEST_CKPT_DIR": str(ckpt_root)})
     assert proc.returncode == 0 and out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -119,27 +117,32 @@ def test_two_process_layout_matches_single_process(scenario, results, references
     assert losses[-1] < losses[0]  # it trained
 
 
-def test_checkpoint_reshards_between_two_ranks_and_one(results, ckpt_root):
-    """Acceptance 2: FSDP(2) resumes a 1-process checkpoint, and 1 process resumes an FSDP(2) one;
+@pytest.mark.parametrize("scenario", CKPT_SCENARIOS)
+def test_checkpoint_reshards_between_two_ranks_and_one(scenario, results, ckpt_root):
+    """Acceptance 2: 2 ranks (FSDP or TP) resume a 1-process checkpoint, and 1 process resumes theirs;
     both continue the uninterrupted single-process curve (AdamW state included)."""
-    got = results[f"ckpt:{CKPT_ARCH}"]
+    got = results[scenario]
     assert "error" not in got, got.get("error")
-    model = dist_worker.build(CKPT_ARCH)
+    layout, arch = scenario.split(":")
+    model = dist_worker.build(arch)
     opt = dist_worker.make_opt(model.parameters(), "adamw")
     tokens, labels = dist_worker.batch()
     ref = [dist_worker.dp_step(model, opt, tokens, labels, 1) for _ in range(4)]
-    assert got["resumed_from_one"] == pytest.approx(ref[2:], abs=1e-5)
-    assert got["two"] == pytest.approx(ref, abs=1e-5)
+    # FSDP reproduces the single-process numbers to rounding; TP's sharded matmuls drift like in
+    # test_two_process_layout_matches_single_process (AdamW at lr 1e-2 amplifies ~1e-7 to ~5e-4).
+    tol = 1e-5 if layout == "ckpt" else 1e-3
+    assert got["resumed_from_one"] == pytest.approx(ref[2:], abs=tol)
+    assert got["two"] == pytest.approx(ref, abs=tol)
 
-    model = dist_worker.build(CKPT_ARCH)
-    torch_params_before = [p.detach().clone() for p in model.parameters()]
+    model = dist_worker.build(arch)
+    before = [p.detach().clone() for p in model.parameters()]
     opt = dist_worker.make_opt(model.parameters(), "adamw")
-    dist_worker.load_full_state(ckpt_root / "two" / "global_step2", model, opt)
-    assert any((a != b).any() for a, b in zip(torch_params_before, model.parameters()))
+    dist_worker.load_full_state(ckpt_root / f"{layout}-{arch}" / "global_step2", model, opt)
+    assert any((x != y).any() for x, y in zip(before, model.parameters()))
     assert len(opt.state) == len(list(model.parameters()))  # Adam moments restored, not fresh
     resumed = [dist_worker.dp_step(model, opt, tokens, labels, 1) for _ in range(2)]
-    assert resumed == pytest.approx(ref[2:], abs=1e-5)
-    assert resumed == pytest.approx(got["two"][2:], abs=1e-5)
+    assert resumed == pytest.approx(ref[2:], abs=tol)
+    assert resumed == pytest.approx(got["two"][2:], abs=tol)
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def test_dry_run_script_has_resources_rendezvous_env_signal(tmp_path, capsys):
         "srun_pid=$!",
     ):
         assert line in out.splitlines(), line
-    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1" in out
+    assert "srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}" in out
     for arg in ('"--nnodes=$SLURM_JOB_NUM_NODES"', "--nproc-per-node=4", "--rdzv-backend=c10d",
                 '"--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"', '"--rdzv-id=$SLURM_JOB_ID"',
                 "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",

@@ -60,7 +60,7 @@ def test_chained_jobs_signal_resume_and_finish(cluster, tmp_path, tiny_tokenizer
     cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, TRAIN_ITERS)
     launch = subprocess.run(
         [sys.executable, "-m", "neoxt.cli", "launch", "--slurm", str(cfg), "--nodes", "1", "--gpus-per-node", "0",
-         "--nproc-per-node", "2", "--time", "00:10:00", "--signal", "USR1@90", "--chain", "3",
+         "--nproc-per-node", "2", "--cpus-per-task", "2", "--time", "00:10:00", "--signal", "USR1@90", "--chain", "3",
          "--env", "NEOXT_TEST_MARKER=chained run", "--log-dir", str(tmp_path / "logs")],
         capture_output=True, text=True, env=cluster.env, cwd=REPO, timeout=60,
     )

@@ -241,7 +241,9 @@ def render_sbatch(job: SlurmJob) -> str:
         f"trap 'forward_signal {sig_name}' {sig_name}",
         "trap 'forward_signal TERM' TERM",
         "",
-        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 \\",
+        # Slurm >= 22.05 no longer hands the job's --cpus-per-task to srun steps: pass it on, or
+        # torchrun and all its workers would share one core.
+        "srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \\",
         "    " + " \\\n    ".join(cmd) + " &",
         "srun_pid=$!",
         "# `wait` returns early whenever a trapped signal arrives: keep waiting until srun is gone.",

@@ -189,7 +189,13 @@ def run_scenario(name: str) -> list[float] | dict:
                 dist.all_reduce(loss, group=group)
                 loss = loss / dp_size
             losses.append(loss.item())
-        return losses
+        # Forward-only pass after training: equals the reference's loss before a 5th update.
+        loss = pipe.step(tok if pipe.has_first else None, lab if pipe.has_last else None, train=False)
+        group = dp_group(mesh)
+        if group is not None:
+            dist.all_reduce(loss, group=group)
+            loss = loss / dp_size
+        return losses + [loss.item()]
     par = {
         "tp": ParallelismConfig(model_parallel_size=world),
         "sp": ParallelismConfig(model_parallel_size=world, sequence_parallel=True),

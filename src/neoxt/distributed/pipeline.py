@@ -127,15 +127,20 @@ class Pipeline:
     has_last: bool
     pp_mesh: DeviceMesh
 
-    def step(self, tokens: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
-        """Forward + backward over ``n_microbatches`` micro-batches; returns the mean loss on every rank.
+    def step(self, tokens: torch.Tensor | None, labels: torch.Tensor | None, train: bool = True) -> torch.Tensor:
+        """Forward + backward (``train=False``: forward only, e.g. evaluation) over ``n_microbatches``
+        micro-batches; returns the mean loss on every rank.
 
         ``tokens`` is needed on the rank with the first stage, ``labels`` on the rank with the last.
         """
         losses: list[torch.Tensor] = []
         args = (tokens,) if self.has_first else ()
         kwargs = {"target": labels, "losses": losses} if self.has_last else {}
-        self.schedule.step(*args, **kwargs)
+        if train:
+            self.schedule.step(*args, **kwargs)
+        else:
+            with torch.no_grad():
+                self.schedule.eval(*args, **kwargs)
         device = self.stages[0].device
         loss = torch.stack(losses).mean().detach().float() if self.has_last else torch.zeros((), device=device)
         loss = loss.to(device)

@@ -22,14 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import main as torchrun
 
     exit_codes: dict[int, int | None] = {}
-    original_close = mp_api.SubprocessContext._close
+    # torchrun internals (private): if a later torch moves them, behave exactly like torchrun.
+    original_close = getattr(getattr(mp_api, "SubprocessContext", None), "_close", None)
 
     def close_and_record(self, death_sig, timeout=30):
         original_close(self, death_sig, timeout)
-        for local_rank, handler in self.subprocess_handlers.items():
+        for local_rank, handler in getattr(self, "subprocess_handlers", {}).items():
             exit_codes[local_rank] = handler.proc.poll()
 
-    mp_api.SubprocessContext._close = close_and_record
+    if original_close is not None:
+        mp_api.SubprocessContext._close = close_and_record
     try:
         torchrun(sys.argv[1:] if argv is None else argv)
     except mp_api.SignalException as exc:

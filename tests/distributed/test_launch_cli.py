@@ -57,6 +57,7 @@ def test_dry_run_script_has_resources_rendezvous_env_signal(tmp_path, capsys):
         'export FI_PROVIDER="cxi"',
         'export NCCL_SOCKET_IFNAME="hsn"',
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "export MASTER_ADDR=$head_node MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}",
         "trap 'forward_signal USR1' USR1",
         "srun_pid=$!",
     ):

@@ -34,7 +34,8 @@ from pathlib import Path
 from neoxt.errors import NeoxtError
 
 DEFAULT_SIGNAL = "USR1@120"
-DEFAULT_MASTER_PORT = 29500
+# Rendezvous port = base + job id mod 20000: two jobs sharing a head node do not collide.
+MASTER_PORT_BASE = 20000
 JOBS_RECORD = "slurm_jobs.json"
 # Signals the trainer turns into "checkpoint and exit"; torchrun must forward them, not die of them.
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
@@ -66,7 +67,7 @@ class SlurmJob:
     account: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     cpus_per_task: int | None = None
-    master_port: int = DEFAULT_MASTER_PORT
+    master_port_base: int = MASTER_PORT_BASE
     extra_sbatch: tuple[str, ...] = field(default=())
 
     @property
@@ -208,7 +209,7 @@ def render_sbatch(job: SlurmJob) -> str:
         "",
         "# ---- rendezvous on the first node of the allocation ----",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        f"export MASTER_ADDR=$head_node MASTER_PORT=${{MASTER_PORT:-{job.master_port}}}",
+        f"export MASTER_ADDR=$head_node MASTER_PORT=${{MASTER_PORT:-$(({job.master_port_base} + SLURM_JOB_ID % 20000))}}",
         'echo "neoxt: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s) [$SLURM_JOB_NODELIST],'
         ' rendezvous $MASTER_ADDR:$MASTER_PORT, started $(date -u +%FT%TZ)"',
         "",

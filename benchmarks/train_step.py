@@ -4,12 +4,12 @@ One HF model (GPT-NeoX or LLaMA shape) is built from a config with a fixed seed 
 memory to our Transformer, so both sides train identical weights on identical batches with the same
 precision (fp32 on CPU), optimizer (AdamW, fused where torch has it, weight decay 0.1, clipping 1.0)
 and accumulation. Ours runs through the real ``train()`` loop (loss over the global token count,
-NaN checks, schedule, metrics files); HF runs the loop a user would write: ``model(ids).logits`` →
-cross-entropy → backward → clip → step. Rounds alternate the two so background load hits both
-alike; each round times ``--steps`` steps after ``--steps`` warm-up steps. Prints a table; asserts
-nothing.
+NaN checks); HF runs the loop a user would write: ``model(ids).logits`` → cross-entropy → backward →
+clip → step. Steps alternate between the two sides so load from other processes hits both alike,
+and the median step is reported. One full ``train()`` run (schedule, metrics files, heartbeat)
+is reported as well, from its own metrics.jsonl. Prints a table; asserts nothing.
 
-    .venv/bin/python benchmarks/train_step.py [--arch llama|gpt_neox] [--rounds 3] [--threads N]
+    .venv/bin/python benchmarks/train_step.py [--arch llama|gpt_neox] [--steps 20] [--threads N]
 """
 
 from __future__ import annotations
@@ -99,34 +99,47 @@ def run_ours(model_cfg, model, args) -> float:
     return records[-1]["tokens_per_s"]
 
 
-def run_hf(hf, args) -> float:
+def step_fns(hf, ours, args):
+    """One optimizer step each: ours exactly as train() runs it, HF as a plain torch loop."""
     import torch.nn.functional as F
 
     from neoxt.config.schema import OptimizerConfig
+    from neoxt.train.loop import accumulate_gradients
     from neoxt.train.optim import build_optimizer
 
+    ocfg = OptimizerConfig(optimizer_type="adam", lr=1e-4, weight_decay=0.1, gradient_clipping=1.0)
     hf.train()
+    ours.train()
     # Same optimizer construction (AdamW, same groups and fused choice) so only the step differs.
-    opt = build_optimizer(hf, OptimizerConfig(optimizer_type="adam", lr=1e-4, weight_decay=0.1))
-    data = RandomBatches(args.micro, args.seq, args.vocab)
+    hf_opt, our_opt = build_optimizer(hf, ocfg), build_optimizer(ours, ocfg)
+    hf_data = RandomBatches(args.micro, args.seq, args.vocab)
+    our_data = RandomBatches(args.micro, args.seq, args.vocab)
+    our_params = [p for p in ours.parameters() if p.requires_grad]
 
-    def step():
-        micro = [next(data) for _ in range(args.accum)]
+    def hf_step() -> float:
+        micro = [next(hf_data) for _ in range(args.accum)]
+        began = time.perf_counter()
         for b in micro:
             logits = hf(input_ids=b["tokens"]).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["labels"].reshape(-1))
             (loss / args.accum).backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss.item()
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - began
 
-    for _ in range(args.steps):
-        step()
-    began = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    elapsed = time.perf_counter() - began
-    return args.steps * args.accum * args.micro * args.seq / elapsed
+    def our_step() -> float:
+        micro = [next(our_data) for _ in range(args.accum)]
+        began = time.perf_counter()
+        loss = accumulate_gradients(ours, micro)
+        torch.nn.utils.clip_grad_norm_(our_params, 1.0, foreach=True)
+        loss.item()  # the loop reads the loss and norm every step for its NaN check
+        our_opt.step()
+        our_opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - began
+
+    return our_step, hf_step
 
 
 def main() -> None:
@@ -138,31 +151,44 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--accum", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per side (after 3 warm-up steps)")
+    p.add_argument("--e2e-steps", type=int, default=10, help="steps of the full train() run (0: skip)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    ours_tps, hf_tps = [], []
-    for r in range(args.rounds):
-        hf = build_hf(args.arch, args.layers, args.hidden, args.vocab, args.seq, seed=r)
-        model_cfg, ours = convert(hf)
-        ours_tps.append(run_ours(model_cfg, ours, args))
-        hf_tps.append(run_hf(hf, args))
-        print(f"round {r + 1}: neoxt {ours_tps[-1]:,.0f} tok/s | HF {hf_tps[-1]:,.0f} tok/s", flush=True)
+    hf = build_hf(args.arch, args.layers, args.hidden, args.vocab, args.seq, seed=0)
+    model_cfg, ours = convert(hf)
+    our_step, hf_step = step_fns(hf, ours, args)
+    for _ in range(3):
+        our_step()
+        hf_step()
+    ours_s, hf_s = [], []
+    for _ in range(args.steps):  # alternate, so load spikes from other processes hit both sides
+        ours_s.append(our_step())
+        hf_s.append(hf_step())
 
+    tokens_per_step = args.micro * args.accum * args.seq
     n_params = sum(p.numel() for p in ours.parameters())
-    ours_med, hf_med = statistics.median(ours_tps), statistics.median(hf_tps)
-    print()
     print(f"{args.arch}: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {n_params / 1e6:.2f}M params; "
           f"batch {args.micro}x{args.accum} of {args.seq} tokens, fp32, AdamW, CPU threads {torch.get_num_threads()}")
-    print(f"{'implementation':<34}{'tokens/s (median)':>20}{'ms/step':>12}")
-    tokens_per_step = args.micro * args.accum * args.seq
-    for name, tps in (("neoxt train()", ours_med), ("HF transformers + plain loop", hf_med)):
-        print(f"{name:<34}{tps:>20,.0f}{1000 * tokens_per_step / tps:>12.1f}")
-    print(f"ratio neoxt / HF: {ours_med / hf_med:.2f}x")
+    print(f"{'implementation':<40}{'tokens/s (median step)':>24}{'ms/step':>10}")
+    rows = [("neoxt step (train()'s step code)", statistics.median(ours_s)),
+            ("HF transformers + plain loop", statistics.median(hf_s))]
+    for name, sec in rows:
+        print(f"{name:<40}{tokens_per_step / sec:>24,.0f}{1000 * sec:>10.1f}")
+    if args.e2e_steps:
+        tps = run_ours(model_cfg, convert(build_hf(args.arch, args.layers, args.hidden, args.vocab, args.seq, 0))[1],
+                       replace_steps(args, args.e2e_steps))
+        print(f"{'neoxt train() end to end (metrics.jsonl)':<40}{tps:>24,.0f}{1000 * tokens_per_step / tps:>10.1f}")
+    print(f"ratio neoxt / HF (median step): {statistics.median(hf_s) / statistics.median(ours_s):.2f}x")
+
+
+def replace_steps(args: argparse.Namespace, steps: int) -> argparse.Namespace:
+    out = argparse.Namespace(**vars(args))
+    out.steps = steps
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,51 @@
+"""`neoxt train` under torchrun: 2 gloo processes (FSDP2 data parallel) == 1 process, same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer_dir, corpus):
+    from neoxt.config.schema import TokenizerConfig
+    from neoxt.data.tokenize import preprocess
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus))
+    tok = TokenizerConfig(tokenizer_type="HFTokenizer", vocab_file=str(tiny_tokenizer_dir / "tokenizer.json"))
+    prefix = preprocess([str(src)], str(tmp_path / "c"), tok, keys=("text",), append_eod=True).outputs["text"]
+
+    def run(name: str, nproc: int, micro: int) -> list[float]:
+        cfg = {
+            "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
+            "max_position_embeddings": 64, "optimizer": {"type": "Adam", "params": {"lr": 3.0e-3}},
+            "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 2, "train_iters": 4,
+            "data_path": prefix, "split": "90,10,0", "tokenizer_type": "HFTokenizer",
+            "vocab_file": tok.vocab_file, "save": str(tmp_path / name), "checkpoint_factor": 4,
+            "eval_interval": 2, "eval_iters": 1, "log_interval": 1, "seed": 3,
+            "index_cache_dir": str(tmp_path / f"cache-{name}"),
+        }
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg))
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "neoxt.cli", "train", str(path)] if nproc > 1 else [sys.executable, "-m", "neoxt.cli", "train", str(path)]
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stdout + out.stderr
+        records = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records]
+
+    one = run("one", 1, 4)
+    two = run("two", 2, 2)
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=1e-4)

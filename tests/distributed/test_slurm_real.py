@@ -75,14 +75,14 @@ def test_chained_jobs_signal_resume_and_finish(cluster, tmp_path, tiny_tokenizer
     assert "afterany:" + ids[0] in cluster.run("scontrol", "show", "job", ids[1]).stdout.replace("(unfulfilled)", "")
 
     # Job 1 trains; then the walltime warning arrives at its batch shell.
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while _heartbeat(run) < 5:
         assert time.time() < deadline, "job 1 did not start training:\n" + (logs[0].read_text() if logs[0].exists() else "")
         time.sleep(0.1)
     sig = cluster.run("scancel", "--signal=USR1", "--batch", ids[0])
     assert sig.returncode == 0, sig.stderr
 
-    deadline = time.time() + 240
+    deadline = time.time() + 480
     while cluster.active_jobs(ids):
         assert time.time() < deadline, "jobs still queued/running: " + " ".join(cluster.active_jobs(ids))
         time.sleep(0.5)

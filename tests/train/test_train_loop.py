@@ -274,3 +274,25 @@ def test_resume_restores_counters_and_reports_schedule_change(tmp_path):
     lines.clear()
     train(with_checkpoint(kept, save=str(tmp_path)), "", data=TrainData(PatternSource()), log=lines.append)
     assert not any("differs" in m for m in lines)
+
+
+def test_exit_interval_saves_and_stops_then_rerun_continues(tmp_path):
+    cfg = tiny_config(save=tmp_path, train_iters=7, exit_interval=3)
+    r1 = train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
+    assert r1.status == "exit_interval" and r1.iteration == 3
+    assert latest_checkpoint(tmp_path).name == "global_step3"
+    assert json.loads((tmp_path / "heartbeat.json").read_text())["status"] == "interrupted"
+    r2 = train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
+    assert r2.start_iteration == 3 and r2.iteration == 6
+    r3 = train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
+    assert r3.status == "finished" and r3.iteration == 7
+
+
+def test_resume_with_a_different_model_shape_is_a_checkpoint_error(tmp_path):
+    from neoxt.errors import CheckpointError
+
+    train(tiny_config(save=tmp_path, train_iters=2), "", data=TrainData(PatternSource()), log=lambda m: None)
+    wider = tiny_config(save=tmp_path, train_iters=4)
+    wider = replace(wider, model=replace(wider.model, intermediate_size=96))
+    with pytest.raises(CheckpointError, match=r"global_step2.*mlp"):
+        train(wider, "", data=TrainData(PatternSource()), log=lambda m: None)

@@ -28,6 +28,20 @@ def _demo_config_path() -> Path:
                       "run the demo from a neoxt checkout")
 
 
+def _idle_cores() -> int:
+    """Threads for a small CPU model: the cores other processes leave idle (at least 1, at most 8).
+
+    Small matmuls on more threads than free cores spend their time waiting at OpenMP barriers: on
+    a busy 2-core machine one thread runs the demo several times faster than two.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(8, cores - int(round(busy))))
+
+
 def prepare_data(data_dir: Path) -> tuple[str, str]:
     """Tokenize the shipped corpus once; returns (dataset prefix, tokenizer.json path)."""
     from neoxt.config.schema import TokenizerConfig
@@ -57,7 +71,7 @@ def run_demo(workdir: str | os.PathLike, iters: int | None = None) -> int:
     from neoxt.train.loop import train
 
     started = time.time()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
+    torch.set_num_threads(_idle_cores())
     work = Path(workdir)
     dataset, vocab = prepare_data(work / "data")
     save = work / "checkpoints"

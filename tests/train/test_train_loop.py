@@ -296,3 +296,15 @@ def test_resume_with_a_different_model_shape_is_a_checkpoint_error(tmp_path):
     wider = replace(wider, model=replace(wider.model, intermediate_size=96))
     with pytest.raises(CheckpointError, match=r"global_step2.*mlp"):
         train(wider, "", data=TrainData(PatternSource()), log=lambda m: None)
+
+
+def test_plain_load_resumes_fully_into_a_new_save_dir(tmp_path):
+    """load without finetune = exact resume from that checkpoint (iteration picks global_step<N>)."""
+    a = with_checkpoint(tiny_config(save=tmp_path / "a", train_iters=6), checkpoint_factor=2)
+    ref = train(a, "", data=TrainData(PatternSource()), log=lambda m: None)
+    b = with_checkpoint(a, save=str(tmp_path / "b"), load=str(tmp_path / "a"), iteration=4)
+    lines = []
+    r = train(b, "", data=TrainData(PatternSource()), log=lines.append)
+    assert lines[0].startswith(f"resuming from {tmp_path / 'a' / 'global_step4'}")
+    assert r.start_iteration == 4 and r.losses == ref.losses[4:]
+    assert latest_checkpoint(tmp_path / "b").name == "global_step6"

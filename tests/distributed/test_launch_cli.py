@@ -146,6 +146,7 @@ def test_sbatch_refusal_is_one_line_error(tmp_path, capsys, monkeypatch):
         (["--time", "90"], "--time '90'"),
         (["--time", "01:61:00"], "below 60"),
         (["--signal", "KILL@10"], "--signal 'KILL@10'"),
+        (["--signal", "USR2@60"], "checkpoints on USR1 or TERM"),
         (["--signal", "USR1"], "SIG@SECONDS"),
         (["--time", "00:01:00", "--signal", "USR1@120"], "not shorter"),
         (["--env", "1BAD=x"], "KEY=VALUE"),

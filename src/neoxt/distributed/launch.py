@@ -37,8 +37,10 @@ DEFAULT_SIGNAL = "USR1@120"
 # Rendezvous port = base + job id mod 20000: two jobs sharing a head node do not collide.
 MASTER_PORT_BASE = 20000
 JOBS_RECORD = "slurm_jobs.json"
-# Signals the trainer turns into "checkpoint and exit"; torchrun must forward them, not die of them.
+# Signals torchrun forwards to the workers instead of dying of them.
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+# Of those, the ones the trainer turns into "checkpoint and exit 0" (usable as --signal).
+CHECKPOINT_SIGNALS = ("USR1", "TERM")
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d{1,3}):(?P<m>\d{2}):(?P<s>\d{2})$")
@@ -98,10 +100,8 @@ def parse_signal(value: str) -> tuple[str, int]:
     if not m:
         raise LaunchError(f"--signal {value!r}: expected SIG@SECONDS, e.g. USR1@120")
     name = m.group("name")
-    if f"SIG{name}" not in FORWARDED_SIGNALS:
-        raise LaunchError(
-            f"--signal {value!r}: the trainer checkpoints on {', '.join(s[3:] for s in FORWARDED_SIGNALS)}"
-        )
+    if name not in CHECKPOINT_SIGNALS:
+        raise LaunchError(f"--signal {value!r}: the trainer checkpoints on {' or '.join(CHECKPOINT_SIGNALS)}")
     return name, int(m.group("secs"))
 
 

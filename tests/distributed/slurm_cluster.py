@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-TOOLS = ("sbatch", "squeue", "scontrol", "scancel", "srun", "slurmctld", "slurmd", "munged", "munge", "unmunge")
+TOOLS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun", "slurmctld", "slurmd", "munged", "munge",
+         "unmunge", "setpriv")
 
 
 def missing_tools() -> list[str]:

@@ -25,7 +25,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer_
     tok = TokenizerConfig(tokenizer_type="HFTokenizer", vocab_file=str(tiny_tokenizer_dir / "tokenizer.json"))
     prefix = preprocess([str(src)], str(tmp_path / "c"), tok, keys=("text",), append_eod=True).outputs["text"]
 
-    def run(name: str, nproc: int, micro: int) -> list[float]:
+    def run(name: str, nproc: int, micro: int, **extra) -> list[float]:
         cfg = {
             "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
             "max_position_embeddings": 64, "optimizer": {"type": "Adam", "params": {"lr": 3.0e-3}},
@@ -34,6 +34,7 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer_
             "vocab_file": tok.vocab_file, "save": str(tmp_path / name), "checkpoint_factor": 4,
             "eval_interval": 2, "eval_iters": 1, "log_interval": 1, "seed": 3,
             "index_cache_dir": str(tmp_path / f"cache-{name}"),
+            **extra,
         }
         path = tmp_path / f"{name}.yml"
         path.write_text(yaml.safe_dump(cfg))
@@ -49,3 +50,9 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer_
     two = run("two", 2, 2)
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=1e-4)
+
+    # FSDP2 checkpoints: stop at 2 (exit_interval), rerun the same command, continue exactly.
+    run("chain", 2, 2, exit_interval=2)
+    assert json.loads((tmp_path / "chain" / "heartbeat.json").read_text())["iteration"] == 2
+    chained = run("chain", 2, 2, exit_interval=2)
+    assert chained == two

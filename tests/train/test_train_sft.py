@@ -146,3 +146,53 @@ def test_finetune_from_converted_hf_model(tmp_path, sft_data):
     base = neoxt.load_model(tmp_path / "run" / "global_step0").state_dict()
     for k, v in converted.items():
         assert torch.equal(base[k], v), k
+
+
+def test_sft_example_config_end_to_end_with_preprocess_chat(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """configs/tiny-llama.yml + configs/sft-example.yml: chat data through `preprocess-chat`, finetune
+    from an HF model directory, blend of two sources, pack_until_overflow; rerun resumes."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from neoxt.cli import main
+    from neoxt.config import load_config
+    from neoxt.data.chat import preprocess_chat
+    from neoxt.train.checkpoint import latest_checkpoint
+    from neoxt.train.loop import resolve_vocab
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(1)
+    words = "the cat sat on a mat and the dog ran to the park with a red ball".split()
+    for name, n in (("chat_a", 30), ("chat_b", 20), ("chat_valid", 10)):
+        src = tmp_path / f"{name}.jsonl"
+        with open(src, "w") as f:
+            for _ in range(n):
+                question = " ".join(rng.choice(words, int(rng.integers(3, 60))))
+                answer = " ".join(rng.choice(words, int(rng.integers(2, 8))))
+                msgs = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+                f.write(json.dumps({"messages": msgs}) + "\n")
+        preprocess_chat([str(src)], f"data/sft/{name}", str(tiny_tokenizer_dir), keys=("messages",))
+
+    overrides = ["tokenizer_type=HFTokenizer", f"vocab_file={tiny_tokenizer_dir / 'tokenizer.json'}",
+                 "train_iters=6", "checkpoint_factor=3", "eval_interval=3", "eval_iters=1", "log_interval=1",
+                 f"index_cache_dir={tmp_path / 'cache'}"]
+    configs = [str(repo / "configs" / "tiny-llama.yml"), str(repo / "configs" / "sft-example.yml")]
+    m = resolve_vocab(load_config(configs, overrides)).model
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_position_embeddings,
+        rms_norm_eps=m.rms_norm_epsilon, tie_word_embeddings=False, rope_theta=m.rotary_emb_base,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "models" / "base-hf")
+
+    args = ["train", *configs, *[x for o in overrides for x in ("--set", o)]]
+    assert main([*args, "--set", "exit_interval=3"]) == 0  # a first job that stops early
+    assert latest_checkpoint(tmp_path / "runs" / "sft").name == "global_step3"
+    assert main(args) == 0  # the same command again: resumes from runs/sft, not from models/base-hf
+    assert latest_checkpoint(tmp_path / "runs" / "sft").name == "global_step6"
+    records = [json.loads(x) for x in (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in records)

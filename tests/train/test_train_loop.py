@@ -251,7 +251,7 @@ def test_wandb_missing_is_a_clear_config_error(monkeypatch):
 def test_unsupported_train_impl_fails_clearly():
     from neoxt.errors import ConfigError
 
-    cfg = tiny_config(train_iters=1, train_impl="kto")
+    cfg = tiny_config(train_iters=1, train_impl="rm")
     with pytest.raises(ConfigError, match="train_impl"):
         train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
 

@@ -504,9 +504,9 @@ def train(
     t_cfg, c_cfg = cfg.training, cfg.checkpoint
     if t_cfg.train_iters <= 0:
         raise ConfigError("train_iters must be set to a positive number of iterations")
-    if t_cfg.train_impl not in ("normal", "dpo"):
+    if t_cfg.train_impl not in ("normal", "dpo", "kto"):
         raise ConfigError(
-            f"train_impl: '{t_cfg.train_impl}' is not supported yet (supported: normal (LM and SFT), dpo)"
+            f"train_impl: '{t_cfg.train_impl}' is not supported yet (supported: normal (LM and SFT), dpo, kto)"
         )
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
@@ -572,7 +572,7 @@ def train(
         st.iteration = int(c_cfg.iteration or 0)
         say(f"loaded weights from {loaded}")
     objective = None
-    if t_cfg.train_impl == "dpo":
+    if t_cfg.train_impl in ("dpo", "kto"):
         from neoxt.train.posttrain import build_objective
 
         load_src = c_cfg.load
@@ -750,8 +750,9 @@ class _DictBatches:
         out = {"tokens": b.tokens, "labels": b.labels, "loss_mask": b.loss_mask, "position_ids": b.position_ids}
         if b.document_ids is not None:
             out["attention_mask"] = b.attention_mask()
-        if getattr(b, "ref", None) is not None:
-            out["ref"] = b.ref
+        for extra in ("ref", "reward"):
+            if getattr(b, extra, None) is not None:
+                out[extra] = getattr(b, extra)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -485,6 +485,32 @@ def accumulate_gradients(
     return loss_total
 
 
+def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume exactly, or None; weights to finetune from, or None), announced in one line.
+
+    The order is the module docstring's: a checkpoint in ``save`` wins over everything, so rerunning
+    an unchanged command continues the run; then ``finetune`` + ``load``; then ``load``; else scratch.
+    """
+    c = cfg.checkpoint
+    latest = ckpt.latest_checkpoint(c.save) if c.save else None
+    if latest is not None:
+        say(f"resuming from {latest} (iteration {ckpt.read_meta(latest)['iteration']}): "
+            f"'{c.save}' already holds a checkpoint; finetune/load/iteration are ignored")
+        return latest, None
+    if c.load and c.finetune:
+        say(f"finetuning from weights in {c.load} (fresh optimizer, iteration {c.iteration or 0})")
+        return None, c.load
+    if c.load:
+        base = Path(c.load)
+        target = base / ckpt.step_dir_name(c.iteration) if c.iteration is not None else ckpt.resolve_checkpoint(base)
+        if not ckpt.is_checkpoint_dir(target):
+            raise CheckpointError(f"load: {target}: not a complete neoxt checkpoint")
+        say(f"resuming from {target} (load: {c.load})")
+        return target, None
+    say(f"starting from scratch (seed {cfg.training.seed})" + (f"; checkpoints go to {c.save}" if c.save else ""))
+    return None, None
+
+
 def train(
     cfg: RunConfig,
     config_yaml: str | None = None,
@@ -521,23 +547,7 @@ def train(
     run_dir = Path(c_cfg.save) if c_cfg.save else (Path(cfg.logging.log_dir) if cfg.logging.log_dir else None)
 
     # Where do we start? Decided before anything is built, so it can be the first log line.
-    resume_from: Path | None = None
-    finetune_from: str | None = None
-    if c_cfg.save and ckpt.latest_checkpoint(c_cfg.save) is not None:
-        resume_from = ckpt.latest_checkpoint(c_cfg.save)
-        say(f"resuming from {resume_from} (iteration {ckpt.read_meta(resume_from)['iteration']}): "
-            f"'{c_cfg.save}' already holds a checkpoint; finetune/load/iteration are ignored")
-    elif c_cfg.load and c_cfg.finetune:
-        finetune_from = c_cfg.load
-        say(f"finetuning from weights in {c_cfg.load} (fresh optimizer, iteration {c_cfg.iteration or 0})")
-    elif c_cfg.load:
-        base = Path(c_cfg.load)
-        resume_from = base / ckpt.step_dir_name(c_cfg.iteration) if c_cfg.iteration is not None else ckpt.resolve_checkpoint(base)
-        if not ckpt.is_checkpoint_dir(resume_from):
-            raise CheckpointError(f"load: {resume_from}: not a complete neoxt checkpoint")
-        say(f"resuming from {resume_from} (load: {c_cfg.load})")
-    else:
-        say(f"starting from scratch (seed {t_cfg.seed})" + (f"; checkpoints go to {c_cfg.save}" if c_cfg.save else ""))
+    resume_from, finetune_from = where_to_start(cfg, say)
 
     # Same seed on every rank: identical initial weights before sharding.
     seed_everything(t_cfg.seed)

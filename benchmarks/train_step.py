@@ -9,7 +9,7 @@ clip → step. Steps alternate between the two sides so load from other processe
 and the median step is reported. One full ``train()`` run (schedule, metrics files, heartbeat)
 is reported as well, from its own metrics.jsonl. Prints a table; asserts nothing.
 
-    .venv/bin/python benchmarks/train_step.py [--arch llama|gpt_neox] [--steps 20] [--threads N]
+    .venv/bin/python benchmarks/train_step.py [--arch llama|gpt_neox] [--steps 20] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -154,12 +154,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per side (after 3 warm-up steps)")
     p.add_argument("--e2e-steps", type=int, default=10, help="steps of the full train() run (0: skip)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="compile our blocks as `compile: true` does (neoxt.distributed.parallelize.apply_compile)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     hf = build_hf(args.arch, args.layers, args.hidden, args.vocab, args.seq, seed=0)
     model_cfg, ours = convert(hf)
+    if args.compile:
+        from neoxt.distributed.parallelize import apply_compile
+
+        apply_compile(ours)
     our_step, hf_step = step_fns(hf, ours, args)
     for _ in range(3):
         our_step()
@@ -174,7 +180,8 @@ def main() -> None:
     print(f"{args.arch}: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {n_params / 1e6:.2f}M params; "
           f"batch {args.micro}x{args.accum} of {args.seq} tokens, fp32, AdamW, CPU threads {torch.get_num_threads()}")
     print(f"{'implementation':<40}{'tokens/s (median step)':>24}{'ms/step':>10}")
-    rows = [("neoxt step (train()'s step code)", statistics.median(ours_s)),
+    ours_name = "neoxt step, compiled blocks" if args.compile else "neoxt step (train()'s step code)"
+    rows = [(ours_name, statistics.median(ours_s)),
             ("HF transformers + plain loop", statistics.median(hf_s))]
     for name, sec in rows:
         print(f"{name:<40}{tokens_per_step / sec:>24,.0f}{1000 * sec:>10.1f}")

@@ -27,6 +27,7 @@ STEPS = 4
 BATCH, SEQ = 4, 16
 LR = 1e-2
 CLIP = 0.5  # active from the first step: a wrong global gradient norm changes the curve
+GRAD_NORMS: list[float] = []  # pre-clipping global norms seen by dp_step, in order
 PRESETS = {"neox": "gpt-neox-tiny", "llama": "llama-tiny", "olmo3": "olmo3-tiny"}
 
 
@@ -80,7 +81,7 @@ def train_plain(model: torch.nn.Module, steps: int = STEPS, opt: str = "adamw") 
     for _ in range(steps):
         loss = ce(model(tokens), labels)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        GRAD_NORMS.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
@@ -94,7 +95,7 @@ def dp_step(model, opt, tok, lab, dp_size: int) -> float:
         logits.reshape(-1, logits.shape[-1]).float(), lab.reshape(-1), reduction="sum"
     )
     (loss_sum / (lab.numel() * dp_size)).backward()
-    clip_grad_norm_(model.parameters(), CLIP)
+    GRAD_NORMS.append(float(clip_grad_norm_(model.parameters(), CLIP)))
     opt.step()
     opt.zero_grad()
     report = loss_sum.detach() / (lab.numel() * dp_size)
@@ -242,8 +243,9 @@ def main() -> None:
     results: dict[str, object] = {}
     for name in scenarios:
         try:
+            GRAD_NORMS.clear()
             got = run_scenario(name)
-            results[name] = got if isinstance(got, dict) else {"losses": got}
+            results[name] = got if isinstance(got, dict) else {"losses": got, "grad_norms": list(GRAD_NORMS)}
         except Exception:  # noqa: BLE001 - report per scenario so one failure does not hide the rest
             results[name] = {"error": traceback.format_exc()}
     if dist.get_rank() == 0:

@@ -87,7 +87,9 @@ def references() -> dict:
         key = _ref_key(layout, arch)
         if key not in refs:
             over = {"no_weight_tying": False} if key[1] else {}
+            dist_worker.GRAD_NORMS.clear()
             refs[key] = dist_worker.train_plain(dist_worker.build(arch, **over), steps=_steps(layout), opt=key[2])
+            refs[("norm",) + key] = dist_worker.GRAD_NORMS[0]
     return refs
 
 
@@ -123,6 +125,9 @@ def test_two_process_layout_matches_single_process(scenario, results, references
     else:
         assert losses[0] == pytest.approx(ref[0], abs=2e-5), (losses, ref)
         assert losses == pytest.approx(ref, abs=1e-3), (losses, ref)
+    if got.get("grad_norms"):  # the global gradient norm of step 1 (same weights, same batch)
+        rel = 2e-2 if layout.endswith("bf16") else 1e-4
+        assert got["grad_norms"][0] == pytest.approx(references[("norm",) + _ref_key(layout, arch)], rel=rel)
     assert losses[-1] < losses[0]  # it trained
 
 

@@ -99,7 +99,10 @@ def parallelize(
         )
     elif par.compile:
         apply_compile(model)
-    if mesh is not None and mesh["dp"].size() > 1:
+    # FSDP also on a one-rank dp mesh when TP is on: it turns the parameters TP left plain (norms,
+    # replicated embeddings) into DTensors too, so optimizers' foreach kernels never meet a mix of
+    # DTensors and plain tensors ("aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor").
+    if mesh is not None and (mesh["dp"].size() > 1 or mesh["tp"].size() > 1):
         dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
         apply_fsdp(model, dp_mesh, cfg.training.precision, reshard_after_forward, grad_reduction)
     return model
@@ -432,9 +435,11 @@ def clip_grad_norm_(
     torch's version stacks per-parameter norms, which fails when gradients are DTensors on
     different meshes (FSDP x TP weights on the 2-D mesh, replicated norms on the dp mesh) or a mix
     of DTensors and plain tensors. Here every rank adds up ``|local shard|^p`` divided by how many
-    ranks hold the same shard (the Replicate dims of its mesh; for plain tensors every rank of the
-    pipeline stage), and *one* all-reduce over all ranks sums the stages, shards and groups: the
-    result is bit-identical on every rank, so replicated weights stay identical after clipping.
+    ranks of its pipeline stage hold that same shard (stage ranks / number of distinct shards — a
+    norm weight FSDP-sharded over dp only is still replicated over tp, though its mesh does not say
+    so; a plain tensor is on every rank of the stage), and *one* all-reduce over all ranks sums the
+    stages, shards and groups: the result is bit-identical on every rank, so replicated weights stay
+    identical after clipping.
     ``pp_mesh`` (when pipelining) tells how many stages share the world. ``max_norm <= 0`` or
     ``inf`` only measures.
     """
@@ -445,15 +450,14 @@ def clip_grad_norm_(
     stages = pp_mesh.size() if pp_mesh is not None else 1
     inf = norm_type == float("inf")
     device = grads[0].device if grads else torch.device("cpu")
+    per_stage = world // stages
     by_copies: dict[int, list[torch.Tensor]] = {}
     for g in grads:
         if isinstance(g, DTensor):
-            copies = math.prod(
-                g.device_mesh.size(i) for i, pl in enumerate(g.placements) if isinstance(pl, Replicate)
-            )
-            by_copies.setdefault(copies, []).append(g.to_local())
+            distinct = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_shard())
+            by_copies.setdefault(max(per_stage // distinct, 1), []).append(g.to_local())
         else:
-            by_copies.setdefault(world // stages, []).append(g)
+            by_copies.setdefault(per_stage, []).append(g)
     total = torch.zeros((), dtype=torch.float32, device=device)
     for copies, local in by_copies.items():
         norms = torch._foreach_norm(local, norm_type)

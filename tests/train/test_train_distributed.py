@@ -1,4 +1,4 @@
-"""`neoxt train` under torchrun: 2 gloo processes (FSDP2 data parallel) == 1 process, same global batch."""
+"""`neoxt train` under torchrun: 2 gloo processes (FSDP2 data parallel, or tensor parallel) == 1 process."""
 
 from __future__ import annotations
 
@@ -50,6 +50,11 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer_
     two = run("two", 2, 2)
     assert len(one) == len(two) == 4
     assert two == pytest.approx(one, rel=1e-4)
+
+    # Tensor parallel over the 2 ranks (one data-parallel rank reading the whole micro-batch).
+    # (GPT-NeoX pads the vocabulary to a multiple of divisor x TP size: 64 x 2 keeps 1 process's 384 rows.)
+    tp = run("tp", 2, 4, model_parallel_size=2, make_vocab_size_divisible_by=64)
+    assert tp == pytest.approx(one, rel=1e-4)
 
     # FSDP2 checkpoints: stop at 2 (exit_interval), rerun the same command, continue exactly.
     run("chain", 2, 2, exit_interval=2)

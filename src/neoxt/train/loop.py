@@ -373,6 +373,18 @@ def _save_iterations(cfg: RunConfig) -> tuple[set[int], int | None]:
     return explicit, (int(factor) if factor else None)
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is set on any rank: every rank must take the same branch before a
+    collective checkpoint save (torchrun forwards a signal to each rank at a slightly different time)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class _SignalFlag:
     """SIGTERM / SIGUSR1 → finish the current step, save, exit 0 (a scheduler's walltime warning)."""
 
@@ -717,10 +729,10 @@ def train(
                 steps_this_call += 1
                 at_exit_interval = bool(exit_interval) and st.iteration % exit_interval == 0
                 wants_save = st.iteration in save_iters or (save_factor and st.iteration % save_factor == 0)
-                if signals.received is not None:
+                if _any_rank(signals.received is not None, device):
                     save_now()
-                    say(f"received signal {signal.Signals(signals.received).name}: saved at iteration "
-                        f"{st.iteration}, exiting")
+                    name = signal.Signals(signals.received).name if signals.received else "a signal (another rank)"
+                    say(f"received signal {name}: saved at iteration {st.iteration}, exiting")
                     result.status = "signal"
                     status = "interrupted"
                     break

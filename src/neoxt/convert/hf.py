@@ -519,7 +519,7 @@ def progress(desc: str) -> Callable[[Iterable], Iterator]:
     return wrap
 
 
-def _temp_beside(out: Path) -> Path:
+def temp_dir_beside(out: Path) -> Path:
     """A fresh hidden directory next to ``out`` (same filesystem, so the final rename is atomic)."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConversionError(f"{out}: output path already exists and is not empty; remove it or pick another")
@@ -531,7 +531,8 @@ def _temp_beside(out: Path) -> Path:
     return tmp
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Give ``tmp``'s files the usual permissions and rename it to ``out`` (empty or absent)."""
     umask = os.umask(0)
     os.umask(umask)
     for f in tmp.rglob("*"):  # safetensors writes 0600 files; give them the usual permissions
@@ -631,7 +632,7 @@ def convert_hf_to_neoxt(
 
     hf_dir, out = resolve_hf_source(hf_dir), Path(output_dir).absolute()
     torch_dtype = DTYPES[dtype] if dtype else None
-    tmp = _temp_beside(out)
+    tmp = temp_dir_beside(out)
     try:
         cfg, sd, arch, _ = read_hf_model(hf_dir, torch_dtype, progress(f"hf-to-neoxt {hf_dir.name}"))
         tokenizer = _copy_tokenizer(hf_dir, tmp / "tokenizer", out / "tokenizer")
@@ -647,7 +648,7 @@ def convert_hf_to_neoxt(
                 "consumed_samples": 0}
         save_checkpoint(tmp, iteration, {"model": sd}, text, meta=meta)
         (tmp / "config.yml").write_text(text, encoding="utf-8")
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -735,7 +736,7 @@ def convert_neoxt_to_hf(
         ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if getattr(tokenizer, k, None) is not None}
     hf_cfg = hf_config_from_model_config(cfg, arch, **ids)  # fails on unexpressible configs before any I/O
-    tmp = _temp_beside(out)
+    tmp = temp_dir_beside(out)
     try:
         sd = read_checkpoint_model_state(ckpt, cfg)
         torch_dtype = DTYPES[dtype] if dtype else None
@@ -746,7 +747,7 @@ def convert_neoxt_to_hf(
         _write_generation_config(tmp, ids)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -864,18 +864,6 @@ def write_neoxt_checkpoint(run_dir: Path, iteration: int, sd: dict[str, Any], ru
     return step
 
 
-def _fresh_temp_beside(out: Path) -> Path:
-    """A new hidden directory next to ``out`` (same filesystem: the final rename is atomic)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConversionError(f"{out}: output path already exists and is not empty; remove it or pick another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
-
-
 def import_neox(
     input_dir: str | os.PathLike,
     run_cfg: RunConfig,
@@ -896,7 +884,9 @@ def import_neox(
     res = read_neox_checkpoint(input_dir, run_cfg.model, run_cfg.parallelism.model_parallel_size, dtype)
     new_cfg = dataclasses.replace(run_cfg, model=res.model)
     step = res.iteration if iteration is None else iteration
-    tmp = _fresh_temp_beside(out)
+    from neoxt.convert.hf import publish_dir, temp_dir_beside
+
+    tmp = temp_dir_beside(out)
     try:
         meta = {
             "source": str(Path(input_dir).absolute()),
@@ -906,9 +896,7 @@ def import_neox(
             "consumed_samples": 0,
         }
         write_neoxt_checkpoint(tmp, step, res.state_dict, new_cfg, meta)
-        if out.is_dir():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

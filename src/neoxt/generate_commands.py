@@ -43,19 +43,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def local_model_path(source: str) -> str:
-    """A local path as is; an 'org/name' Hub id downloaded into the HF cache (offline: cache only)."""
+    """A local path as is (run dir, global_step dir, HF dir); an 'org/name' Hub id downloaded first."""
     if Path(source).exists():
         return source
-    if source.startswith(("/", ".", "~")) or source.count("/") != 1:
-        raise ConfigError(f"model path {source} does not exist")
-    from huggingface_hub import snapshot_download
+    from neoxt.convert.hf import resolve_hf_source
 
-    try:
-        return snapshot_download(source)
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise ConfigError(f"model {source}: not a local path and not downloadable from the Hub "
-                          f"({type(err).__name__}: {first})") from None
+    return str(resolve_hf_source(source))
 
 
 def load_for_inference(args: argparse.Namespace) -> Inference:

@@ -169,9 +169,12 @@ def test_four_process_2d_layouts_match_single_process(scenario, tmp_path):
     got = json.loads(out.read_text())[scenario]
     assert "error" not in got, got.get("error")
     layout, arch = scenario.split(":")
+    dist_worker.GRAD_NORMS.clear()
     ref = dist_worker.train_plain(dist_worker.build(arch), steps=_steps(layout), opt=dist_worker.opt_kind(layout))
     assert got["losses"][0] == pytest.approx(ref[0], abs=2e-5)
     assert got["losses"] == pytest.approx(ref, abs=1e-3)
+    if got.get("grad_norms"):
+        assert got["grad_norms"][0] == pytest.approx(dist_worker.GRAD_NORMS[0], rel=1e-4)
 
 
 COMPILE_SCENARIOS = ["tpcompile:llama", "spcompile:olmo3", "tpcompileac:neox", "tpcompilesel:olmo3",

@@ -454,7 +454,8 @@ def clip_grad_norm_(
     by_copies: dict[int, list[torch.Tensor]] = {}
     for g in grads:
         if isinstance(g, DTensor):
-            distinct = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_shard())
+            # Every non-Replicate dim splits the tensor (Shard, and FSDP-over-TP's _StridedShard).
+            distinct = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if not pl.is_replicate())
             by_copies.setdefault(max(per_stage // distinct, 1), []).append(g.to_local())
         else:
             by_copies.setdefault(per_stage, []).append(g)

@@ -85,7 +85,7 @@ def test_every_shipped_config_loads(path: Path, tmp_path: Path):
 @pytest.mark.parametrize("model", ["tiny-neox.yml", "tiny-llama.yml", "tiny-olmo3.yml"])
 def test_model_configs_combine_with_local_setup_and_generation(model: str):
     cfg = load_config([CONFIGS / model, CONFIGS / "local_setup.yml", CONFIGS / "text_generation.yml"])
-    assert cfg.tokenizer.vocab_file == "data/demo/tokenizer.json"
+    assert cfg.tokenizer.vocab_file == "runs/demo/data/tokenizer.json"
     assert cfg.generation.num_samples == 4
 
 
@@ -104,7 +104,7 @@ def test_olmo3_fork_keys_via_cli(capsys):
     assert out["activation"] == "swiglu"
     assert out["sliding_window_width"] == 32
     assert out["attention_config"] == [[["sliding"], 3], [["global"], 1]]
-    assert out["train_data_paths"] == ["data/demo/demo_text_document"]
+    assert out["train_data_paths"] == ["runs/demo/data/demo_text_document"]
 
 
 def test_dashes_and_underscores_mixed_across_files(tmp_path):

@@ -512,6 +512,10 @@ def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | N
     if c.load and c.finetune:
         say(f"finetuning from weights in {c.load} (fresh optimizer, iteration {c.iteration or 0})")
         return None, c.load
+    if c.load and c.save and Path(c.load).absolute() == Path(c.save).absolute():
+        # GPT-NeoX's resume idiom (load = save): nothing saved there yet means a first run.
+        say(f"starting from scratch (seed {cfg.training.seed}); '{c.save}' holds no checkpoint yet")
+        return None, None
     if c.load:
         base = Path(c.load)
         target = base / ckpt.step_dir_name(c.iteration) if c.iteration is not None else ckpt.resolve_checkpoint(base)

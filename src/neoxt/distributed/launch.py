@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from neoxt.errors import NeoxtError
@@ -335,7 +335,3 @@ def check_world(world_size: int, tp: int, pp: int, where: str) -> None:
             f"{where}: {world_size} processes cannot be split into model_parallel_size={tp} x "
             f"pipe_parallel_size={pp} groups"
         )
-
-
-def job_as_dict(job: SlurmJob) -> dict:
-    return asdict(job)

@@ -139,10 +139,6 @@ def dp_rank_size(mesh: DeviceMesh | None) -> tuple[int, int]:
     return dp.get_local_rank(), dp.size()
 
 
-def dim_size(mesh: DeviceMesh | None, name: str) -> int:
-    return 1 if mesh is None else mesh[name].size()
-
-
 def dp_group(mesh: DeviceMesh | None):
     """The process group to sum token counts and loss shares over (None: no reduction needed).
 

@@ -79,7 +79,7 @@ def measure(name: str, mcfg: ModelConfig, args, device: torch.device, ac: bool) 
     model = parallelize(model, cfg, mesh)
     if mesh["dp"].size() == 1:  # parallelize shards only over >1 ranks; measure FSDP2's path anyway
         apply_fsdp(model, mesh["dp_shard"], args.precision)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)  # foreach on CUDA (works on DTensors)
     world = dist.get_world_size()
     B, T = args.micro_batch, args.seq
     tokens = torch.randint(0, mcfg.padded_vocab_size, (B, T + 1), device=device)

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# benchmarks/ holds scripts named like stdlib modules (tokenize.py); never import from here.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import torch  # noqa: E402
+import torch
 
 
 def _hf_config(arch: str):

@@ -9,16 +9,10 @@ stop). Each measurement is one timed run after one short warm-up. Prints a table
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import time
 
-# This folder holds scripts named like stdlib modules (tokenize.py); keep it off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 
 def build(arch: str, layers: int, hidden: int, vocab: int, seed: int):

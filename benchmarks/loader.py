@@ -21,22 +21,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This directory holds tokenize.py (another benchmark), which would shadow the standard library's
-# tokenize module (numpy imports it through inspect/linecache); look up modules without it.
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _HERE]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import os
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from neoxt.data.indexed import IndexedDataset, IndexedDatasetWriter  # noqa: E402
-from neoxt.data.loader import BatchLoader  # noqa: E402
-from neoxt.data.sampling import GPTDataset, IndexSpec, build_index_maps  # noqa: E402
+from neoxt.data.indexed import IndexedDataset, IndexedDatasetWriter
+from neoxt.data.loader import BatchLoader
+from neoxt.data.sampling import GPTDataset, IndexSpec, build_index_maps
 
 EOD = 0
 

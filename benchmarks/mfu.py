@@ -15,26 +15,21 @@ process group so FSDP2's mixed-precision path (bf16 params, fp32 reduce) is the 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import socket
 import sys
+import time
+from dataclasses import replace
 
-# `python benchmarks/mfu.py` puts benchmarks/ first on sys.path, where benchmarks/tokenize.py would
-# shadow the standard library's tokenize (imported by inspect, numpy, torch). Drop that entry.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import torch
+import torch.distributed as dist
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from neoxt.config.schema import ModelConfig, ParallelismConfig, RunConfig, TrainingConfig  # noqa: E402
-from neoxt.distributed.mesh import build_mesh, init_distributed  # noqa: E402
-from neoxt.distributed.parallelize import apply_fsdp, parallelize  # noqa: E402
-from neoxt.model import Transformer, flops_per_token, num_params, preset  # noqa: E402
+from neoxt.config.schema import ModelConfig, ParallelismConfig, RunConfig, TrainingConfig
+from neoxt.distributed.mesh import build_mesh, init_distributed
+from neoxt.distributed.parallelize import apply_fsdp, parallelize
+from neoxt.model import Transformer, flops_per_token, num_params, preset
 
 
 def shapes(tiny: bool) -> dict[str, ModelConfig]:

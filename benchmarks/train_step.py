@@ -14,21 +14,15 @@ is reported as well, from its own metrics.jsonl. Prints a table; asserts nothing
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
 
-# This folder holds scripts named like stdlib modules (tokenize.py); keep it off the import path.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 
 def build_hf(arch: str, layers: int, hidden: int, vocab: int, seq: int, seed: int):

@@ -1,6 +1,6 @@
 """Tokens/s of ``neoxt preprocess`` (1 and 2 workers) beside the tokenizer's own ``encode_batch``.
 
-    .venv/bin/python benchmarks/tokenize.py [--mb 20] [--vocab 16384 | --tokenizer tokenizer.json]
+    .venv/bin/python benchmarks/tokenize_speed.py [--mb 20] [--vocab 16384 | --tokenizer tokenizer.json]
                                             [--workers 1 2] [--repeat 3]
 
 Builds a synthetic English-like corpus (Zipf-distributed words, sentences, paragraphs) as JSONL in a

@@ -63,7 +63,7 @@ def _stage_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Training path only (no KV cache or padding masks), mirroring ``Transformer.forward``.
     """
     from neoxt.model.attention import build_mask
-    from neoxt.model.rope import inv_frequencies, rope_cos_sin
+    from neoxt.model.rope import rope_tables
 
     cfg = self.cfg
     T = x.shape[1]
@@ -73,9 +73,9 @@ def _stage_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.drop(x)
-    cos = sin = None
-    if cfg.pos_emb == "rotary":
-        cos, sin = rope_cos_sin(positions, inv_frequencies(cfg.rotary_dim, cfg.rotary_emb_base), x.dtype)
+    # Per attention type, as in Transformer.forward: RoPE scaling (and OLMo-3's fp32 tables) may
+    # differ between global and sliding-window layers.
+    rope = rope_tables(cfg, positions, x.dtype) if cfg.pos_emb == "rotary" else {}
     masks: dict[int | None, torch.Tensor | None] = {}
 
     def mask_for(window: int | None) -> torch.Tensor | None:
@@ -83,7 +83,8 @@ def _stage_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
             masks[window] = build_mask(T, T, window, None, None, x.device)
         return masks[window]
 
-    for layer in self.layers:
+    for index, layer in self.layers.items():  # keyed by global layer index
+        cos, sin = rope.get(cfg.attention_types[int(index)], (None, None))
         x = layer(x, cos, sin, mask_for, None, True)
     if self.final_norm is not None:
         x = self.final_norm(x)

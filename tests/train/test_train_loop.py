@@ -308,3 +308,39 @@ def test_plain_load_resumes_fully_into_a_new_save_dir(tmp_path):
     assert lines[0].startswith(f"resuming from {tmp_path / 'a' / 'global_step4'}")
     assert r.start_iteration == 4 and r.losses == ref.losses[4:]
     assert latest_checkpoint(tmp_path / "b").name == "global_step6"
+
+
+def test_signal_recorded_before_the_first_step_stops_without_a_save(tmp_path):
+    """A SIGUSR1 caught by the early-installed flag (neoxt train installs it before loading anything)
+    ends the run before its first step: status "signal", no step, no checkpoint, the process alive."""
+    import os
+    import signal
+
+    from neoxt.train.signals import SignalFlag
+
+    flag = SignalFlag().install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.received == signal.SIGUSR1
+        lines: list[str] = []
+        r = train(tiny_config(tmp_path / "run"), "", data=TrainData(PatternSource()), log=lines.append, signals=flag)
+    finally:
+        flag.restore()
+    assert r.status == "signal" and r.iteration == 0 and r.losses == []
+    assert latest_checkpoint(tmp_path / "run") is None
+    assert any("received signal SIGUSR1 before the first step" in x for x in lines), lines
+    assert signal.getsignal(signal.SIGUSR1) is not flag._handle  # given back
+
+
+def test_rng_source_when_the_checkpoint_had_fewer_or_more_ranks():
+    """Every rank picks the same fallback from the DCP metadata keys: its own state when saved,
+    otherwise rank 0's; the ranks without their own state are listed (logged once by rank 0)."""
+    from neoxt.train.loop import _rng_source
+
+    one = {"model.w", "rng.rank0.python", "rng.rank0.torch", "data.train.served"}
+    assert _rng_source(one, 0, 2) == (0, [1])
+    assert _rng_source(one, 1, 2) == (0, [1])
+    two = one | {"rng.rank1.python", "rng.rank1.torch"}
+    assert _rng_source(two, 1, 2) == (1, [])
+    assert _rng_source(two, 0, 1) == (0, [])
+    assert _rng_source({"model.w"}, 1, 2) == (None, [0, 1])

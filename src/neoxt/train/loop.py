@@ -22,7 +22,6 @@ import math
 import os
 import random
 import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from neoxt.train.metrics import MetricsLogger, StepStats, default_peak_tflops, w
 from neoxt.train.optim import build_optimizer, set_lr
 from neoxt.train.precision import LossScaler, autocast
 from neoxt.train.schedule import LRSchedule, build_schedule
+from neoxt.train.signals import SignalFlag
 
 
 class TrainingStopped(NeoxtError):
@@ -113,11 +113,42 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    """Restore the generators ``state`` holds (a CPU-saved state has no "cuda" entry, and vice versa)."""
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _saved_keys(ckpt_dir: Path) -> set[str]:
+    """The flattened keys ("rng.rank0.torch", "model.embed.weight", ...) the checkpoint's DCP metadata
+    lists. Every rank reads the same file, so decisions taken from it agree across ranks without a
+    collective (a rank-dependent failure inside the collective ``dcp.load`` would hang or abort all)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+    except (OSError, RuntimeError, ValueError, EOFError) as err:
+        raise CheckpointError(f"{ckpt_dir}: cannot read the checkpoint's DCP metadata: {err}") from err
+
+
+def _rng_source(keys: set[str], rank: int, world: int) -> tuple[int | None, list[int]]:
+    """(saved rank whose RNG state this rank restores, or None when none is saved; the ranks of this run
+    that have no RNG state of their own in the checkpoint).
+
+    A checkpoint written by fewer ranks lacks ``rng.rank<r>`` for the new ranks; they continue from
+    rank 0's state, which is what a fresh run has on every rank (the same seed everywhere).
+    """
+    saved = sorted({int(k.split(".")[1][4:]) for k in keys
+                    if k.startswith("rng.rank") and k.split(".")[1][4:].isdigit()})
+    if not saved:
+        return None, list(range(world))
+    missing = [r for r in range(world) if r not in saved]
+    return (rank if rank in saved else saved[0]), missing
 
 
 def _rank_world() -> tuple[int, int]:
@@ -235,6 +266,7 @@ def _load_full(
     data: TrainData,
     cfg: RunConfig,
     st: _State,
+    say: Callable[[str], None] = lambda msg: None,
 ) -> dict[str, Any] | None:
     """Restore everything a checkpoint holds (exact resume); returns the saved schedule state."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
@@ -246,7 +278,7 @@ def _load_full(
         msd, osd = get_state_dict(model, optimizer)
     else:
         msd, osd = get_model_state_dict(model), None
-    rank, _ = _rank_world()
+    rank, world = _rank_world()
     template: dict[str, Any] = {"model": msd}
     if osd is not None:
         template["optimizer"] = osd
@@ -260,20 +292,20 @@ def _load_full(
         template["data"] = {"train": data.train.state_dict()}
         if data.valid is not None:
             template["data"]["valid"] = data.valid.state_dict()
-    want_rng = "rng" in saved_keys and not cfg.checkpoint.no_load_rng
-    if want_rng:
-        template["rng"] = {f"rank{rank}": _rng_state()}
-    try:
-        ckpt.load_state(ckpt_dir, template)
-    except CheckpointError as err:
-        if want_rng and f"rank{rank}" in str(err):
-            # Saved with a different number of ranks: RNG streams cannot be matched one to one.
-            warnings.warn(f"{ckpt_dir}: no RNG state for rank {rank}; continuing with fresh RNG", stacklevel=2)
-            template.pop("rng")
-            want_rng = False
-            ckpt.load_state(ckpt_dir, template)
+    rng_key = None
+    if "rng" in saved_keys and not cfg.checkpoint.no_load_rng:
+        # Decided from the metadata, identically on every rank, before the collective load.
+        keys = _saved_keys(ckpt_dir)
+        source, missing = _rng_source(keys, rank, world)
+        if source is not None:
+            rng_key = f"rank{source}"
+            template["rng"] = {rng_key: {k: v for k, v in _rng_state().items() if f"rng.{rng_key}.{k}" in keys}}
+            if missing:
+                say(f"note: {ckpt_dir} holds no RNG state for rank(s) {missing} (saved with fewer ranks); "
+                    f"they continue from rank {source}'s")
         else:
-            raise
+            say(f"note: {ckpt_dir} holds no RNG state; continuing with the seeded RNG")
+    ckpt.load_state(ckpt_dir, template)
     if osd is not None:
         set_state_dict(model, optimizer, model_state_dict=template["model"], optim_state_dict=template["optimizer"])
     else:
@@ -300,8 +332,8 @@ def _load_full(
     st.consumed_samples = int(meta.get("consumed_samples", 0))
     st.nan_count = int(counters.get("nan_count", meta.get("nan_count", 0)))
     st.skipped_count = int(counters.get("skipped_count", 0))
-    if want_rng:
-        _set_rng_state(template["rng"][f"rank{rank}"])
+    if rng_key is not None:
+        _set_rng_state(template["rng"][rng_key])
     return template.get("scheduler")
 
 
@@ -383,27 +415,6 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-class _SignalFlag:
-    """SIGTERM / SIGUSR1 → finish the current step, save, exit 0 (a scheduler's walltime warning)."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _SignalFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,11 +546,14 @@ def train(
     model: nn.Module | None = None,
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
+    signals: SignalFlag | None = None,
 ) -> TrainResult:
     """Run (or continue) training as ``cfg`` says; see the module docstring for where it starts.
 
     ``data`` / ``model`` override what ``cfg`` would build (tests, benchmarks, post-training).
     ``stop_after``: return after this many steps of this call, without saving (tests simulate a kill).
+    ``signals``: a flag the caller installed early (``neoxt train`` does, first thing); a signal it
+    recorded before the first step stops the run there, without a save (see ``SignalFlag``).
     """
     rank, _ = _rank_world()
     say = log or (lambda msg: print(msg, flush=True) if rank == 0 else None)
@@ -591,7 +605,7 @@ def train(
     st = _State()
 
     if resume_from is not None:
-        saved_schedule = _load_full(resume_from, model, optimizer, scaler, data, cfg, st)
+        saved_schedule = _load_full(resume_from, model, optimizer, scaler, data, cfg, st, say)
         schedule = _reconcile_schedule(schedule, saved_schedule, cfg, say)
     elif finetune_from is not None:
         loaded = load_weights(finetune_from, model)
@@ -654,8 +668,17 @@ def train(
         return path
 
     status = "failed"
+    own_signals = signals is None
+    signals = (signals or SignalFlag()).install()
     try:
-        with _SignalFlag() as signals:
+        if _any_rank(signals.received is not None, device):
+            # During start-up: nothing has changed since the state we started from, so no save.
+            name = signal.Signals(signals.received).name if signals.received else "a signal (another rank)"
+            say(f"received signal {name} before the first step: exiting at iteration {st.iteration} "
+                "without saving (nothing new to save)")
+            result.status = "signal"
+            status = "interrupted"
+        else:
             if st.iteration in save_iters and resume_from is None:
                 save_now()  # e.g. extra_save_iters: [0] keeps the base model
             steps_this_call = 0
@@ -754,6 +777,8 @@ def train(
             else:
                 status = "finished"
     finally:
+        if own_signals:
+            signals.restore()
         metrics.close(st.iteration, status)
     result.iteration = st.iteration
     result.nan_count = st.nan_count

@@ -155,3 +155,22 @@ def test_kill9_during_checkpoint_write_keeps_previous_and_resumes(tmp_path, blen
     assert out.splitlines()[0].startswith("resuming from") and "global_step4" in out.splitlines()[0]
     assert latest_checkpoint(run).name == "global_step10"
     assert not (run / "global_step8.tmp").exists()
+
+
+def test_signal_during_startup_exits_zero_before_the_first_step(tmp_path, blend_data):
+    """SIGUSR1 while the model is still being built (the handler is installed before the config is
+    loaded) → exit 0, no step taken, nothing saved; before, the default action killed the worker."""
+    run = tmp_path / "run"
+    cfg = _write_config(tmp_path / "cfg.yml", _config_dict(blend_data, run, train_iters=100000))
+    proc = _neoxt(["train", str(cfg)])
+    seen = ""
+    while not seen.endswith("\n") or not seen.splitlines()[-1].startswith("starting from scratch"):
+        line = proc.stdout.readline()  # "starting ..." comes after the config load, before the build
+        assert line, seen
+        seen += line
+    proc.send_signal(signal.SIGUSR1)
+    out = seen + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "received signal SIGUSR1 before the first step" in out, out
+    assert latest_checkpoint(run) is None
+    assert _heartbeat_iteration(run) <= 0

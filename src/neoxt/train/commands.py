@@ -38,12 +38,21 @@ def _init_distributed() -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from neoxt.config import load_config
-    from neoxt.train.loop import train
+    # First thing: a walltime SIGUSR1/SIGTERM arriving while torch is imported, the config loaded or
+    # the model built must not kill the worker (the default action); it is recorded and the run stops
+    # before its first step, exit 0 (neoxt.train.loop.SignalFlag).
+    from neoxt.train.signals import SignalFlag
 
-    cfg = load_config(args.configs, args.overrides)
-    _init_distributed()
-    result = train(cfg, None)
+    signals = SignalFlag().install()
+    try:
+        from neoxt.config import load_config
+        from neoxt.train.loop import train
+
+        cfg = load_config(args.configs, args.overrides)
+        _init_distributed()
+        result = train(cfg, None, signals=signals)
+    finally:
+        signals.restore()
     return 0 if result.status in ("finished", "signal", "exit_interval") else 1
 
 

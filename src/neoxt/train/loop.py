@@ -431,6 +431,25 @@ def _forward_loss(model: nn.Module, batch: dict[str, torch.Tensor], precision: s
     return lm_loss_sum(logits, batch["labels"], batch.get("loss_mask"), z_loss)
 
 
+def _eval_tasks(model: nn.Module, cfg: RunConfig, iteration: int, rank: int) -> dict[str, float]:
+    """GPT-NeoX's ``eval_tasks`` during training: lm-eval through the same adapter as ``neoxt eval``.
+
+    Every rank runs it (a sharded model's forwards are collective); rank 0 writes lm-eval's JSON
+    into the run directory."""
+    from neoxt.evaluate.harness import eval_during_training
+    from neoxt.tokenizer import load_tokenizer
+
+    out_dir = cfg.checkpoint.save or cfg.logging.log_dir
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return eval_during_training(model, load_tokenizer(cfg.tokenizer), cfg, iteration,
+                                        out_dir if rank == 0 else None)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -752,6 +771,8 @@ def train(
                             model, data.valid, t_cfg.eval_iters, cfg, device, objective, group
                         )
                     metrics.record_eval(st.iteration, v_loss, v_tokens)
+                if cfg.evaluation.eval_tasks and t_cfg.eval_interval and st.iteration % t_cfg.eval_interval == 0:
+                    metrics.record_task_scores(st.iteration, _eval_tasks(model, cfg, st.iteration, rank))
 
                 steps_this_call += 1
                 at_exit_interval = bool(exit_interval) and st.iteration % exit_interval == 0

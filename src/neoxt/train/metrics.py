@@ -206,6 +206,17 @@ class MetricsLogger:
         self._emit(iteration, {"validation/lm_loss": record["valid_loss"], "validation/lm_loss_ppl": record["valid_ppl"]})
         return record
 
+    def record_task_scores(self, iteration: int, scores: dict[str, float]) -> None:
+        """lm-eval results of evaluation during training (``eval_tasks``), as ``eval/<task>_<metric>``."""
+        if not self.enabled or not scores:
+            return
+        if self.run_dir is not None:
+            with open(self.run_dir / EVAL_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"iteration": iteration, **scores, "time": time.time()}) + "\n")
+        print(f"eval tasks at iteration {iteration} | "
+              + " | ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in scores.items()), flush=True)
+        self._emit(iteration, scores)
+
     def _emit(self, iteration: int, scalars: dict[str, float | None]) -> None:
         clean = {k: v for k, v in scalars.items() if v is not None and math.isfinite(v)}
         if self._tb is not None:

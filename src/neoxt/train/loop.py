@@ -498,7 +498,9 @@ def accumulate_gradients(
 ) -> torch.Tensor:
     """Backward over one global batch; returns the loss (mean over every counted token, float64).
 
-    Gradients left in ``.grad`` are those of that mean, unscaled, summed over data-parallel ranks.
+    Gradients left in ``.grad`` are those of that mean, unscaled. With a data-parallel ``group`` the
+    model must be parallelized (``neoxt.distributed.parallelize``): FSDP2 sums the ranks' gradients,
+    each rank's loss being divided by the global token count; only the loss and counts are reduced here.
     The counted tokens of all micro-batches (and ranks) are known before the first backward, so
     each micro-batch's *sum* is divided by the global count: accumulation does not change the
     result, and a micro-batch with no counted token contributes zero loss and zero gradient.
@@ -516,15 +518,16 @@ def accumulate_gradients(
         (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         loss_total += loss.detach().double()
     _all_reduce_sum(loss_total, group)  # every rank's share of the global mean
-    params = [p for p in model.parameters() if p.grad is not None]
-    if group is not None and not _is_sharded(model):
-        # Plain data parallelism: each rank's loss is already divided by the global token count,
-        # so the summed gradients are the global-mean gradient.
-        for p in params:
-            _all_reduce_sum(p.grad, group)
-    if loss_scale != 1.0:
-        torch._foreach_mul_([p.grad for p in params], 1.0 / loss_scale)
+    unscale_gradients(model, loss_scale)
     return loss_total
+
+
+def unscale_gradients(model: nn.Module, loss_scale: float) -> None:
+    """Divide the accumulated gradients by the fp16 loss scale (a no-op at scale 1)."""
+    if loss_scale != 1.0:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / loss_scale)
 
 
 def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | None, str | None]:
@@ -614,7 +617,11 @@ def train(
     device = _device()
     if model is None:
         model = build_model(cfg, device)
+    # Every model, a caller's too: with several data-parallel ranks this applies FSDP2, which reduces
+    # the gradients (the loop only sums token counts and loss shares).
     parallelize(model, cfg, mesh)
+    if group is not None and not _is_sharded(model):
+        raise RuntimeError("data-parallel training needs a model parallelized with FSDP2 (neoxt.distributed.parallelize)")
     model.train()
     if data is None:
         data = open_train_data(cfg, dp_rank, dp_size)

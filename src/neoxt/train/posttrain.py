@@ -24,6 +24,7 @@ from torch import nn
 
 from neoxt.config.schema import RunConfig
 from neoxt.errors import ConfigError
+from neoxt.train.loop import unscale_gradients
 from neoxt.train.losses import dpo_loss, sequence_logprobs, token_mask
 from neoxt.train.precision import autocast
 
@@ -44,7 +45,9 @@ class DPOObjective:
     fp32: bool
     reference_free: bool
     precision: str
-    group: Any = None  # the data-parallel process group (None: a single data-parallel rank)
+    # The data-parallel process group (None: a single data-parallel rank). Only pair counts and loss
+    # shares are summed over it; FSDP2 (train() parallelizes every model) reduces the gradients.
+    group: Any = None
 
     def _logps(self, model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.precision, b["tokens"].device.type):
@@ -89,12 +92,7 @@ class DPOObjective:
             total += loss.detach().double()
         _all_reduce_sum(total, self.group)
         if backward:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            if self.group is not None and not any(type(p).__name__ == "DTensor" for p in params):
-                for p in params:
-                    _all_reduce_sum(p.grad, self.group)
-            if loss_scale != 1.0 and params:
-                torch._foreach_mul_([p.grad for p in params], 1.0 / loss_scale)
+            unscale_gradients(self.model, loss_scale)
         return total
 
 
@@ -166,12 +164,7 @@ class KTOObjective:
             total += loss.detach().double()
         _all_reduce_sum(total, self.group)
         if backward:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            if self.group is not None and not any(type(p).__name__ == "DTensor" for p in params):
-                for p in params:
-                    _all_reduce_sum(p.grad, self.group)
-            if loss_scale != 1.0 and params:
-                torch._foreach_mul_([p.grad for p in params], 1.0 / loss_scale)
+            unscale_gradients(self.model, loss_scale)
         return total
 
 

@@ -5,6 +5,11 @@ and each micro-batch's summed loss is divided by that global count, so the gradi
 of the mean over every counted token of the global batch, whatever the accumulation split; a
 micro-batch with no counted token adds exactly zero.
 
+Parallelism comes from ``neoxt.distributed``: every model goes through ``parallelize`` (FSDP2 reduces
+the data-parallel gradients; the loop only sums token counts and loss shares), or, with
+``pipe_parallel_size > 1``, through ``build_pipeline``, whose schedule runs the micro-batches of a
+step and whose stages (named as in the whole model) each get an optimizer and go into checkpoints.
+
 Where a run starts (decided once, printed as the first line of the log):
 
 1. ``save`` already holds a checkpoint → resume from its latest *exactly* (model, optimizer, schedule,
@@ -208,26 +213,48 @@ def _device() -> torch.device:
 # Checkpoint state
 
 
-def _model_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
-    """FQN-keyed state dicts (DCP-friendly, reshardable). A never-stepped optimizer has no state."""
+def _state_options(pipelined: bool):
+    """Pipeline stages each have an optimizer; flattened (FQN-keyed) optimizer state lets their dicts
+    merge into one (a nested dict's ``param_groups`` list would collide). Unpipelined runs keep the
+    nested layout their checkpoints have always had."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=pipelined)
+
+
+def _model_optim_state(
+    parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None, pipelined: bool = False
+) -> tuple[dict, dict | None]:
+    """FQN-keyed state dicts (DCP-friendly, reshardable) of the model parts this rank holds (one, or
+    its pipeline stages, whose names are the full model's). A never-stepped optimizer has no state."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    if optimizer is None or not optimizer.state:
-        return get_model_state_dict(model), None
-    return get_state_dict(model, optimizer)
+    options = _state_options(pipelined)
+    msd: dict[str, Any] = {}
+    osd: dict[str, Any] = {}
+    for i, part in enumerate(parts):
+        opt = optimizers[i] if optimizers is not None else None
+        if opt is None or not opt.state:
+            msd.update(get_model_state_dict(part, options=options))
+            continue
+        m, o = get_state_dict(part, opt, options=options)
+        msd.update(m)
+        osd.update(o)
+    return msd, (osd or None)
 
 
 def _checkpoint_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    parts: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer],
     st: _State,
     schedule_sd: dict[str, Any],
     scaler: LossScaler,
     data: TrainData,
     data_state: dict[str, Any] | None,
     cfg: RunConfig,
+    pipelined: bool = False,
 ) -> dict[str, Any]:
-    msd, osd = _model_optim_state(model, None if cfg.checkpoint.no_save_optim else optimizer)
+    msd, osd = _model_optim_state(parts, None if cfg.checkpoint.no_save_optim else optimizers, pipelined)
     rank, _ = _rank_world()
     state: dict[str, Any] = {"model": msd}
     if osd is not None:
@@ -260,28 +287,38 @@ def _save(
 
 def _load_full(
     ckpt_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    parts: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer],
     scaler: LossScaler,
     data: TrainData,
     cfg: RunConfig,
     st: _State,
     say: Callable[[str], None] = lambda msg: None,
+    pipelined: bool = False,
 ) -> dict[str, Any] | None:
     """Restore everything a checkpoint holds (exact resume); returns the saved schedule state."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
+    options = _state_options(pipelined)
     meta = ckpt.read_meta(ckpt_dir)
     saved_keys = set(meta.get("state_keys", ()))
     with_optim = "optimizer" in saved_keys and not cfg.checkpoint.no_load_optim
-    if with_optim:
-        msd, osd = get_state_dict(model, optimizer)
-    else:
-        msd, osd = get_model_state_dict(model), None
+    # One template per part (a pipeline rank's stages), merged for the single collective load.
+    per_part: list[tuple[dict, dict | None]] = []
+    for part, opt in zip(parts, optimizers, strict=True):
+        if with_optim:
+            per_part.append(get_state_dict(part, opt, options=options))
+        else:
+            per_part.append((get_model_state_dict(part, options=options), None))
     rank, world = _rank_world()
-    template: dict[str, Any] = {"model": msd}
-    if osd is not None:
-        template["optimizer"] = osd
+    template: dict[str, Any] = {"model": {k: v for m, _ in per_part for k, v in m.items()}}
+    if with_optim:
+        template["optimizer"] = {k: v for _, o in per_part for k, v in o.items()}
     # DCP fills the keys the template names, so each template has the saved dict's keys.
     sched_template = {"start_lr": 0.0, "warmup_iter": 0.0, "num_iters": 0, "decay_style": "", "end_iter": 0, "min_lr": 0.0}
     counters_template = {"nan_count": 0, "skipped_count": 0}
@@ -306,12 +343,14 @@ def _load_full(
         else:
             say(f"note: {ckpt_dir} holds no RNG state; continuing with the seeded RNG")
     ckpt.load_state(ckpt_dir, template)
-    if osd is not None:
-        set_state_dict(model, optimizer, model_state_dict=template["model"], optim_state_dict=template["optimizer"])
-    else:
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        set_model_state_dict(model, template["model"])
+    for part, opt, (m, o) in zip(parts, optimizers, per_part, strict=True):
+        part_msd = {k: template["model"][k] for k in m}
+        if o is not None:
+            part_osd = {k: template["optimizer"][k] for k in o}
+            set_state_dict(part, opt, model_state_dict=part_msd, optim_state_dict=part_osd, options=options)
+        else:
+            set_model_state_dict(part, part_msd, options=options)
+    if not with_optim:
         if "optimizer" in saved_keys or cfg.checkpoint.no_load_optim:
             pass
         else:
@@ -530,6 +569,99 @@ def unscale_gradients(model: nn.Module, loss_scale: float) -> None:
             torch._foreach_mul_(grads, 1.0 / loss_scale)
 
 
+@dataclass
+class PipelineLoss:
+    """The pipeline schedule's per-micro-batch loss: ``factor`` x the token-loss *sum*.
+
+    The schedule divides gradients by the number of micro-batches and FSDP (``grad_reduction="mean"``
+    in ``build_pipeline``) averages them over data-parallel ranks; ``factor`` = micro-batches x dp
+    ranks x loss scale / global counted tokens undoes both, so the gradient is the global-mean
+    gradient of ``accumulate_gradients`` even when micro-batches hold different token counts.
+    """
+
+    z_loss: float = 0.0
+    factor: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lm_loss_sum(logits, labels, None, self.z_loss)[0] * self.factor
+
+
+def _pipeline_batch(micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One [acc x micro, seq] batch (the schedule splits it back into the micro-batches); labels are
+    -100 where ``loss_mask`` is 0, the only way a stage's loss sees the mask."""
+    labels = [
+        torch.where(b["loss_mask"] > 0, b["labels"], torch.full_like(b["labels"], -100)) if "loss_mask" in b
+        else b["labels"]
+        for b in micro
+    ]
+    return torch.cat([b["tokens"] for b in micro]), torch.cat(labels)
+
+
+def pipeline_gradients(
+    pipe: Any,
+    loss_fn: PipelineLoss,
+    micro: list[dict[str, torch.Tensor]],
+    precision: str = "fp32",
+    loss_scale: float = 1.0,
+    group: Any = None,
+    dp_size: int = 1,
+) -> torch.Tensor:
+    """``accumulate_gradients`` for a ``neoxt.distributed.pipeline.Pipeline``: same loss, same gradients."""
+    tokens, labels = _pipeline_batch(micro)
+    counted = token_mask(labels, None).sum().double()
+    _all_reduce_sum(counted, group)
+    loss_fn.factor = len(micro) * dp_size * loss_scale / float(counted.clamp(min=1.0))
+    with autocast(precision, tokens.device.type):
+        loss = pipe.step(tokens if pipe.has_first else None, labels if pipe.has_last else None)
+    loss = loss.double() / (dp_size * loss_scale)
+    _all_reduce_sum(loss, group)
+    for part in pipe.parts:
+        unscale_gradients(part, loss_scale)
+    return loss
+
+
+@torch.no_grad()
+def evaluate_pipeline(
+    pipe: Any, loss_fn: PipelineLoss, source: BatchSource, iters: int, cfg: RunConfig, device: torch.device,
+    group: Any = None,
+) -> tuple[float, int]:
+    """``evaluate`` through the pipeline's forward-only schedule."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    z_loss = loss_fn.z_loss
+    for part in pipe.parts:
+        part.eval()
+    try:
+        loss_fn.z_loss = 0.0
+        for _ in range(iters):
+            micro = [_move(next(source), device) for _ in range(cfg.training.gradient_accumulation_steps)]
+            tokens, labels = _pipeline_batch(micro)
+            count += token_mask(labels, None).sum().double()
+            loss_fn.factor = float(len(micro))  # the schedule's mean over micro-batches -> their sum
+            with autocast(cfg.training.precision, device.type):
+                total += pipe.step(tokens if pipe.has_first else None, labels if pipe.has_last else None,
+                                   train=False).double()
+    finally:
+        loss_fn.z_loss = z_loss
+        for part in pipe.parts:
+            part.train()
+    _all_reduce_sum(total, group)
+    _all_reduce_sum(count, group)
+    return (total / count.clamp(min=1)).item(), int(count.item())
+
+
+def _check_pipeline_config(cfg: RunConfig) -> None:
+    """What the pipeline stages cannot do (they run the plain causal LM forward on whole batches)."""
+    t, d = cfg.training, cfg.data
+    if t.train_impl != "normal":
+        raise ConfigError(f"pipe_parallel_size > 1 supports train_impl: normal only, not '{t.train_impl}'")
+    for key, value in (("reset_position_ids", d.reset_position_ids), ("reset_attention_mask", d.reset_attention_mask)):
+        if value:
+            raise ConfigError(f"{key}: true is not supported with pipe_parallel_size > 1")
+    if cfg.evaluation.eval_tasks:
+        raise ConfigError("eval_tasks is not supported with pipe_parallel_size > 1 (validation loss is)")
+
+
 def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | None, str | None]:
     """(checkpoint to resume exactly, or None; weights to finetune from, or None), announced in one line.
 
@@ -607,9 +739,9 @@ def train(
     from neoxt.distributed.parallelize import clip_grad_norm_ as sharded_clip_grad_norm_
     from neoxt.distributed.parallelize import parallelize
 
-    if cfg.parallelism.pipe_parallel_size > 1:
-        raise ConfigError("pipe_parallel_size > 1: pipeline parallelism is not wired into neoxt train yet; "
-                          "use pipe_parallel_size 0 or 1 (one stage)")
+    pipelined = cfg.parallelism.pipe_parallel_size > 1
+    if pipelined:
+        _check_pipeline_config(cfg)
     init_distributed()
     mesh = build_mesh(cfg.parallelism)
     dp_rank, dp_size = dp_rank_size(mesh)
@@ -617,26 +749,38 @@ def train(
     device = _device()
     if model is None:
         model = build_model(cfg, device)
-    # Every model, a caller's too: with several data-parallel ranks this applies FSDP2, which reduces
-    # the gradients (the loop only sums token counts and loss shares).
-    parallelize(model, cfg, mesh)
-    if group is not None and not _is_sharded(model):
-        raise RuntimeError("data-parallel training needs a model parallelized with FSDP2 (neoxt.distributed.parallelize)")
-    model.train()
-    if data is None:
-        data = open_train_data(cfg, dp_rank, dp_size)
-    optimizer = build_optimizer(model, cfg.optimizer)
-    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t_cfg.train_iters)
-    scaler = LossScaler.from_config(t_cfg)
     st = _State()
-
-    if resume_from is not None:
-        saved_schedule = _load_full(resume_from, model, optimizer, scaler, data, cfg, st, say)
-        schedule = _reconcile_schedule(schedule, saved_schedule, cfg, say)
-    elif finetune_from is not None:
+    if finetune_from is not None:  # into the whole model, before it is split or sharded
         loaded = load_weights(finetune_from, model)
         st.iteration = int(c_cfg.iteration or 0)
         say(f"loaded weights from {loaded}")
+    pipe, pipe_loss = None, PipelineLoss(z_loss=t_cfg.z_loss)
+    if pipelined:
+        from neoxt.distributed.pipeline import build_pipeline
+
+        assert mesh is not None  # pipe_parallel_size > 1 needs as many processes
+        # Each rank keeps only its stages (parallelized inside: TP/AC/compile/FSDP), named as in the
+        # whole model, so checkpoints load into any layout.
+        pipe = build_pipeline(model, cfg, mesh, n_microbatches=t_cfg.gradient_accumulation_steps, loss_fn=pipe_loss)
+        parts = list(pipe.parts)
+        model = None
+    else:
+        # Every model, a caller's too: with several data-parallel ranks this applies FSDP2, which
+        # reduces the gradients (the loop only sums token counts and loss shares).
+        parts = [parallelize(model, cfg, mesh)]
+    if group is not None and not any(_is_sharded(p) for p in parts):
+        raise RuntimeError("data-parallel training needs a model parallelized with FSDP2 (neoxt.distributed.parallelize)")
+    for part in parts:
+        part.train()
+    if data is None:
+        data = open_train_data(cfg, dp_rank, dp_size)
+    optimizers = [build_optimizer(part, cfg.optimizer) for part in parts]
+    schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t_cfg.train_iters)
+    scaler = LossScaler.from_config(t_cfg)
+
+    if resume_from is not None:
+        saved_schedule = _load_full(resume_from, parts, optimizers, scaler, data, cfg, st, say, pipelined)
+        schedule = _reconcile_schedule(schedule, saved_schedule, cfg, say)
     objective = None
     if t_cfg.train_impl in ("dpo", "kto"):
         from neoxt.train.posttrain import build_objective
@@ -651,8 +795,9 @@ def train(
             "them (e.g. the next job of a chain) cannot continue exactly")
 
     start_iteration = st.iteration
-    params = [p for p in model.parameters() if p.requires_grad]
-    sharded = _is_sharded(model)
+    params = [p for part in parts for p in part.parameters() if p.requires_grad]
+    sharded = pipelined or any(_is_sharded(p) for p in parts)
+    pp_mesh = mesh["pp"] if pipelined and mesh is not None else None
     clip = cfg.optimizer.gradient_clipping
     grad_acc = t_cfg.gradient_accumulation_steps
     save_iters, save_factor = _save_iterations(cfg)
@@ -684,7 +829,7 @@ def train(
         if not c_cfg.save:
             return None
         state = _checkpoint_state(
-            model, optimizer, st, schedule.state_dict(st.iteration), scaler, data, data_state, cfg
+            parts, optimizers, st, schedule.state_dict(st.iteration), scaler, data, data_state, cfg, pipelined
         )
         path = _save(Path(c_cfg.save), st, state, config_yaml, say)
         removed = ckpt.prune_checkpoints(c_cfg.save, c_cfg.keep_last_n_checkpoints) if rank == 0 else []
@@ -713,16 +858,21 @@ def train(
                 data_state_before = data.train.state_dict()
                 micro = [_move(next(data.train), device) for _ in range(grad_acc)]
                 lr = schedule.lr_at(st.iteration)
-                set_lr(optimizer, lr)
+                for optimizer in optimizers:
+                    set_lr(optimizer, lr)
                 if objective is not None:
                     loss_total = objective(micro, scaler.scale)
+                elif pipe is not None:
+                    loss_total = pipeline_gradients(
+                        pipe, pipe_loss, micro, t_cfg.precision, scaler.scale, group, dp_size
+                    )
                 else:
                     loss_total = accumulate_gradients(
                         model, micro, t_cfg.precision, scaler.scale, t_cfg.z_loss, group
                     )
                 max_norm = clip if clip and clip > 0 else float("inf")
                 if sharded:
-                    grad_norm = sharded_clip_grad_norm_(params, max_norm)
+                    grad_norm = sharded_clip_grad_norm_(params, max_norm, pp_mesh=pp_mesh)
                 else:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
                 loss_value = loss_total.item()
@@ -731,7 +881,8 @@ def train(
                 overflow = is_fp16_dynamic and loss_ok and not norm_ok
                 nan = not loss_ok or (not norm_ok and not overflow)
                 if nan or overflow:
-                    optimizer.zero_grad(set_to_none=True)
+                    for optimizer in optimizers:
+                        optimizer.zero_grad(set_to_none=True)
                     if nan and t_cfg.on_nan == "stop":
                         st.nan_count += 1
                         metrics.nan_count = st.nan_count
@@ -745,8 +896,9 @@ def train(
                             f"{st.iteration + 1} (on_nan: stop){where}"
                         )
                 else:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    for optimizer in optimizers:
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 scaler.update(overflow)
                 if nan:
                     st.nan_count += 1
@@ -774,9 +926,14 @@ def train(
 
                 if data.valid is not None and t_cfg.eval_interval and st.iteration % t_cfg.eval_interval == 0:
                     with torch.random.fork_rng(devices=[]):
-                        v_loss, v_tokens = evaluate(
-                            model, data.valid, t_cfg.eval_iters, cfg, device, objective, group
-                        )
+                        if pipe is not None:
+                            v_loss, v_tokens = evaluate_pipeline(
+                                pipe, pipe_loss, data.valid, t_cfg.eval_iters, cfg, device, group
+                            )
+                        else:
+                            v_loss, v_tokens = evaluate(
+                                model, data.valid, t_cfg.eval_iters, cfg, device, objective, group
+                            )
                     metrics.record_eval(st.iteration, v_loss, v_tokens)
                 if cfg.evaluation.eval_tasks and t_cfg.eval_interval and st.iteration % t_cfg.eval_interval == 0:
                     metrics.record_task_scores(st.iteration, _eval_tasks(model, cfg, st.iteration, rank))

@@ -1,4 +1,5 @@
-"""`neoxt train` with pipe_parallel_size 2 under torchrun (2 gloo processes) == 1 process, and resumes."""
+"""`neoxt train` with pipe_parallel_size 2 under torchrun (2 gloo processes) == 1 process, and resumes
+(under the pipeline, and in one process)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,8 @@ def test_two_stage_pipeline_matches_one_process_and_resumes(tmp_path, tiny_token
     assert json.loads((tmp_path / "chain" / "heartbeat.json").read_text())["iteration"] == 2
     chained, _ = run("chain", 2, pipe_parallel_size=2, exit_interval=2)
     assert chained == pytest.approx(pp, rel=1e-6)
+
+    # A pipelined checkpoint (stage-keyed weights, flattened optimizer state) resumes in one process.
+    run("cross", 2, pipe_parallel_size=2, exit_interval=2)
+    crossed, _ = run("cross", 1, exit_interval=2)
+    assert crossed == pytest.approx(one, rel=5e-7)

@@ -222,6 +222,13 @@ def _state_options(pipelined: bool):
     return StateDictOptions(flatten_optimizer_state_dict=pipelined)
 
 
+def _flat_optimizer_state(keys: set[str]) -> bool:
+    """Whether a checkpoint's optimizer state is flattened (``optimizer.param_groups.<name>.lr``, from a
+    pipelined run) rather than nested (``optimizer.param_groups.0.lr``)."""
+    prefix = "optimizer.param_groups."
+    return any(k.startswith(prefix) and not k[len(prefix):].split(".", 1)[0].isdigit() for k in keys)
+
+
 def _model_optim_state(
     parts: list[nn.Module], optimizers: list[torch.optim.Optimizer] | None, pipelined: bool = False
 ) -> tuple[dict, dict | None]:
@@ -304,10 +311,20 @@ def _load_full(
         set_state_dict,
     )
 
-    options = _state_options(pipelined)
     meta = ckpt.read_meta(ckpt_dir)
     saved_keys = set(meta.get("state_keys", ()))
     with_optim = "optimizer" in saved_keys and not cfg.checkpoint.no_load_optim
+    flat = pipelined
+    if with_optim:
+        # The optimizer state's layout is the saving run's: a pipelined run's (flattened) loads into
+        # one process too; a nested one cannot be split between pipeline stages.
+        flat = _flat_optimizer_state(_saved_keys(ckpt_dir))
+        if pipelined and not flat:
+            raise CheckpointError(
+                f"{ckpt_dir}: its optimizer state was saved without pipeline parallelism and cannot be split "
+                "between pipeline stages; set no_load_optim: true to continue from its weights with a fresh optimizer"
+            )
+    options = _state_options(flat)
     # One template per part (a pipeline rank's stages), merged for the single collective load.
     per_part: list[tuple[dict, dict | None]] = []
     for part, opt in zip(parts, optimizers, strict=True):

@@ -771,6 +771,17 @@ def train(
         loaded = load_weights(finetune_from, model)
         st.iteration = int(c_cfg.iteration or 0)
         say(f"loaded weights from {loaded}")
+    objective = None
+    if t_cfg.train_impl in ("dpo", "kto"):
+        from neoxt.train.posttrain import build_objective
+
+        # Before parallelize: the frozen reference is a copy of the whole starting model (FSDP modules
+        # cannot be deep-copied), parallelized like the policy so its forwards shard the same way.
+        load_src = c_cfg.load
+        objective = build_objective(
+            cfg, model, (lambda m: load_weights(load_src, m)) if load_src else None,
+            fresh_start=resume_from is None, group=group, prepare=lambda m: parallelize(m, cfg, mesh),
+        )
     pipe, pipe_loss = None, PipelineLoss(z_loss=t_cfg.z_loss)
     if pipelined:
         from neoxt.distributed.pipeline import build_pipeline
@@ -798,15 +809,6 @@ def train(
     if resume_from is not None:
         saved_schedule = _load_full(resume_from, parts, optimizers, scaler, data, cfg, st, say, pipelined)
         schedule = _reconcile_schedule(schedule, saved_schedule, cfg, say)
-    objective = None
-    if t_cfg.train_impl in ("dpo", "kto"):
-        from neoxt.train.posttrain import build_objective
-
-        load_src = c_cfg.load
-        objective = build_objective(
-            cfg, model, (lambda m: load_weights(load_src, m)) if load_src else None,
-            fresh_start=resume_from is None, group=group,
-        )
     if c_cfg.no_save_optim and c_cfg.save:
         say("warning: no_save_optim is set: checkpoints hold no optimizer state, so a run resumed from "
             "them (e.g. the next job of a chain) cannot continue exactly")

@@ -174,8 +174,12 @@ def build_objective(
     load_reference: Callable[[nn.Module], Any] | None,
     fresh_start: bool,
     group: Any = None,
+    prepare: Callable[[nn.Module], nn.Module] | None = None,
 ) -> DPOObjective | KTOObjective:
     """The DPO or KTO objective for ``cfg``; ``load_reference(module)`` fills a module with the ``load`` weights.
+
+    Call it with the model not yet parallelized (it is copied for the reference); ``prepare`` then
+    parallelizes the frozen reference as the policy will be (``neoxt.distributed.parallelize``).
 
     Without ``load``, a fresh run takes the reference from the starting weights; a resumed run then
     has no way to recover them, which is an error rather than a silently different objective.
@@ -194,9 +198,11 @@ def build_objective(
                 f"train_impl: {t.train_impl} resumed without 'load': the reference model (the starting weights) cannot be "
                 "recovered; set load to the model DPO started from, or use dpo_reference_free / precompute_model_name"
             )
-        reference.eval()
         for p in reference.parameters():
             p.requires_grad_(False)
+        if prepare is not None:
+            reference = prepare(reference)
+        reference.eval()
     if t.train_impl == "kto":
         return KTOObjective(
             model=model,

@@ -79,3 +79,22 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
     return list(CORPUS)
+
+
+def run_neoxt_train(config: dict, config_path: Path, nproc: int = 1, timeout: int = 240):
+    """Write ``config`` as YAML and run ``neoxt train`` on it, under torchrun when ``nproc`` > 1.
+
+    Returns the finished process; asserts it exited 0 (its output is the failure message)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(config))
+    train = ["-m", "neoxt.cli", "train", str(config_path)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, *launcher, *train], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
+from conftest import run_neoxt_train
 from neoxt.data.indexed import IndexedDatasetWriter
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,13 +50,7 @@ def test_dpo_two_data_parallel_processes_match_one(tmp_path, tiny_tokenizer_dir)
             "log_interval": 1, "seed": 5, "index_cache_dir": str(tmp_path / f"cache-{name}"),
             "save": str(tmp_path / name), "checkpoint_factor": 4,
         }
-        path = tmp_path / f"{name}.yml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "neoxt.cli", "train", str(path)] if nproc > 1 else [sys.executable, "-m", "neoxt.cli", "train", str(path)]
-        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-        assert out.returncode == 0, out.stdout + out.stderr
+        run_neoxt_train(cfg, tmp_path / f"{name}.yml", nproc)
         return [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     one = run("one", 1, 2)

@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from conftest import run_neoxt_train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,13 +44,7 @@ def test_two_stage_pipeline_matches_one_process_and_resumes(tmp_path, tiny_token
             "index_cache_dir": str(tmp_path / f"cache-{name}"),
             **extra,
         }
-        path = tmp_path / f"{name}.yml"
-        path.write_text(yaml.safe_dump(cfg))
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "neoxt.cli", "train", str(path)] if nproc > 1 else [sys.executable, "-m", "neoxt.cli", "train", str(path)]
-        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-        assert out.returncode == 0, out.stdout + out.stderr
+        run_neoxt_train(cfg, tmp_path / f"{name}.yml", nproc)
         metrics = _records(tmp_path / name, "metrics.jsonl")
         evals = [r for r in _records(tmp_path / name, "eval.jsonl") if "valid_loss" in r]
         return [r["loss"] for r in metrics], evals

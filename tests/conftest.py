@@ -81,6 +81,20 @@ def corpus() -> list[str]:
     return list(CORPUS)
 
 
+@pytest.fixture
+def corpus_dataset(tmp_path, tiny_tokenizer_dir):
+    """CORPUS preprocessed (with EOD) by our own pipeline: (TokenizerConfig, dataset prefix)."""
+    import json
+
+    from neoxt.config.schema import TokenizerConfig
+    from neoxt.data.tokenize import preprocess
+
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in CORPUS))
+    tok = TokenizerConfig(tokenizer_type="HFTokenizer", vocab_file=str(tiny_tokenizer_dir / "tokenizer.json"))
+    return tok, preprocess([str(src)], str(tmp_path / "corpus"), tok, keys=("text",), append_eod=True).outputs["text"]
+
+
 def run_neoxt_train(config: dict, config_path: Path, nproc: int = 1, timeout: int = 240):
     """Write ``config`` as YAML and run ``neoxt train`` on it, under torchrun when ``nproc`` > 1.
 

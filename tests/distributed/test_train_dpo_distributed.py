@@ -13,8 +13,6 @@ import pytest
 from conftest import run_neoxt_train
 from neoxt.data.indexed import IndexedDatasetWriter
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _write(prefix: Path, docs: list[tuple[list[int], list[int]]]) -> tuple[str, str]:
     with IndexedDatasetWriter(f"{prefix}_text_document", np.uint16) as t, \

@@ -10,8 +10,6 @@ import pytest
 
 from conftest import run_neoxt_train
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def _records(run_dir: Path, name: str) -> list[dict]:
     path = run_dir / name
@@ -20,14 +18,8 @@ def _records(run_dir: Path, name: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_stage_pipeline_matches_one_process_and_resumes(tmp_path, tiny_tokenizer_dir, corpus):
-    from neoxt.config.schema import TokenizerConfig
-    from neoxt.data.tokenize import preprocess
-
-    src = tmp_path / "c.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus))
-    tok = TokenizerConfig(tokenizer_type="HFTokenizer", vocab_file=str(tiny_tokenizer_dir / "tokenizer.json"))
-    prefix = preprocess([str(src)], str(tmp_path / "c"), tok, keys=("text",), append_eod=True).outputs["text"]
+def test_two_stage_pipeline_matches_one_process_and_resumes(tmp_path, corpus_dataset):
+    tok, prefix = corpus_dataset
 
     def run(name: str, nproc: int, **extra) -> tuple[list[float], list[dict]]:
         cfg = {

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from conftest import run_neoxt_train
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer_dir, corpus):
-    from neoxt.config.schema import TokenizerConfig
-    from neoxt.data.tokenize import preprocess
-
-    src = tmp_path / "c.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus))
-    tok = TokenizerConfig(tokenizer_type="HFTokenizer", vocab_file=str(tiny_tokenizer_dir / "tokenizer.json"))
-    prefix = preprocess([str(src)], str(tmp_path / "c"), tok, keys=("text",), append_eod=True).outputs["text"]
+def test_two_process_data_parallel_matches_one_process(tmp_path, corpus_dataset):
+    tok, prefix = corpus_dataset
 
     def run(name: str, nproc: int, micro: int, **extra) -> list[float]:
         cfg = {

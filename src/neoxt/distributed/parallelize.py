@@ -246,7 +246,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over the TP group in forward *and* backward: the summed statistic feeds every rank's
-    shard, so each rank's gradient of it is only its own share of the total."""
+    shard, so each rank's gradient of it is only its own share of the total.
+
+    Not ``torch.distributed.nn.functional.all_reduce``: its in-place collective breaks
+    ``torch.compile`` of TP blocks; functional collectives trace."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:

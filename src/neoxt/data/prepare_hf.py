@@ -27,6 +27,7 @@ from neoxt.config.schema import TokenizerConfig
 from neoxt.data.readers import Batch, open_hf_dataset
 from neoxt.data.tokenize import EncodedBatch, Progress, ordered_results, text_field
 from neoxt.errors import DataError
+from neoxt.io import write_text_atomic
 
 TEXT_COLUMNS = ("text",)
 CHAT_COLUMNS = ("messages", "conversation", "conversations")
@@ -153,9 +154,7 @@ def _export_jsonl(ds: Any, column: str, path: Path, batch_size: int) -> int:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def config_lines(paths: dict[str, list[str]]) -> str:

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from neoxt.io import write_text_atomic
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -126,7 +128,7 @@ def run_launch(args: argparse.Namespace) -> int:
         return 0
     log_dir.mkdir(parents=True, exist_ok=True)
     script_path = save_dir / "slurm" / f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
-    L.write_atomic(script_path, script, mode=0o755)
+    write_text_atomic(script_path, script, mode=0o755)
     ids = L.submit_chain(job, script_path, args.chain, save_dir)
     for i, job_id in enumerate(ids):
         dep = f" (afterany:{ids[i - 1]})" if i else ""

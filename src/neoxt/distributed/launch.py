@@ -21,17 +21,16 @@ trainer's behaviour, nothing here depends on them).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from neoxt.errors import NeoxtError
+from neoxt.io import write_text_atomic
 
 DEFAULT_SIGNAL = "USR1@120"
 # Rendezvous port = base + job id mod 20000: two jobs sharing a head node do not collide.
@@ -277,16 +276,6 @@ def sbatch_submit(script: Path, dependency: str | None = None, sbatch: str = "sb
     return job_id
 
 
-def write_atomic(path: Path, text: str, mode: int | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def record_jobs(run_dir: Path, entries: list[dict]) -> Path:
     """Append submitted jobs to ``<run_dir>/slurm_jobs.json`` (read by ``neoxt status``)."""
     path = run_dir / JOBS_RECORD
@@ -296,7 +285,7 @@ def record_jobs(run_dir: Path, entries: list[dict]) -> Path:
             jobs = json.loads(path.read_text()).get("jobs", [])
         except (OSError, ValueError, AttributeError):
             jobs = []
-    write_atomic(path, json.dumps({"jobs": jobs + entries}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({"jobs": jobs + entries}, indent=2) + "\n")
     return path
 
 

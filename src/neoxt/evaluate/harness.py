@@ -437,12 +437,9 @@ def results_json(results: dict[str, Any]) -> str:
 
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:
     """Write lm-eval's results JSON atomically (a temp name, then a rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(results_json(results), encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    from neoxt.io import write_text_atomic
+
+    return write_text_atomic(path, results_json(results))
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -34,7 +34,6 @@ import csv
 import io
 import json
 import logging
-import os
 import re
 import shlex
 import time
@@ -46,6 +45,7 @@ from typing import Any
 import yaml
 
 from neoxt.errors import ConfigError, DataError
+from neoxt.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -411,17 +411,10 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_tables(suite: Suite, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
     md, csv_path = suite.output_dir / "results.md", suite.output_dir / "results.csv"
-    _write_text_atomic(md, table_markdown(rows))
-    _write_text_atomic(csv_path, table_csv(rows))
+    write_text_atomic(md, table_markdown(rows))
+    write_text_atomic(csv_path, table_csv(rows))
     return md, csv_path
 
 
@@ -514,7 +507,7 @@ def submit_slurm(
         if job.result_path.is_file():
             continue
         script = slurm_dir / f"{safe_name(job.model.alias)}__{job.folder.name}__{job.prompt_name}.sbatch"
-        _write_text_atomic(script, render_sbatch(job, suite))
+        write_text_atomic(script, render_sbatch(job, suite))
         job_id = None if dry_run else sbatch_submit(script)
         submitted.append({"pair": job.label, "script": str(script), "result": str(job.result_path),
                           "job_id": job_id})
@@ -522,7 +515,7 @@ def submit_slurm(
     if submitted and not dry_run:
         record = slurm_dir / "jobs.json"
         previous = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else []
-        _write_text_atomic(record, json.dumps(previous + submitted, indent=2))
+        write_text_atomic(record, json.dumps(previous + submitted, indent=2))
     echo(f"eval-suite: {len(submitted)} pair(s) {'written' if dry_run else 'submitted'}; "
          "when they finish, `neoxt eval-suite SUITE --gather` builds the table")
     return submitted

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from neoxt.errors import CheckpointError
+from neoxt.io import fsync_dir, write_text_atomic
 
 LATEST_FILE = "latest"
 CONFIG_FILE = "config.yml"
@@ -73,30 +74,6 @@ def _barrier(distributed: bool) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a directory entry (a rename or a new file) on POSIX filesystems."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(
@@ -147,7 +124,7 @@ def save_checkpoint(
         for f in tmp.iterdir():
             if f.is_file():
                 _fsync_file(f)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
 
         _test_sleep(iteration)
 
@@ -156,8 +133,8 @@ def save_checkpoint(
             old = save_dir / f"{final.name}.old.{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(save_dir)
-        _write_text_atomic(save_dir / LATEST_FILE, final.name + "\n")
+        fsync_dir(save_dir)
+        write_text_atomic(save_dir / LATEST_FILE, final.name + "\n", durable=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(distributed)

@@ -25,6 +25,7 @@ from typing import Any
 
 from neoxt.config.schema import LoggingConfig
 from neoxt.errors import ConfigError
+from neoxt.io import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
@@ -32,6 +33,10 @@ HEARTBEAT_FILE = "heartbeat.json"
 
 # Dense bf16/fp16 peak TFLOP/s per accelerator, matched against the CUDA device name.
 _PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10", 125.0), ("V100", 125.0))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj) + "\n")
 
 
 def default_peak_tflops(device_type: str) -> float | None:
@@ -45,14 +50,6 @@ def default_peak_tflops(device_type: str) -> float | None:
         if key in name:
             return tflops
     return None
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -230,7 +227,7 @@ class MetricsLogger:
     def heartbeat(self, iteration: int, status: str) -> None:
         if not self.enabled or self.run_dir is None:
             return
-        write_json_atomic(
+        _write_json(
             self.run_dir / HEARTBEAT_FILE,
             {
                 "iteration": iteration,

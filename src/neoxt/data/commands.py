@@ -286,3 +286,7 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true", help="one JSON object per sample")
     s.add_argument("--decode", action="store_true", help="also decode the tokens with the configured tokenizer")
     s.set_defaults(handler=_samples)
+
+    from neoxt.data import toolbox_commands
+
+    toolbox_commands.register(sub, data_sub)

@@ -61,6 +61,112 @@ def _register_prepare_data(sub) -> None:
     p.set_defaults(handler=_prepare_data)
 
 
+def _preprocess_masked(args: argparse.Namespace) -> int:
+    from neoxt.config.schema import TokenizerConfig
+    from neoxt.data.masked import parse_token_list, preprocess_masked
+    from neoxt.data.tokenize import format_summary
+
+    if args.dataset_impl != "mmap":
+        from neoxt.errors import DataError
+
+        raise DataError(f"--dataset-impl {args.dataset_impl}: only the mmap format is written")
+    cfg = TokenizerConfig(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file)
+    tokens = parse_token_list(args.mask_before_token) if args.mask_before_token else ()
+    result = preprocess_masked(args.input, args.output_prefix, cfg, key=args.jsonl_keys[0],
+                               mask_before_tokens=tokens, mask_before_text=args.mask_before_text,
+                               prompt_key=args.prompt_key, completion_key=args.completion_key,
+                               append_eod=args.append_eod, ftfy=args.ftfy, workers=args.workers,
+                               skip_bad_lines=args.skip_bad_lines, num_docs=args.num_docs)
+    print(format_summary(result.outputs, result.stats, result.dtype))
+    print("config:")
+    print(f'  "train_data_paths": ["{result.outputs["text"]}"],')
+    print(f'  "train_label_data_paths": ["{result.outputs["label"]}"],')
+    return 0
+
+
+def _register_preprocess_masked(sub) -> None:
+    p = sub.add_parser("preprocess-masked", help="tokenize documents plus a label file that masks the prompt",
+                       description="Documents -> <prefix>_text_document and <prefix>_label_document (int32, "
+                                   "-100 on masked tokens), byte-identical to GPT-NeoX's "
+                                   "tools/datasets/preprocess_data_with_mask.py; or prompt/completion records.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="JSONL (.gz/.zst/.xz), text or Parquet files; comma lists and globs allowed")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--jsonl-keys", nargs=1, default=["text"], metavar="KEY", help="field to tokenize (default text)")
+    p.add_argument("--mask-before-token", default=None, metavar="IDS",
+                   help="comma-separated token ids of the delimiter: every token up to and including its first "
+                        "occurrence is masked (upstream's flag)")
+    p.add_argument("--mask-before-text", default=None, metavar="TEXT",
+                   help="the delimiter as text (tokenized on its own; check the ids with --mask-before-token)")
+    p.add_argument("--prompt-key", default=None, help="prompt/completion records: the prompt field (masked)")
+    p.add_argument("--completion-key", default=None, help="prompt/completion records: the completion field")
+    p.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    p.add_argument("--vocab-file", default=None)
+    p.add_argument("--merge-file", default=None)
+    p.add_argument("--append-eod", action="store_true", help="append the end-of-document token")
+    p.add_argument("--ftfy", action="store_true", help="fix mojibake with ftfy first (needs the ftfy package)")
+    p.add_argument("--dataset-impl", default="mmap", choices=["lazy", "cached", "mmap"],
+                   help="accepted for GPT-NeoX compatibility; only mmap is written")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--num-docs", type=int, default=None, help="for the progress bar only")
+    p.add_argument("--log-interval", type=int, default=100, help="accepted for GPT-NeoX compatibility")
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed records instead of stopping")
+    p.set_defaults(handler=_preprocess_masked)
+
+
+def _count(args: argparse.Namespace) -> int:
+    from neoxt.data.count import count_datasets, format_counts
+
+    counts = count_datasets(args.prefixes)
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps({"datasets": [asdict(c) for c in counts], "documents": sum(c.documents for c in counts),
+                          "tokens": sum(c.tokens for c in counts)}))
+    else:
+        print(format_counts(counts, totals_only=args.total_only))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from neoxt.data.merge import merge_datasets, upstream_dir_prefixes
+    from neoxt.errors import DataError
+
+    prefixes = list(args.prefixes)
+    if args.input:
+        prefixes += upstream_dir_prefixes(args.input)
+    if not prefixes:
+        raise DataError("nothing to merge: give dataset prefixes or --input DIR")
+    out = merge_datasets(args.output, prefixes, keep_documents=args.keep_document_index)
+    print(f"wrote {args.output}.bin/.idx: {out['shards']:,} shards, {out['items']:,} items, {out['tokens']:,} tokens")
+    return 0
+
+
+def _register_data_commands(data_sub) -> None:
+    c = data_sub.add_parser("count", help="tokens and documents of .bin/.idx datasets (reads only the .idx)",
+                            description="Count tokens and documents per dataset and in total, from the index "
+                                        "files alone (upstream tools/datasets/dataset_token_count.py).")
+    c.add_argument("prefixes", nargs="+", metavar="PREFIX", help="dataset prefixes, .bin/.idx paths or directories")
+    c.add_argument("--json", action="store_true", help="one JSON object with every dataset and the totals")
+    c.add_argument("--total-only", action="store_true", help="print only the total line")
+    c.set_defaults(handler=_count)
+    m = data_sub.add_parser("merge", help="concatenate .bin/.idx shards into one dataset",
+                            description="Concatenate indexed datasets, in the order given, into OUT.bin/.idx: "
+                                        "byte-identical to GPT-NeoX's tools/datasets/merge_datasets.py "
+                                        "(streamed; written under temporary names, renamed at the end).")
+    m.add_argument("output", metavar="OUT", help="output prefix")
+    m.add_argument("prefixes", nargs="*", metavar="PREFIX", help="shards, in order (prefixes, .bin/.idx or dirs)")
+    m.add_argument("--input", default=None, metavar="DIR",
+                   help="upstream's form: every .bin/.idx pair in DIR, sorted by name (after any PREFIX)")
+    m.add_argument("--keep-document-index", action="store_true",
+                   help="also write the shards' document boundaries (upstream keeps only [0]; the tokens and "
+                        "items are the same, the .idx then differs from upstream's)")
+    m.set_defaults(handler=_merge)
+
+
 def register(sub, data_sub) -> None:
     """Add the toolbox commands: top-level ones to ``sub``, ``data`` subcommands to ``data_sub``."""
     _register_prepare_data(sub)
+    _register_preprocess_masked(sub)
+    _register_data_commands(data_sub)

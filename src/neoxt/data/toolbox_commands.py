@@ -165,8 +165,82 @@ def _register_data_commands(data_sub) -> None:
     m.set_defaults(handler=_merge)
 
 
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from neoxt.data.train_tokenizer import (
+        CHAT_TEMPLATES,
+        CHAT_TOKENS,
+        TokenizerSpec,
+        parse_special,
+        save_tokenizer,
+        train_tokenizer,
+    )
+    from neoxt.errors import DataError
+
+    inputs = list(args.input or [])
+    if args.json_input_dir:  # upstream's flag: every *.jsonl and *.json in the directory
+        inputs += sorted(str(p) for p in Path(args.json_input_dir).glob("*.json*") if p.suffix in (".jsonl", ".json"))
+    if not inputs:
+        raise DataError("no input: give --input FILE... (or upstream's --json_input_dir DIR)")
+    named = set(parse_special(args.special_tokens)[0])  # chat tokens the user placed already keep their ids
+    specials = list(args.special_tokens) + [t for t in CHAT_TOKENS.get(args.chat_tokens or "", ()) if t not in named]
+    spec = TokenizerSpec(model=args.model, vocab_size=args.vocab_size, special_tokens=tuple(specials),
+                         pre_tokenizer=args.pre_tokenizer, normalizer="nfkc" if args.upstream else args.normalizer,
+                         add_prefix_space=args.add_prefix_space or args.upstream, min_frequency=args.min_frequency)
+    template = args.chat_template
+    if template and "{" not in template:
+        template = Path(template).read_text(encoding="utf-8")
+    template = template or CHAT_TEMPLATES.get(args.chat_tokens or "")
+    tok = train_tokenizer(inputs, spec, keys=args.jsonl_keys)
+    for path in save_tokenizer(tok, args.output, hf_dir=args.hf_dir, chat_template=template):
+        print(f"wrote {path}")
+    names, _ = parse_special(specials)
+    print(f"vocabulary: {tok.get_vocab_size():,} tokens"
+          + "".join(f"; {t} = {tok.token_to_id(t)}" for t in names))
+    return 0
+
+
+def _register_train_tokenizer(sub) -> None:
+    from neoxt.data.train_tokenizer import MODELS, NEOX_SPECIAL, NORMALIZERS, PRE_TOKENIZERS
+
+    t = sub.add_parser("train-tokenizer", help="train a tokenizer (byte-level BPE by default) on your data",
+                       description="Train a tokenizers model on JSONL / Parquet / text (streamed) and write "
+                                   "tokenizer.json, plus an HF tokenizer directory with --hf-dir "
+                                   "(upstream megatron/tokenizer/train_tokenizer.py; --upstream for its exact "
+                                   "settings).")
+    t.add_argument("--input", nargs="+", metavar="PATH", help="input files; comma lists and globs allowed")
+    t.add_argument("--json_input_dir", "--json-input-dir", dest="json_input_dir", default=None,
+                   help="upstream's form: every *.jsonl / *.json in this directory")
+    t.add_argument("--output", "--tokenizer_output_path", "--tokenizer-output-path", dest="output", required=True,
+                   help="tokenizer.json to write (a directory gets DIR/tokenizer.json)")
+    t.add_argument("--model", "--tokenizer_type", "--tokenizer-type", dest="model", default="bpe",
+                   type=str.lower, choices=MODELS, help="tokenizers model (default bpe)")
+    t.add_argument("-v", "--vocab-size", "--vocab_size", dest="vocab_size", type=int, default=52000,
+                   help="vocabulary size including special tokens (default 52000, as upstream)")
+    t.add_argument("--special-tokens", nargs="*", default=list(NEOX_SPECIAL), metavar="TOKEN[=ID]",
+                   help="special tokens, in order from id 0, or at an explicit id with TOKEN=ID "
+                        "(default: <|endoftext|> <|padding|>, GPT-NeoX's)")
+    t.add_argument("--chat-tokens", choices=["roles", "chatml"], default=None,
+                   help="also add chat-role tokens: roles = <|system|> <|user|> <|assistant|> <|end|>; "
+                        "chatml = <|im_start|> <|im_end|> (and a matching chat template for --hf-dir)")
+    t.add_argument("--pre-tokenizer", choices=PRE_TOKENIZERS, default="byte_level")
+    t.add_argument("--add-prefix-space", action="store_true", help="byte-level/metaspace: prefix a space")
+    t.add_argument("--normalizer", choices=NORMALIZERS, default="none",
+                   help="text normaliser (default none, which keeps round trips lossless; upstream used nfkc)")
+    t.add_argument("--upstream", action="store_true",
+                   help="upstream's exact settings: NFKC normaliser and add_prefix_space")
+    t.add_argument("--min-frequency", type=int, default=0, help="merges/words seen fewer times are dropped")
+    t.add_argument("--jsonl-keys", nargs="+", default=["text"], metavar="KEY", help="fields to read (default text)")
+    t.add_argument("--hf-dir", default=None, metavar="DIR",
+                   help="also write an HF tokenizer directory (AutoTokenizer.from_pretrained loads it)")
+    t.add_argument("--chat-template", default=None, help="chat template text or file for --hf-dir")
+    t.set_defaults(handler=_train_tokenizer)
+
+
 def register(sub, data_sub) -> None:
     """Add the toolbox commands: top-level ones to ``sub``, ``data`` subcommands to ``data_sub``."""
     _register_prepare_data(sub)
     _register_preprocess_masked(sub)
+    _register_train_tokenizer(sub)
     _register_data_commands(data_sub)

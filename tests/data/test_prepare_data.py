@@ -10,12 +10,19 @@ import json
 import tarfile
 import zipfile
 
+import local_http
 import pytest
 
 from neoxt.cli import main
 from neoxt.data.corpora import corpus_names, get_corpus
 from neoxt.data.download import download, extract
 from neoxt.errors import DataError
+
+
+@pytest.fixture
+def http_server():
+    yield from local_http.serve()
+
 
 TEXT = "".join(f"<page><title>Page {i}</title><text>The quick brown fox {i} jumps over the lazy dog. "
                f"A language model predicts the next token.</text></page>\n" for i in range(300))
@@ -158,3 +165,28 @@ def test_extract_refuses_members_outside_the_target(tmp_path):
         extract(tmp_path / "evil.zip", tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_jsonl_zst_corpus_is_read_as_it_is_and_matches_preprocess(tmp_path, http_server, tiny_tokenizer_dir):
+    import zstandard
+
+    records = "".join(json.dumps({"text": f"Email {i}: the quick brown fox."}) + "\n" for i in range(50))
+    (tmp_path / "enron_emails.jsonl").write_text(records)
+    http_server.files["/enron_emails.jsonl.zst"] = zstandard.ZstdCompressor().compress(records.encode())
+    tok = ["--tokenizer-type", "HFTokenizer", "--vocab-file", str(tiny_tokenizer_dir / "tokenizer.json")]
+    assert main(["prepare-data", "enron", "-d", str(tmp_path / "data"), "--mirror", http_server.url, *tok,
+                 "--workers", "1"]) == 0
+    assert main(["preprocess", "--input", str(tmp_path / "enron_emails.jsonl"), "--output-prefix",
+                 str(tmp_path / "ref"), "--append-eod", *tok]) == 0
+    assert read_pair(tmp_path / "data" / "enron" / "enron_text_document") == read_pair(tmp_path / "ref_text_document")
+    assert sorted(p.name for p in (tmp_path / "data" / "enron").iterdir()) == [
+        "enron_emails.jsonl.zst", "enron_text_document.bin", "enron_text_document.idx"]
+
+
+def test_progress_without_a_terminal_logs_rate_and_eta(capsys):
+    from neoxt.data.progress import progress_bar
+
+    with progress_bar(1000, "downloading", unit="B", every_s=0) as bar:
+        bar.update(250)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("downloading:  25%") and "B/s" in line and "<" in line  # tqdm's "elapsed<eta"

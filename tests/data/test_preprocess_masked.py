@@ -123,3 +123,10 @@ def test_needs_exactly_one_way_to_mask(tmp_path):
     with pytest.raises(DataError, match="exactly one of"):
         preprocess_masked([str(FIXTURES / "masked.jsonl")], str(tmp_path / "x"), cfg, mask_before_tokens=[1],
                           mask_before_text=" Answer:")
+
+
+def test_mask_before_text_is_the_same_as_its_token_ids(tmp_path):
+    out = tmp_path / "t"
+    assert main(["preprocess-masked", "--input", str(FIXTURES / "masked.jsonl"), "--output-prefix", str(out),
+                 "--mask-before-text", " Answer:", "--append-eod", *TOK]) == 0
+    assert pair(f"{out}_label_document") == pair(FIXTURES / "masked_eod_label_document")

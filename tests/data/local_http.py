@@ -1,4 +1,5 @@
-"""A local HTTP file server for the download tests: loopback only, Range support, can drop a
+"""A local HTTP file server for the download tests (a helper module, not a conftest, so it does not
+shadow tests/conftest.py): loopback only, Range support, can drop a
 connection midway, and shuts itself down after a minute whatever the test does."""
 
 from __future__ import annotations
@@ -6,8 +7,6 @@ from __future__ import annotations
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-import pytest
 
 
 class _Server(ThreadingHTTPServer):
@@ -57,8 +56,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def http_server():
+def serve():
+    """Generator for a pytest fixture: yields a running server, stops it afterwards."""
     server = _Server()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

@@ -154,3 +154,18 @@ def test_count_refuses_truncated_files(tmp_path, capsys):
     (tmp_path / "t.idx").write_bytes(b"junk")
     assert main(["data", "count", str(tmp_path / "t.idx")]) == 2
     assert "not a GPT-NeoX/Megatron mmap index" in capsys.readouterr().err
+
+
+def test_shard_with_bytes_outside_its_index_is_refused(tmp_path):
+    for ext in (".bin", ".idx"):
+        shutil.copyfile(SHARDS[0] + ext, tmp_path / f"x{ext}")
+    with open(tmp_path / "x.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(DataError, match="x.bin: 2302 bytes.*misalign"):
+        merge_mod.merge_datasets(str(tmp_path / "m"), [str(tmp_path / "x"), SHARDS[1]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin", "x.idx"]
+
+
+def test_count_notes_datasets_without_a_document_index(capsys):
+    assert main(["data", "count", str(FIX / "merged")]) == 0
+    assert "note: 1 dataset(s) have no document index" in capsys.readouterr().out

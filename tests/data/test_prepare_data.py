@@ -137,6 +137,7 @@ def test_http_error_and_unreachable_server_are_one_line_errors(tmp_path, http_se
         download(f"{http_server.url}/missing.zip", tmp_path / "x.zip")
     with pytest.raises(DataError, match="cannot connect"):
         download("http://127.0.0.1:9/x.zip", tmp_path / "y.zip", timeout=2)
+    assert list(tmp_path.iterdir()) == []  # no empty .part left behind
 
 
 def test_extract_tar_gz_gz_and_zst(tmp_path):

@@ -113,4 +113,8 @@ def format_counts(counts: Sequence[Count], totals_only: bool = False) -> str:
         lines += [f"{c.prefix:<{width}}  {c.documents:>12,}  {c.tokens:>16,}  {c.dtype}" for c in counts]
     docs, tokens = sum(c.documents for c in counts), sum(c.tokens for c in counts)
     lines.append(f"total: {len(counts):,} dataset(s), {docs:,} documents, {tokens:,} tokens")
+    bare = [c for c in counts if c.items and not c.documents]
+    if bare:
+        lines.append(f"note: {len(bare):,} dataset(s) have no document index (as upstream's merge_datasets.py "
+                     f"writes); they hold {sum(c.items for c in bare):,} items")
     return "\n".join(lines)

@@ -123,7 +123,12 @@ def download(
             fcntl.flock(part.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise DataError(f"{part_path}: another process is downloading this file") from None
-        total = _fetch_with_retries(url, part, retries, timeout, backoff_s, dest.name)
+        try:
+            total = _fetch_with_retries(url, part, retries, timeout, backoff_s, dest.name)
+        except BaseException:
+            if part.seek(0, os.SEEK_END) == 0:  # nothing to resume: leave nothing behind
+                part_path.unlink(missing_ok=True)
+            raise
         size = part.seek(0, os.SEEK_END)
     if total is not None and size != total:
         raise DataError(f"{url}: server sent {size} of {total} bytes; run again to resume ({part_path} kept)")

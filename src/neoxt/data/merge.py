@@ -58,6 +58,11 @@ def upstream_dir_prefixes(directory: str) -> list[str]:
 
 def _open_shards(prefixes: Sequence[str]) -> list[IndexedDataset]:
     shards = [IndexedDataset(p) for p in prefixes]
+    for s in shards:  # the merged pointers are recomputed from sizes, so each .bin must be exactly its items
+        bin_size = os.path.getsize(data_file_path(s.prefix))
+        if bin_size != s.num_tokens * s.dtype.itemsize:
+            raise DataError(f"{data_file_path(s.prefix)}: {bin_size} bytes, but its index describes "
+                            f"{s.num_tokens * s.dtype.itemsize}; merging would misalign every later item")
     dtype = shards[0].dtype
     for s in shards[1:]:
         if s.dtype != dtype:

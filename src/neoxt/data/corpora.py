@@ -19,12 +19,12 @@ import os
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from neoxt.config.schema import TokenizerConfig
-from neoxt.data.download import download, extract, is_archive
-from neoxt.data.readers import input_kind
 from neoxt.errors import DataError
+
+if TYPE_CHECKING:
+    from neoxt.config.schema import TokenizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,9 @@ class PrepareOptions:
 
 def _tokenizer_config(opts: PrepareOptions, data_dir: Path) -> TokenizerConfig:
     """Upstream's defaults: GPT-2 vocab/merges in the data dir (fetched when missing), 'gpt2' from the Hub."""
+    from neoxt.config.schema import TokenizerConfig
+    from neoxt.data.download import download
+
     vocab, merges = opts.vocab_file, opts.merge_file
     if opts.tokenizer_type == "GPT2BPETokenizer":
         vocab_url, merge_url = gpt2_tokenizer_urls()
@@ -121,6 +124,8 @@ def _tokenizer_config(opts: PrepareOptions, data_dir: Path) -> TokenizerConfig:
 
 def _document_files(paths: list[Path]) -> list[str]:
     """The files the tokenizer reads: JSONL / text / Parquet (compressed or not); others are skipped."""
+    from neoxt.data.readers import input_kind
+
     out = []
     for p in paths:
         if p.name.startswith("."):
@@ -136,6 +141,9 @@ def _document_files(paths: list[Path]) -> list[str]:
 
 def fetch_corpus(corpus: Corpus, opts: PrepareOptions, folder: Path) -> list[str]:
     """Download (resuming) and unpack every file of ``corpus`` into ``folder``; returns the document files."""
+    from neoxt.data.download import download, extract, is_archive
+    from neoxt.io import write_text_atomic
+
     urls = opts.urls or corpus.urls
     if opts.sha256 and len(opts.sha256) != len(urls):
         raise DataError(f"--sha256 given {len(opts.sha256)} times for {len(urls)} file(s)")
@@ -156,8 +164,6 @@ def fetch_corpus(corpus: Corpus, opts: PrepareOptions, folder: Path) -> list[str
             files.extend(Path(line) for line in marker.read_text().splitlines() if line)
             continue
         unpacked = extract(path, folder)
-        from neoxt.io import write_text_atomic
-
         write_text_atomic(marker, "".join(f"{p}\n" for p in unpacked))
         files.extend(unpacked)
     return _document_files(files)

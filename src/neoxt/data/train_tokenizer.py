@@ -24,7 +24,6 @@ from typing import Any
 
 from neoxt.data.progress import progress_bar
 from neoxt.data.readers import decode_payload, expand_inputs, iter_batches
-from neoxt.data.tokenize import text_field
 from neoxt.errors import DataError
 
 MODELS = ("bpe", "wordpiece", "unigram", "wordlevel")
@@ -124,6 +123,8 @@ def _build(spec: TokenizerSpec, specials: list[str]) -> tuple[Any, Any]:
 
 def iter_texts(inputs: Sequence[str], keys: Sequence[str]) -> Iterator[str]:
     """Every non-empty text under ``keys`` of every record, streamed; bad records are one-line errors."""
+    from neoxt.data.tokenize import text_field
+
     with progress_bar(None, "reading", unit="doc") as bar:
         for batch in iter_batches(expand_inputs(inputs), keys):
             for i in range(len(batch.payloads)):

@@ -103,3 +103,19 @@ def test_bad_requests_are_one_line_errors(tmp_path, split_corpus, capsys):
     assert main(["train-tokenizer", "--input", str(bad), "--output", str(tmp_path / "b.json")]) == 2
     assert "bad.jsonl:2: missing key 'text'" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_parquet_and_text_inputs_are_streamed_together(tmp_path, split_corpus):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train, _ = split_corpus
+    texts = [json.loads(line)["text"] for line in train.read_text().splitlines()]
+    pq.write_table(pa.table({"body": texts[:400]}), tmp_path / "a.parquet")
+    (tmp_path / "b.txt").write_text("\n".join(texts[400:]))
+    from neoxt.data.train_tokenizer import iter_texts
+
+    seen = list(iter_texts([str(tmp_path / "a.parquet")], ["body"]))
+    assert seen == texts[:400]
+    tok = train_tokenizer([str(tmp_path / "b.txt")], TokenizerSpec(vocab_size=350))
+    assert tok.get_vocab_size() == 350

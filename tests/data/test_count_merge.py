@@ -93,6 +93,7 @@ def test_merged_dataset_trains(tmp_path):
     cfg = config_from_dict({
         "seq_length": max(map(len, items)) + 1, "train_iters": 5, "train_micro_batch_size_per_gpu": 4,
         "eval_interval": 100, "eval_iters": 0, "seed": 3, "pack_impl": "unpacked",
+        "index_cache_dir": str(tmp_path / "cache"),
         "train_data_paths": [merged], "valid_data_paths": [merged], "test_data_paths": [merged],
     }, world_size=1)
     loader = build_loader(cfg, "train", eod_id=0)
@@ -103,7 +104,8 @@ def test_merged_dataset_trains(tmp_path):
             seen.add(next(i for i, it in enumerate(items) if row[: len(it)].tolist() == it))
     assert len(seen) >= 10
     packed = build_loader(config_from_dict({"seq_length": 32, "train_iters": 3, "train_micro_batch_size_per_gpu": 2,
-                                            "eval_interval": 100, "eval_iters": 0, "data_path": merged},
+                                            "eval_interval": 100, "eval_iters": 0, "data_path": merged,
+                                            "index_cache_dir": str(tmp_path / "cache2")},
                                            world_size=1), "train")
     assert next(packed).tokens.shape == (2, 32)
 
@@ -169,3 +171,9 @@ def test_shard_with_bytes_outside_its_index_is_refused(tmp_path):
 def test_count_notes_datasets_without_a_document_index(capsys):
     assert main(["data", "count", str(FIX / "merged")]) == 0
     assert "note: 1 dataset(s) have no document index" in capsys.readouterr().out
+
+
+def test_fixture_directories_hold_only_what_upstream_wrote():
+    """Index caches of a test run must go to tmp dirs, never beside the committed fixtures."""
+    names = {p.suffix for p in (Path(__file__).parent / "fixtures").rglob("*") if p.is_file()}
+    assert names <= {".bin", ".idx", ".jsonl", ".md"}

@@ -50,7 +50,7 @@ def prompt_end(tok, ids: list[int]) -> int:
     return 0
 
 
-def test_loader_labels_are_minus_100_exactly_on_prompt_tokens():
+def test_loader_labels_are_minus_100_exactly_on_prompt_tokens(tmp_path):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(TOKENIZER))
@@ -59,6 +59,7 @@ def test_loader_labels_are_minus_100_exactly_on_prompt_tokens():
     cfg = config_from_dict({
         "seq_length": max(map(len, docs)) + 1, "train_iters": 7, "train_micro_batch_size_per_gpu": 4,
         "eval_interval": 100, "eval_iters": 0, "seed": 1, "pack_impl": "unpacked",
+        "index_cache_dir": str(tmp_path / "cache"),
         "train_data_paths": [str(FIXTURES / "masked_eod_text_document")],
         "train_label_data_paths": [str(FIXTURES / "masked_eod_label_document")],
         "valid_data_paths": [str(FIXTURES / "masked_eod_text_document")],

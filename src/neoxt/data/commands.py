@@ -257,7 +257,7 @@ def register(sub) -> None:
     h.add_argument("--no-append-eod", action="store_true", help="text data: do not append EOD")
     h.set_defaults(handler=_prepare_hf)
 
-    d = sub.add_parser("data", help="look at prepared datasets")
+    d = sub.add_parser("data", help="look at, count and merge prepared datasets")
     data_sub = d.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     i = data_sub.add_parser("inspect", help="documents, tokens, dtype and size of a .bin/.idx dataset",
                             description="Summarise an indexed dataset; with --doc N show that document "
@@ -286,3 +286,7 @@ def register(sub) -> None:
     s.add_argument("--json", action="store_true", help="one JSON object per sample")
     s.add_argument("--decode", action="store_true", help="also decode the tokens with the configured tokenizer")
     s.set_defaults(handler=_samples)
+
+    from neoxt.data import toolbox_commands
+
+    toolbox_commands.register(sub, data_sub)

@@ -1,7 +1,7 @@
 """Input formats for tokenization, read as a stream of small batches.
 
 Supported inputs: JSONL (``.jsonl``/``.json``/``.ndjson``, optionally ``.gz``/``.zst``/``.xz``),
-plain text (``.txt``: the whole file is one document under the key ``text``, as lm_dataformat
+plain text (``.txt`` or no suffix at all: the whole file is one document under the key ``text``, as lm_dataformat
 reads it), Parquet, a dataset directory saved with ``datasets.save_to_disk``, and a Hugging Face
 Hub dataset name (streamed).
 
@@ -91,6 +91,8 @@ def input_kind(path: str) -> str:
             raise DataError(f"{path}: input file not found")
     if kind is not None:
         return kind
+    if os.path.isfile(path) and "." not in os.path.basename(base):
+        return "text"  # a file without any suffix (enwik8, as unzipped) is one plain-text document
     if os.path.exists(path):
         raise DataError(f"{path}: unknown input format (use .jsonl[.gz|.zst|.xz], .txt, .parquet or a "
                         "dataset directory saved with datasets.save_to_disk)")

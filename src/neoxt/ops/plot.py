@@ -72,8 +72,9 @@ def load_series(run: Path, name: str | None = None) -> Series:
         tokens.append(total)
     evals_path = (metrics.parent / EVAL)
     evals = _records(evals_path) if evals_path.is_file() else []
+    # valid_ppl is exp(valid_loss): drawn too, it would flatten every other score on the axis.
     keys = sorted({k for e in evals for k, v in e.items()
-                   if k not in ("iteration", "time", "tokens") and isinstance(v, (int, float))})
+                   if k not in ("iteration", "time", "tokens", "valid_ppl") and isinstance(v, (int, float))})
     return Series(
         name=name or (run.parent.name if run.is_file() else run.name),
         iteration=[r["iteration"] for r in recs],

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from neoxt.errors import NeoxtError
 from neoxt.ops import scheduler
 
 HEARTBEAT = "heartbeat.json"
@@ -42,6 +43,10 @@ DEFAULT_STALE_AFTER_S = 600.0
 ALERT_VERDICTS = frozenset({"STALE", "CRASHED"})
 _SKIP_DIRS = re.compile(r"^(global_step\d+(\.tmp.*)?|logs|slurm|wandb|tensorboard|__pycache__|\..*)$")
 _ERROR_LINE = re.compile(r"(error|exception|killed|oom|out of memory|segmentation fault|cancelled)", re.I)
+
+
+class StatusError(NeoxtError):
+    """A path given to ``neoxt status`` does not exist."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +316,9 @@ def run_status(
 
 def collect(paths: Sequence[str | Path], stale_after: float = DEFAULT_STALE_AFTER_S) -> list[RunStatus]:
     """The status of every run under ``paths``; SLURM is asked once for all their jobs."""
+    for p in paths:
+        if not Path(p).exists():
+            raise StatusError(f"{p}: no such file or directory")
     runs = find_runs(paths)
     job_ids: list[str] = []
     for run in runs:

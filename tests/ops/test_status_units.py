@@ -141,3 +141,18 @@ def test_no_runs_and_bad_path(tmp_path, capsys):
     assert main(["status", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and err.strip().count("\n") == 0
+
+
+def test_watch_redraws_until_interrupted(tmp_path, monkeypatch, capsys):
+    write_run(tmp_path / "r", host="gpu-node-3", age=5000)
+    sleeps = []
+
+    def fake_sleep(s):
+        sleeps.append(s)
+        if len(sleeps) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(time, "sleep", fake_sleep)
+    assert main(["status", str(tmp_path), "--watch", "5"]) == 1  # the last exit code, not 130
+    out = capsys.readouterr().out
+    assert out.count("STALE") == 2 and sleeps == [5.0, 5.0]

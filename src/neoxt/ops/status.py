@@ -255,11 +255,11 @@ def judge(hb: dict[str, Any] | None, job: _Job, now: float, stale_after: float, 
     age = now - float(hb.get("time", 0))
     pid, host = hb.get("pid"), hb.get("host")
     alive = process_alive(pid, float(hb.get("time", now))) if isinstance(pid, int) and host == hostname else None
-    if alive is False:
-        return "CRASHED", f"process {pid} on {host} is gone without a clean exit"
     # A process seen alive here outranks a recorded job that ended (the run was restarted by hand).
     if job.state in scheduler.TERMINAL_STATES and not alive:
         return "CRASHED", f"SLURM job {job.job_id} {job.state} while the heartbeat says running"
+    if alive is False:
+        return "CRASHED", f"process {pid} on {host} is gone without a clean exit"
     if age > stale_after:
         return "STALE", f"no heartbeat for {_fmt_age(age)} (--stale-after {_fmt_age(stale_after)})"
     return "RUNNING", None

@@ -186,3 +186,42 @@ def test_single_node_dry_run_and_world_check(tmp_path, capsys):
     assert rc == 2 and "pipe_parallel_size" in err and "3" in err
     rc, out, _ = _launch([str(cfg), "--nproc-per-node", "2", "--dry-run", "--set", "train_iters=7"], capsys)
     assert rc == 0 and out.strip().endswith(f"train {cfg} --set=train_iters=7")
+
+
+def test_modules_and_setup_lines_run_before_training(tmp_path, capsys):
+    """Issue 13: `--module NAME` (repeatable) and `--setup 'LINE'` go into the script, in order, after the
+    env block and before srun; a module that fails to load stops the job."""
+    rc, out, _ = _launch(
+        [str(_cfg(tmp_path)), "--slurm", "--dry-run", "--gpus-per-node", "4", "--env", "FI_PROVIDER=cxi",
+         "--module", "cuda/12.6", "--module", "aws-ofi-nccl/1.9", "--setup", "source /opt/venv/bin/activate",
+         "--setup", "ulimit -n 65536"],
+        capsys,
+    )
+    assert rc == 0
+    lines = out.splitlines()
+    order = [
+        'export FI_PROVIDER="cxi"',
+        "module load cuda/12.6 || { echo 'neoxt: module load cuda/12.6 failed' >&2; exit 1; }",
+        "module load aws-ofi-nccl/1.9 || { echo 'neoxt: module load aws-ofi-nccl/1.9 failed' >&2; exit 1; }",
+        "source /opt/venv/bin/activate",
+        "ulimit -n 65536",
+    ]
+    idx = [lines.index(x) for x in order]
+    assert idx == sorted(idx)
+    assert idx[-1] < next(i for i, x in enumerate(lines) if x.startswith("srun "))
+    # The module block runs: a failing `module` ends the script with exit 1 before anything else.
+    block = "\n".join(lines[idx[0] : idx[-1] + 1])
+    ok = subprocess.run(["bash", "-c", 'module() { echo "module $*"; }\nulimit() { :; }\nsource() { echo "src $1"; }\n'
+                         + block + "\necho reached"], capture_output=True, text=True)
+    assert ok.stdout.splitlines() == ["module load cuda/12.6", "module load aws-ofi-nccl/1.9",
+                                      "src /opt/venv/bin/activate", "reached"]
+    bad = subprocess.run(["bash", "-c", "module() { return 1; }\n" + block + "\necho reached"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "reached" not in bad.stdout and "module load cuda/12.6 failed" in bad.stderr
+    # Without the options the script has no module section.
+    rc, out, _ = _launch([str(_cfg(tmp_path)), "--slurm", "--dry-run"], capsys)
+    assert "module load" not in out
+
+
+def test_bad_module_name_is_one_line(tmp_path, capsys):
+    rc, _, err = _launch([str(_cfg(tmp_path)), "--slurm", "--dry-run", "--module", "cuda/12.6 nccl"], capsys)
+    assert rc == 2 and "--module 'cuda/12.6 nccl'" in err and err.strip().count("\n") == 0

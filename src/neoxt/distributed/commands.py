@@ -37,14 +37,36 @@ def register(sub) -> None:
     s.add_argument("--account", default=None, help="#SBATCH --account")
     s.add_argument("--cpus-per-task", type=int, default=None,
                    help="CPU cores per node for torchrun and its workers (also passed to srun)")
-    s.add_argument("--env", action="append", default=[], metavar="KEY=VAL", help="add to the script's env block (repeatable)")
-    s.add_argument("--env-file", action="append", default=[], metavar="FILE", help="KEY=VAL lines added to the env block")
+    add_environment_options(s)
     s.add_argument("--chain", type=int, default=1, metavar="N", help="queue N jobs, each afterany the previous")
     s.add_argument("--signal", default=None, metavar="SIG@SECONDS", help="walltime warning signal (default USR1@120)")
     s.add_argument("--log-dir", default=None, help="where <run_name>-<jobid>.out go (default: log_dir, else <save>/logs)")
     s.add_argument("--run-name", default=None, help="job name and log prefix (default: basename of save)")
     s.add_argument("--sbatch-option", action="append", default=[], metavar="OPT", help="extra #SBATCH line, e.g. --qos=high")
     p.set_defaults(handler=run_launch)
+
+
+def add_environment_options(group) -> None:
+    """--env, --env-file, --module, --setup: the job environment, shared by `neoxt launch` and `neoxt run`."""
+    group.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
+                       help="add to the script's env block (repeatable)")
+    group.add_argument("--env-file", action="append", default=[], metavar="FILE",
+                       help="KEY=VAL lines added to the env block")
+    group.add_argument("--module", dest="modules", action="append", default=[], metavar="NAME",
+                       help="`module load NAME` before the job starts (repeatable, in order)")
+    group.add_argument("--setup", action="append", default=[], metavar="'LINE'",
+                       help="a shell line run before the job starts, after the modules (repeatable, in order)")
+
+
+def job_environment(args: argparse.Namespace) -> dict:
+    """The parsed --env/--env-file/--module/--setup as SlurmJob/CommandJob fields."""
+    from neoxt.distributed import launch as L
+
+    env = L.parse_env_items(args.env)
+    for f in args.env_file:
+        env += L.read_env_file(f)
+    L.check_modules(args.modules)
+    return {"env": tuple(env), "modules": tuple(args.modules), "setup": tuple(args.setup)}
 
 
 def _load(configs: list[str], overrides: list[str], world_size: int):
@@ -97,9 +119,7 @@ def run_launch(args: argparse.Namespace) -> int:
     if sig_secs >= secs:
         raise L.LaunchError(f"--signal {args.signal}: {sig_secs} s warning is not shorter than --time {args.time}")
     L.check_world(world, tp, pp, f"--nodes {args.nodes} x {nproc} processes")
-    env = L.parse_env_items(args.env)
-    for f in args.env_file:
-        env += L.read_env_file(f)
+    environment = job_environment(args)
     save_dir = Path(save).resolve()
     run_name = args.run_name or save_dir.name
     log_dir = Path(args.log_dir or cfg.logging.log_dir or save_dir / "logs").resolve()
@@ -116,9 +136,9 @@ def run_launch(args: argparse.Namespace) -> int:
         signal=args.signal or L.DEFAULT_SIGNAL,
         partition=args.partition,
         account=args.account,
-        env=tuple(env),
         cpus_per_task=args.cpus_per_task,
         extra_sbatch=tuple(args.sbatch_option),
+        **environment,
     )
     script = L.render_sbatch(job)
     if args.dry_run:

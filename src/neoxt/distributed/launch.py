@@ -70,6 +70,8 @@ class SlurmJob:
     cpus_per_task: int | None = None
     master_port_base: int = MASTER_PORT_BASE
     extra_sbatch: tuple[str, ...] = field(default=())
+    modules: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
 
     @property
     def log_pattern(self) -> str:
@@ -138,6 +140,40 @@ def _bash_double_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`") + '"'
 
 
+def environment_lines(
+    env: Sequence[tuple[str, str]], modules: Sequence[str], setup: Sequence[str], command: str
+) -> list[str]:
+    """The script's environment block, then ``module load`` lines, then the user's setup lines.
+
+    Shared by ``neoxt launch --slurm`` and ``neoxt run --slurm`` so a job runs in the same environment
+    whichever started it. Modules load after the exports (a module may read them, e.g. a prefix) and
+    setup lines run last, verbatim (``source venv/bin/activate``, ``ulimit -n 65536``...).
+    """
+    lines = [
+        f"# ---- environment: extend with `{command} --env KEY=VAL` or `--env-file FILE` ----",
+        "# e.g. on HPE Slingshot (libfabric CXI): FI_PROVIDER=cxi NCCL_NET='AWS Libfabric'",
+        "#      NCCL_SOCKET_IFNAME=hsn FI_CXI_DISABLE_HOST_REGISTER=1 NCCL_CROSS_NIC=1",
+        "export PYTHONUNBUFFERED=1",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}",
+    ]
+    lines += [f"export {k}={_bash_double_quote(v)}" for k, v in env]
+    if modules or setup:
+        lines += ["", f"# ---- modules and setup lines (`{command} --module NAME`, `--setup 'LINE'`) ----"]
+        # A module that fails to load stops the job here, not later with a confusing NCCL error.
+        lines += [f"module load {shlex.quote(m)} || {{ echo 'neoxt: module load {m} failed' >&2; exit 1; }}"
+                  for m in modules]
+        lines += list(setup)
+    return lines
+
+
+def check_modules(modules: Sequence[str]) -> None:
+    """Module names are single words (``module load`` takes several; one per --module keeps it clear)."""
+    for m in modules:
+        if not m.strip() or any(c.isspace() for c in m) or "'" in m:
+            raise LaunchError(f"--module {m!r}: expected one module name such as 'cuda/12.6' (repeat --module)")
+
+
 def torchrun_args(
     nproc_per_node: int | str,
     configs: Sequence[str],
@@ -164,46 +200,43 @@ def torchrun_args(
     return args
 
 
+def sbatch_header(
+    written_by: str, name: str, nodes: int, gpus_per_node: int, cpus_per_task: int | None, walltime: str,
+    output: str, workdir: str, partition: str | None, account: str | None, extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``#SBATCH`` lines both ``neoxt launch`` and ``neoxt run`` write (one task per node)."""
+    lines = [
+        "#!/bin/bash",
+        f"# Written by {written_by}. Submit with: sbatch <this file>",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+    ]
+    if gpus_per_node > 0:
+        lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+    if cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={cpus_per_task}")
+    lines += [f"#SBATCH --time={walltime}", f"#SBATCH --output={output}", f"#SBATCH --chdir={workdir}"]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    return lines + [f"#SBATCH {x}" for x in extra]
+
+
 def render_sbatch(job: SlurmJob) -> str:
     """The sbatch script for ``job`` (pure: same job, same text)."""
     sig_name, sig_secs = parse_signal(job.signal)
     # Leave the workers all but a few seconds of the warning period to finish their checkpoint.
     shutdown_timeout = max(sig_secs - 10, 10)
-    lines = [
-        "#!/bin/bash",
-        f"# Written by `neoxt launch --slurm` for run {job.run_name!r}. Submit with: sbatch <this file>",
-        f"#SBATCH --job-name={job.run_name}",
-        f"#SBATCH --nodes={job.nodes}",
-        "#SBATCH --ntasks-per-node=1",
-    ]
-    if job.gpus_per_node > 0:
-        lines.append(f"#SBATCH --gpus-per-node={job.gpus_per_node}")
-    if job.cpus_per_task:
-        lines.append(f"#SBATCH --cpus-per-task={job.cpus_per_task}")
-    lines += [
-        f"#SBATCH --time={job.time}",
-        f"#SBATCH --output={job.log_pattern}",
-        f"#SBATCH --chdir={job.workdir}",
+    lines = sbatch_header(
+        f"`neoxt launch --slurm` for run {job.run_name!r}", job.run_name, job.nodes, job.gpus_per_node,
+        job.cpus_per_task, job.time, job.log_pattern, job.workdir, job.partition, job.account,
         # B: signals the batch shell only; the trap below forwards it down the srun/torchrun chain.
-        f"#SBATCH --signal=B:{sig_name}@{sig_secs}",
-    ]
-    if job.partition:
-        lines.append(f"#SBATCH --partition={job.partition}")
-    if job.account:
-        lines.append(f"#SBATCH --account={job.account}")
-    lines += [f"#SBATCH {x}" for x in job.extra_sbatch]
-    lines += [
-        "",
-        "set -uo pipefail",
-        "",
-        "# ---- environment: extend with `neoxt launch --env KEY=VAL` or `--env-file FILE` ----",
-        "# e.g. on HPE Slingshot (libfabric CXI): FI_PROVIDER=cxi NCCL_NET='AWS Libfabric'",
-        "#      NCCL_SOCKET_IFNAME=hsn FI_CXI_DISABLE_HOST_REGISTER=1 NCCL_CROSS_NIC=1",
-        "export PYTHONUNBUFFERED=1",
-        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
-        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-3}",
-    ]
-    lines += [f"export {k}={_bash_double_quote(v)}" for k, v in job.env]
+        (f"--signal=B:{sig_name}@{sig_secs}", *job.extra_sbatch),
+    )
+    lines += ["", "set -uo pipefail", ""]
+    lines += environment_lines(job.env, job.modules, job.setup, "neoxt launch")
     lines += [
         "",
         "# ---- rendezvous on the first node of the allocation ----",
@@ -324,3 +357,57 @@ def check_world(world_size: int, tp: int, pp: int, where: str) -> None:
             f"{where}: {world_size} processes cannot be split into model_parallel_size={tp} x "
             f"pipe_parallel_size={pp} groups"
         )
+
+
+@dataclass(frozen=True)
+class CommandJob:
+    """``neoxt run --slurm -- COMMAND``: any command on a compute node, in ``neoxt launch``'s environment."""
+
+    command: tuple[str, ...]
+    name: str
+    log_dir: str
+    workdir: str
+    time: str = "02:00:00"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    account: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    modules: tuple[str, ...] = ()
+    setup: tuple[str, ...] = ()
+    extra_sbatch: tuple[str, ...] = ()
+
+    @property
+    def log_pattern(self) -> str:
+        return str(Path(self.log_dir) / f"{self.name}-%j.out")
+
+    def log_path(self, job_id: str) -> str:
+        return str(Path(self.log_dir) / f"{self.name}-{job_id}.out")
+
+
+def render_command_sbatch(job: CommandJob) -> str:
+    """The sbatch script for ``job`` (pure). One node: the command runs in the batch shell itself;
+    several: under ``srun``, once per node."""
+    if not job.command:
+        raise LaunchError("neoxt run: no command given (write it after --, e.g. neoxt run --slurm -- nvidia-smi)")
+    parse_time(job.time)
+    cmd = shlex.join(job.command)
+    lines = sbatch_header(
+        "`neoxt run --slurm`", job.name, job.nodes, job.gpus_per_node, job.cpus_per_task, job.time,
+        job.log_pattern, job.workdir, job.partition, job.account, job.extra_sbatch,
+    )
+    lines += ["", "set -uo pipefail", ""]
+    lines += environment_lines(job.env, job.modules, job.setup, "neoxt run")
+    run = cmd if job.nodes == 1 else "srun --ntasks-per-node=1 " + cmd
+    lines += [
+        "",
+        'echo "neoxt: job $SLURM_JOB_ID on $(hostname) [$SLURM_JOB_NODELIST], started $(date -u +%FT%TZ)"',
+        f"echo {shlex.quote('neoxt: running: ' + cmd)}",
+        run,
+        "rc=$?",
+        'echo "neoxt: job $SLURM_JOB_ID finished with exit code $rc at $(date -u +%FT%TZ)"',
+        'exit "$rc"',
+        "",
+    ]
+    return "\n".join(lines)

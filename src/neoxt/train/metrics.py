@@ -7,7 +7,8 @@ go to ``eval.jsonl`` beside them so every ``metrics.jsonl`` line has the same sh
 Heartbeat ``status``: "running" (also what a crash or ``kill -9`` leaves behind; ``neoxt status``
 tells them apart by the age of ``time`` and by ``pid``), "finished", "failed" (an error, or
 ``on_nan: stop``), "interrupted" (SIGTERM/SIGUSR1 or ``exit_interval``: a checkpoint was saved and
-rerunning the same command continues).
+rerunning the same command continues). A "failed" heartbeat also carries ``reason``, the error's
+one-line message.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -227,18 +229,21 @@ class MetricsLogger:
     def heartbeat(self, iteration: int, status: str) -> None:
         if not self.enabled or self.run_dir is None:
             return
-        _write_json(
-            self.run_dir / HEARTBEAT_FILE,
-            {
-                "iteration": iteration,
-                "train_iters": self.train_iters,
-                "time": time.time(),
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "status": status,
-                "nan_count": self.nan_count,
-            },
-        )
+        beat = {
+            "iteration": iteration,
+            "train_iters": self.train_iters,
+            "time": time.time(),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "status": status,
+            "nan_count": self.nan_count,
+        }
+        # A failed run is closed from the trainer's `finally` while its exception propagates: record
+        # why (e.g. "TrainingStopped: non-finite loss at iteration 4 (on_nan: stop)") for `neoxt status`.
+        exc = sys.exc_info()[1]
+        if status == "failed" and exc is not None:
+            beat["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        _write_json(self.run_dir / HEARTBEAT_FILE, beat)
 
     def close(self, iteration: int, status: str) -> None:
         """Flush pending steps (so the last iteration is always logged) and mark the heartbeat."""

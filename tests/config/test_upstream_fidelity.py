@@ -69,9 +69,11 @@ def test_explicit_intermediate_size_is_per_branch_and_warns_with_upstreams_width
         cfg = load_config([UPSTREAM / name])
     assert cfg.model.intermediate_size == inter
     lines = [r.getMessage() for r in caplog.records if "intermediate_size" in r.getMessage()]
-    assert len(lines) == 1 and f"set intermediate_size: {linear2}" in lines[0] and str(UPSTREAM / name) in lines[0]
-    if linear1 != 2 * linear2:
-        assert f"linear1 {linear1} but linear2 {linear2}" in lines[0]
+    assert len(lines) == 1 and str(UPSTREAM / name) in lines[0]
+    if linear1 == 2 * linear2:
+        assert f"would build a width of {linear2}" in lines[0] and f"set intermediate_size: {linear2}" in lines[0]
+    else:
+        assert f"linear1 {linear1} but linear2 {linear2} from it, which it cannot run" in lines[0]
 
 
 def test_auto_width_upstream_cannot_build_is_refused():

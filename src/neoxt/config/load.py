@@ -331,15 +331,18 @@ def _mlp_width(r: _Resolver, hidden: int) -> int:
 def _warn_upstream_width(r: _Resolver, explicit: int, upstream: MlpWidths) -> None:
     """One line when upstream GPT-NeoX would build another width from the same file."""
     where = r.src("intermediate_size")
-    built = (
-        f"would build {upstream.linear2}" if upstream.buildable
-        else f"would size linear1 {upstream.linear1} but linear2 {upstream.linear2} and fail"
-    )
-    log.warning(
-        "config: %s: intermediate_size = %d is each MLP branch's width here (the fork's and HF's convention); "
-        "upstream GPT-NeoX %s from it. If the file was written for upstream, set intermediate_size: %d",
-        where, explicit, built, upstream.linear2,
-    )
+    mine = f"config: {where}: intermediate_size = {explicit} is each MLP branch's width here (the fork's and HF's convention)"
+    if upstream.buildable:
+        log.warning(
+            "%s; upstream GPT-NeoX would build a width of %d from it (x2/3 for gated activations, rounded to "
+            "mlp_multiple_of). If the file was written for upstream, set intermediate_size: %d",
+            mine, upstream.linear2, upstream.linear2,
+        )
+    else:
+        log.warning(
+            "%s; upstream GPT-NeoX would size linear1 %d but linear2 %d from it, which it cannot run",
+            mine, upstream.linear1, upstream.linear2,
+        )
 
 
 def _attention_types(r: _Resolver, layers: int) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from neoxt.cli import main
 from neoxt.config import config_from_dict, load_config, model_only_yaml
 from neoxt.errors import ConfigError
 from neoxt.train.schedule import build_schedule
@@ -181,8 +182,9 @@ def fork_neox_config() -> dict:
     }
 
 
-def test_fork_neox_config_json_is_a_config_file(tmp_path):
+def test_fork_neox_config_json_is_a_config_file(tmp_path, capsys):
     path = write(tmp_path, "neox_config.json", json.dumps(fork_neox_config(), indent=2))
+    assert main(["config", str(path)]) == 0 and "padded_vocab_size: 320" in capsys.readouterr().out
     cfg = load_config([path])
     m = cfg.model
     assert m.padded_vocab_size == 320 and m.intermediate_size == 172 and m.attention_types == ("global",) * 4

@@ -4,7 +4,8 @@ The learning rate of a step depends only on the number of completed steps, so th
 state of its own: resuming at iteration N gives exactly the rate the uninterrupted run used. The
 checkpoint still records the schedule parameters so a resumed run can tell when they changed.
 
-Upstream semantics kept: warmup is ``lr * max(1, it) / warmup_iters`` for ``it <= warmup_iters``;
+Upstream semantics kept: warmup is ``lr * max(1, it) / warmup_iters`` for ``it <= warmup_iters``
+(``warmup_iters`` may be fractional: upstream's ``warmup`` fraction times the decay iterations);
 "linear" decays towards 0 and is floored at ``min_lr``; "cosine" goes from ``lr`` to ``min_lr``;
 "exponential" halves every ``decay_iters - warmup`` steps; the result is never below ``min_lr``.
 One deliberate difference: past ``lr_decay_iters`` the rate stays at its end value (upstream's

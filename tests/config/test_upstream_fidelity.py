@@ -205,3 +205,12 @@ def test_model_only_snippet_merges_with_an_sft_config(tmp_path):
     # A full config.yml written the same way would clash on the training keys.
     text = snippet.read_text()
     assert "optimizer" not in text and "train_iters" not in text and "seq_length" not in text
+
+
+def test_warmup_below_one_iteration_never_exceeds_lr():
+    """Upstream would run the first of 8 steps at lr / 0.08 = 12.5·lr; neoxt caps warmup at lr."""
+    cfg = config_from_dict({"train_iters": 8, "lr": 1.0, "lr_decay_style": "linear"})
+    assert cfg.schedule.warmup_iters == pytest.approx(0.08)
+    sched = build_schedule(cfg.schedule, cfg.optimizer.lr, cfg.training.train_iters)
+    assert sched.lr_at(0) == pytest.approx(1.0)
+    assert sched.lr_at(1) == pytest.approx((7.92 - 0.92) / 7.92)  # upstream's decay from the fractional warmup

@@ -25,3 +25,29 @@ def test_doctor_reports_a_failing_check(monkeypatch, capsys):
     assert doctor.run(None) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "simulated" in out and "NOT usable" in out
+
+
+def test_train_check_passes_when_the_loss_falls(capsys):
+    import argparse
+
+    from neoxt import doctor
+
+    assert doctor.run(argparse.Namespace(train_check=True)) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("training"))
+    assert " ok " in row and "loss fell from" in row
+
+
+def test_train_check_fails_when_the_loss_does_not_fall(monkeypatch, capsys):
+    import argparse
+
+    from neoxt import doctor
+    from neoxt.train import demo
+
+    # A learning rate too small to move the weights: the loss stays flat for 20 real steps.
+    for key, value in (("lr", 1e-9), ("min_lr", 0.0), ("train_iters", 20)):
+        monkeypatch.setitem(demo.TRAIN_CHECK, key, value)
+    assert doctor.run(argparse.Namespace(train_check=True)) == 1
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("training"))
+    assert "FAIL" in row and "20 steps" in row and "not by 10%" in row and "NOT usable" in out

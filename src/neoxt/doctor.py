@@ -3,6 +3,8 @@
 Each check is a small function returning (name, ok, detail). A check that is merely *absent*
 (no GPU, no NCCL on a CPU build) is fine; the machine is unusable only when a check that every
 run needs fails (torch import, a one-process torch.distributed init, a forward/backward pass).
+``--train-check`` adds a real training run: the shipped corpus tokenized, 100 steps of a tiny model,
+and the loss must fall by 10% (``neoxt.train.demo.train_check``).
 """
 
 from __future__ import annotations
@@ -135,9 +137,17 @@ def _packages() -> Check:
 CHECKS: tuple[Callable[[], Check], ...] = (_torch, _gpus, _bf16, _sdpa, _backends, _dist_init, _train_step, _packages)
 
 
-def run_checks() -> list[Check]:
+def _training() -> Check:
+    from neoxt.train.demo import MIN_DROP, TRAIN_CHECK, train_check
+
+    drop = train_check()
+    what = f"{TRAIN_CHECK['train_iters']} steps on the shipped corpus: {drop.describe()}"
+    return Check("training", drop.fell_enough, what if drop.fell_enough else f"{what}, not by {MIN_DROP:.0%}")
+
+
+def run_checks(train: bool = False) -> list[Check]:
     results = []
-    for fn in CHECKS:
+    for fn in (*CHECKS, _training) if train else CHECKS:
         name = fn.__name__.strip("_")
         try:
             results.append(fn())
@@ -157,11 +167,13 @@ def format_table(results: list[Check]) -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="check that this machine can run neoxt (torch, GPUs, bf16, SDPA, distributed)")
+    p.add_argument("--train-check", action="store_true",
+                   help="also train a tiny model on the shipped corpus and require its loss to fall by 10%%")
     p.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    results = run_checks()
+def run(args: argparse.Namespace | None) -> int:
+    results = run_checks(train=bool(getattr(args, "train_check", False)))
     print(format_table(results))
     usable = all(r.ok for r in results if r.required)
     print("\nneoxt is usable on this machine." if usable else "\nneoxt is NOT usable on this machine (see FAIL rows).")

@@ -129,7 +129,8 @@ def test_yaml_roundtrip_gives_equal_config(tmp_path):
 
 def test_gated_mlp_width_follows_upstream_rule_without_intermediate_size():
     cfg = config_from_dict({"hidden_size": 64, "num_attention_heads": 4, "activation": "swiglu", "mlp_multiple_of": 32})
-    assert cfg.model.intermediate_size == 192  # int(4·64·2/3) = 170, rounded up to a multiple of 32
+    # int(4·64·2/3) = 170 → linear1 rounded up to 192 (a multiple of 2·32); each branch 85 → 96.
+    assert cfg.model.intermediate_size == 96
 
 
 def test_upstream_prescaled_intermediate_size_warns(caplog):

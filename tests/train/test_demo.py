@@ -36,6 +36,32 @@ def test_demo_short_run_end_to_end(tmp_path, capsys):
     assert "resuming from" in capsys.readouterr().out
 
 
+def test_demo_fails_when_the_loss_does_not_fall(tmp_path, capsys, monkeypatch):
+    """The real demo path with a learning rate too small to learn: exit 1 and say why, no sample."""
+    from neoxt.config import with_overrides
+    from neoxt.train import loop
+
+    real_train = loop.train
+
+    def flat_train(cfg, *args, **kwargs):
+        return real_train(with_overrides(cfg, optimizer={"lr": 1e-9}, schedule={"min_lr": 0.0}), *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train", flat_train)
+    assert main(["demo", "--workdir", str(tmp_path), "--iters", "20"]) == 1
+    out = capsys.readouterr().out
+    assert "demo: FAILED: the loss" in out and "10% drop" in out and "demo: sample" not in out
+
+
+def test_loss_drop_judges_the_first_and_last_steps():
+    from neoxt.train.demo import loss_drop
+
+    assert loss_drop([5.0] * 19) is None
+    falling = loss_drop([5.0] * 10 + [4.4] * 10)
+    assert falling.steps == 5 and falling.fell_enough
+    assert not loss_drop([5.0] * 10 + [4.6] * 10).fell_enough  # 8% is not enough
+    assert not loss_drop([5.0] * 10 + [float("nan")] * 3 + [5.0] * 10).fell_enough
+
+
 @pytest.mark.slow
 def test_full_demo_loss_falls(tmp_path, capsys):
     assert main(["demo", "--workdir", str(tmp_path)]) == 0

@@ -4,7 +4,7 @@
 names; ``schema`` holds the dataclasses.
 """
 
-from neoxt.config.dump import config_to_dict, config_to_yaml
+from neoxt.config.dump import config_to_dict, config_to_yaml, model_only_dict, model_only_yaml
 from neoxt.config.load import config_from_dict, load_config, with_overrides
 from neoxt.config.schema import (
     CheckpointConfig,
@@ -38,5 +38,7 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "load_config",
+    "model_only_dict",
+    "model_only_yaml",
     "with_overrides",
 ]

@@ -67,6 +67,40 @@ def config_to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
 
 
+# Model fields a training config commonly sets itself (initialisation, dropout): left out of the
+# model-only snippet so it merges with such a config.
+_NOT_ARCHITECTURE = frozenset(
+    {"init_method", "output_layer_init_method", "init_method_std", "attention_dropout", "hidden_dropout"}
+)
+
+
+def model_only_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The architecture alone, as GPT-NeoX keys: what a converter writes as ``neox_config.yml``.
+
+    Like the fork's ``neox_config.json``, it holds only what fixes the weights' shapes and the
+    model's function, so ``neoxt train neox_config.yml sft.yml`` merges without a key set twice
+    (a full ``config.yml`` would clash on ``optimizer``, ``train_iters``, ...). ``padded_vocab_size``
+    replaces ``make_vocab_size_divisible_by`` once the vocabulary is known.
+    """
+    m = cfg.model
+    out: dict[str, Any] = {}
+    for f in fields(m):
+        if f.name in _NOT_ARCHITECTURE or f.name == "attention_types":
+            continue
+        if f.name == "padded_vocab_size" and m.padded_vocab_size is None:
+            continue
+        if f.name == "make_vocab_size_divisible_by" and m.padded_vocab_size is not None:
+            continue
+        out[f.name] = _plain(getattr(m, f.name))
+    out["attention_config"] = _attention_config(m.attention_types)
+    return out
+
+
+def model_only_yaml(cfg: RunConfig) -> str:
+    header = "# Model architecture only (neoxt): merge with a training config, e.g. neoxt train neox_config.yml sft.yml\n"
+    return header + yaml.safe_dump(model_only_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+
+
 def asdict_config(cfg: RunConfig) -> dict[str, Any]:
     """Nested plain dict (section -> fields), e.g. for metrics/W&B config logging."""
     return asdict(cfg)

@@ -1,8 +1,7 @@
 """Merge GPT-NeoX-style YAML files into one resolved ``RunConfig``.
 
-The order of work: read each file (YAML as GPT-NeoX writes it: JSON-like, ``#`` comments, trailing
-commas, ``6e-4`` meaning a float), fold ``-`` into ``_`` in key names, refuse a key set twice, apply
-``--set`` overrides, then resolve: every plain key lands in its dataclass field with a type check,
+The order of work: read and merge the files and ``--set`` overrides (``files.py``: GPT-NeoX's
+spelling and merge rules), then resolve: every plain key lands in its dataclass field with a type check,
 and the derived values (batch triple, warmup, MLP width, per-layer attention) are computed once.
 Every error names the file (and line) and the key.
 """
@@ -13,114 +12,20 @@ import difflib
 import logging
 import math
 import os
-import re
-import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Any
 
 from neoxt.config import neox_keys
+from neoxt.config.coerce import coerce
+from neoxt.config.files import Entry, merge_entries, normalize_key, read_config_file
+from neoxt.config.mlp import MlpWidths, fork_widths, upstream_widths
 from neoxt.config.schema import SECTIONS, RunConfig
 from neoxt.errors import ConfigError
 
 log = logging.getLogger("neoxt.config")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One key as the user wrote it: its value and where it came from."""
-
-    value: Any
-    source: str  # "file.yml:12", "--set" or "<dict>"
-    spelling: str  # the key as written (dashes kept), for messages
-
-
-class _NeoxLoader(yaml.SafeLoader):
-    """SafeLoader that also reads ``6e-4`` / ``1E5`` as floats (YAML 1.2 style, as JSON does)."""
-
-
-_FLOAT_RE = re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
-_NeoxLoader.yaml_implicit_resolvers = {
-    k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:float"]
-    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_NeoxLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
-
-
-def _parse_scalar(text: str) -> Any:
-    """Parse one YAML scalar the way a config file would (used for --set values)."""
-    return yaml.load(text, Loader=_NeoxLoader) if text.strip() else ""
-
-
-def normalize_key(key: str) -> str:
-    return str(key).strip().replace("-", "_")
-
-
-def read_config_file(path: str | Path) -> dict[str, Entry]:
-    """Read one YAML file into {normalized key: Entry}, refusing duplicate keys inside it."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        node = yaml.compose(text, Loader=_NeoxLoader)
-        data = yaml.load(text, Loader=_NeoxLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML ({problem})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict) or node is None or not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-    lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
-    out: dict[str, Entry] = {}
-    seen_lines: dict[str, int] = {}
-    for key_node, _ in node.value:
-        key = normalize_key(key_node.value)
-        line = key_node.start_mark.line + 1
-        if key in seen_lines:
-            raise ConfigError(
-                f"{path}:{line}: key '{key_node.value}' is already set at line {seen_lines[key]} of the same file"
-            )
-        seen_lines[key] = line
-    for raw_key, value in data.items():
-        key = normalize_key(raw_key)
-        out[key] = Entry(value, f"{path}:{lines.get(str(raw_key), '?')}", str(raw_key))
-    return out
-
-
-def merge_entries(per_file: Iterable[dict[str, Entry]], overrides: Sequence[str] = ()) -> dict[str, Entry]:
-    """Merge files in order; a key set in two files is an error naming both (``-``/``_`` alike)."""
-    merged: dict[str, Entry] = {}
-    for entries in per_file:
-        for key, entry in entries.items():
-            if key in merged:
-                first = merged[key]
-                raise ConfigError(
-                    f"{entry.source.rsplit(':', 1)[0]}: key '{entry.spelling}' is already set in "
-                    f"{first.source.rsplit(':', 1)[0]} (as '{first.spelling}'); set it in one file only"
-                )
-            merged[key] = entry
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        raw_key, text = item.split("=", 1)
-        key = normalize_key(raw_key)
-        try:
-            value = _parse_scalar(text)
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {item!r}: cannot parse the value") from None
-        merged[key] = Entry(value, "--set", raw_key.strip())
-    return merged
 
 
 def load_config(
@@ -172,78 +77,6 @@ _DERIVED_FIELDS = frozenset(
 
 def _where(entry: Entry, key: str) -> str:
     return f"{entry.source}: {key}"
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " (or null)"
-    if origin is tuple:
-        return "a list"
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against a dataclass field type; return it in the field's form (lists → tuples)."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(err)
-        raise bad
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, str):
-            for choice in choices:
-                if isinstance(choice, str) and choice.lower() == value.lower():
-                    return choice
-        if value in choices:
-            return value
-        raise bad
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(coerce(v, args[0], where) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(coerce(v, a, where) for v, a in zip(value, args))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    return value
 
 
 class _Resolver:
@@ -470,34 +303,46 @@ def _resolve_model(r: _Resolver) -> None:
 
 
 def _mlp_width(r: _Resolver, hidden: int) -> int:
-    """MLP hidden width: explicit intermediate_size as given (HF convention: each branch's width for
-    gated activations), else GPT-NeoX's rule (4h or expansion_factor·h; ×2/3 for gated; rounded up
-    to mlp_multiple_of)."""
-    activation = r.values["model"].get("activation", "gelu")
-    gated = activation in ("swiglu", "geglu", "reglu")
+    """Each branch's MLP width (the whole hidden width when not gated), as the fork sizes it (``mlp.py``)."""
+    gated = r.values["model"].get("activation", "gelu") in ("swiglu", "geglu", "reglu")
     multiple = r.get("mlp_multiple_of", int, 1)
-    if r.has("intermediate_size"):
-        width = r.get("intermediate_size", int)
-        if gated and width >= 5 * hidden:
-            upstream = _round_up(int(width * 2 / 3), 2 * multiple) // 2
-            log.warning(
-                "config: %s: intermediate_size = %d is read as the width of each SwiGLU branch (HF convention), "
-                "giving %d; upstream GPT-NeoX would scale it to %d. If this config comes from upstream, set "
-                "intermediate_size: %d",
-                r.src("intermediate_size"), width, width, upstream, upstream,
-            )
-        return width
-    if r.has("expansion_factor"):
-        width = int(r.get("expansion_factor", float) * hidden)
+    if multiple < 1:
+        raise ConfigError(f"{_where(r.entries['mlp_multiple_of'], 'mlp_multiple_of')}: must be at least 1")
+    explicit = r.get("intermediate_size", int)
+    factor = r.get("expansion_factor", float)
+    if explicit is not None and factor is not None:
+        raise ConfigError(
+            f"intermediate_size ({r.src('intermediate_size')}) and expansion_factor ({r.src('expansion_factor')}) "
+            "are both set; GPT-NeoX takes one or the other"
+        )
+    widths = fork_widths(hidden, gated, explicit, factor, multiple)
+    upstream = upstream_widths(hidden, gated, explicit, factor, multiple)
+    if not widths.buildable:
+        raise ConfigError(
+            f"MLP width: GPT-NeoX sizes linear1 to {widths.linear1} but linear2 to {widths.linear2} for hidden_size "
+            f"{hidden} with mlp_multiple_of = {multiple} ({r.src('mlp_multiple_of')}), so it cannot run this model; "
+            "set intermediate_size (each branch's width) or another mlp_multiple_of"
+        )
+    if explicit is not None and upstream != widths:
+        _warn_upstream_width(r, explicit, upstream)
+    return widths.linear2
+
+
+def _warn_upstream_width(r: _Resolver, explicit: int, upstream: MlpWidths) -> None:
+    """One line when upstream GPT-NeoX would build another width from the same file."""
+    where = r.src("intermediate_size")
+    mine = f"config: {where}: intermediate_size = {explicit} is each MLP branch's width here (the fork's and HF's convention)"
+    if upstream.buildable:
+        log.warning(
+            "%s; upstream GPT-NeoX would build a width of %d from it (x2/3 for gated activations, rounded to "
+            "mlp_multiple_of). If the file was written for upstream, set intermediate_size: %d",
+            mine, upstream.linear2, upstream.linear2,
+        )
     else:
-        width = 4 * hidden
-    if gated:
-        width = int(width * 2 / 3)
-    return _round_up(width, multiple)
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple) if multiple > 1 else value
+        log.warning(
+            "%s; upstream GPT-NeoX would size linear1 %d but linear2 %d from it, which it cannot run",
+            mine, upstream.linear1, upstream.linear2,
+        )
 
 
 def _attention_types(r: _Resolver, layers: int) -> tuple[str, ...]:
@@ -511,6 +356,8 @@ def _attention_types(r: _Resolver, layers: int) -> tuple[str, ...]:
         spec = entry.value
         if not isinstance(spec, list):
             raise ConfigError(f"{_where(entry, 'attention_config')}: expected a list like [[[\"global\"], {layers}]]")
+        if _is_one_run(spec):
+            spec = [spec]  # the fork's neox_config.json writes one run unwrapped: [["flash"], 32]
         types_ = []
         if all(isinstance(item, str) for item in spec):
             types_ = [_attention_name(r, "attention_config", n) for n in spec]
@@ -532,6 +379,14 @@ def _attention_types(r: _Resolver, layers: int) -> tuple[str, ...]:
             f"cover {len(types_)} layers but num_layers = {layers} ({r.src('num_layers')})"
         )
     return tuple(types_)
+
+
+def _is_one_run(spec: list) -> bool:
+    """``[[names...], count]``: one run of a pattern, written without the outer list."""
+    return (
+        len(spec) == 2 and isinstance(spec[0], list) and all(isinstance(n, str) for n in spec[0])
+        and (spec[1] == "all" or (isinstance(spec[1], int) and not isinstance(spec[1], bool)))
+    )
 
 
 def _attention_name(r: _Resolver, key: str, name: Any) -> str:
@@ -661,19 +516,57 @@ def _resolve_schedule(r: _Resolver) -> None:
     s["lr_decay_iters"] = decay
     if r.has("warmup") and r.has("warmup_iters"):
         raise ConfigError(f"warmup ({r.src('warmup')}) and warmup_iters ({r.src('warmup_iters')}) are both set; keep one")
-    if r.has("warmup_iters"):
-        s["warmup_iters"] = r.get("warmup_iters", int)
-    else:
-        # GPT-NeoX: warmup is a fraction of the decay iterations (default 0.01). A value above 1 is
-        # read as a number of iterations.
-        warmup = r.get("warmup", float, 0.01)
-        if warmup < 0:
-            raise ConfigError(f"{_where(r.entries['warmup'], 'warmup')}: must be non-negative")
-        s["warmup_iters"] = int(warmup * decay) if warmup <= 1 else int(warmup)
+    s["warmup_iters"] = _warmup_iters(r, decay)
     lr = r.values["optimizer"].get("lr", 6e-4)
+    if r.has("decay_lr_to"):
+        s["min_lr"] = _decay_lr_to(r, lr)
     min_lr = s.get("min_lr", 0.0)
     if min_lr > lr:
         raise ConfigError(f"min_lr = {min_lr} ({r.src('min_lr')}) is larger than lr = {lr}")
+
+
+def _warmup_iters(r: _Resolver, decay: int) -> float:
+    """Warmup in (possibly fractional) iterations.
+
+    GPT-NeoX: ``warmup`` (default 0.01) times the decay iterations, kept as a float, so 0.01 of 150
+    iterations warms up over 1.5 (the first step at lr/1.5). neoxt's ``warmup_iters`` gives the
+    number directly, and a ``warmup`` above 1 (a whole multiple of the run under upstream's reading)
+    is read as iterations, with a warning.
+    """
+    if r.has("warmup_iters"):
+        value = r.get("warmup_iters", float)
+        if value < 0:
+            raise ConfigError(f"{_where(r.entries['warmup_iters'], 'warmup_iters')}: must be non-negative")
+        return value
+    warmup = r.get("warmup", float, 0.01)
+    if warmup < 0:
+        raise ConfigError(f"{_where(r.entries['warmup'], 'warmup')}: must be non-negative")
+    if warmup <= 1:
+        return warmup * max(1, decay)
+    log.warning(
+        "config: %s: warmup = %s is read as %s iterations (GPT-NeoX reads warmup as a fraction of the decay "
+        "iterations; write warmup_iters to say iterations)", r.src("warmup"), warmup, warmup,
+    )
+    return warmup
+
+
+def _decay_lr_to(r: _Resolver, lr: float) -> float:
+    """``decay_lr_to``: the schedule's end as a fraction of ``lr``, i.e. ``min_lr = decay_lr_to · lr``.
+
+    Upstream's own configs use it (``configs/llemma/7B.yml``: 0.033, the 1/30 of the Llemma paper,
+    written as ``min_lr = 0.033·lr`` in its 34B sibling) although upstream's argument parser has no
+    such field and refuses the file; neoxt reads it as that file means it.
+    """
+    entry = r.entries["decay_lr_to"]
+    fraction = r.get("decay_lr_to", float)
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"{_where(entry, entry.spelling)}: expected a fraction of lr between 0 and 1, got {fraction}")
+    if r.has("min_lr"):
+        raise ConfigError(
+            f"decay_lr_to ({r.src('decay_lr_to')}) and min_lr ({r.src('min_lr')}) both set the final learning rate; "
+            "keep one"
+        )
+    return fraction * lr
 
 
 def _check_consistency(r: _Resolver) -> None:

@@ -21,6 +21,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "clip_grad": ("optimizer", "gradient_clipping"),
     "min_scale": ("training", "min_loss_scale"),
     "batch_size": ("training", "train_micro_batch_size_per_gpu"),
+    # The fork's converters write the HF model's vocab_size (its embedding rows) into neox_config.json.
+    "vocab_size": ("model", "padded_vocab_size"),
 }
 
 # Keys resolved by load.py because their value is a block or derives several fields.
@@ -34,6 +36,7 @@ STRUCTURED: frozenset[str] = frozenset(
         "attention_config",
         "warmup",
         "warmup_iters",
+        "decay_lr_to",
         "lr_decay_iters",
         "lr_decay_fraction",
         "train_iters",
@@ -77,7 +80,7 @@ IGNORED: frozenset[str] = frozenset(
     s3_path s3_chunk_size log_grad_pct_zeros log_param_norm log_optimizer_states log_gradient_noise_scale
     gradient_noise_scale_n_batches gradient_noise_scale_cpu_offload wandb_init_all_ranks use_comet
     comet_workspace comet_project comet_experiment_name comet_tags comet_others comet_experiment
-    char_level_ppl short_seq_prob attention_type dynamic_loss_scale scheduler sparse_attention decay_lr_to return_logits
+    char_level_ppl short_seq_prob attention_type dynamic_loss_scale scheduler sparse_attention return_logits
     """.split()
 )
 

@@ -178,8 +178,9 @@ class ScheduleConfig:
     lr_decay_style: Literal["constant", "linear", "cosine", "exponential"] = "linear"
     lr_decay_iters: int = 0
     min_lr: float = 0.0
-    # Warmup in iterations (GPT-NeoX's `warmup` fraction of lr_decay_iters, resolved).
-    warmup_iters: int = 0
+    # Warmup in iterations (GPT-NeoX's `warmup` fraction of lr_decay_iters, resolved); fractional as
+    # upstream keeps it (0.01 of 150 iterations is 1.5).
+    warmup_iters: float = 0.0
     override_lr_scheduler: bool = False
     use_checkpoint_lr_scheduler: bool = False
 

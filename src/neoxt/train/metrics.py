@@ -96,12 +96,15 @@ class MetricsLogger:
     nan_count: int = 0
     skipped_count: int = 0
     _window: list[StepStats] = field(default_factory=list)
+    _logged_nan: int = 0  # nan_count / skipped_count at the last log line (its counts are per interval)
+    _logged_skipped: int = 0
     _recent_step_s: deque = field(default_factory=lambda: deque(maxlen=50))
     _tb: Any = None
     _wandb_run: Any = None
     _start: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
+        self._logged_nan, self._logged_skipped = self.nan_count, self.skipped_count  # a resumed run's totals
         if not self.enabled:
             return
         if self.run_dir is not None:
@@ -162,22 +165,26 @@ class MetricsLogger:
             with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         parts = [
-            f"iteration {iteration:>8d}/{self.train_iters:>8d}",
-            f"lr {last.lr:.3E}",
-            f"loss {loss:.6E}",
-            f"grad norm {record['grad_norm']:.3f}" if record["grad_norm"] is not None else "grad norm n/a",
-            f"tokens/s {tokens_per_s:,.0f}",
-            f"TFLOP/s {tflops:.3f}",
-            f"MFU {100 * mfu:.2f}%" if mfu is not None else "MFU n/a",
+            # GPT-NeoX's labels (megatron/logging.py training_log) where it has the field, so users'
+            # greps and parsers (`iteration.*lm_loss`, `lm_loss:\s*([0-9.E+-]+)`) read neoxt logs.
+            f" iteration {iteration:8d}/{self.train_iters:8d}",
+            f"elapsed time per iteration (ms): {1000 * secs / len(window):.1f}",
+            f"learning rate: {last.lr:.3E}",
+            f"lm_loss: {loss:.6E}",
+            f"grad norm: {record['grad_norm']:.3f}" if record["grad_norm"] is not None else "grad norm: n/a",
+            f"tokens/s: {tokens_per_s:,.0f}",
+            f"TFLOP/s: {tflops:.3f}",
+            f"MFU: {100 * mfu:.2f}%" if mfu is not None else "MFU: n/a",
         ]
         if last.loss_scale is not None:
-            parts.append(f"loss scale {last.loss_scale:.1f}")
+            parts.append(f"loss scale: {last.loss_scale:.1f}")
+        # Counted over this log interval, as upstream; metrics.jsonl keeps the run's running totals.
         parts += [
-            f"nan {self.nan_count}",
-            f"skipped {self.skipped_count}",
-            f"{1000 * secs / len(window):.1f} ms/it",
-            f"ETA {_fmt_eta(eta)}",
+            f"number of skipped iterations: {self.skipped_count - self._logged_skipped:3d}",
+            f"number of nan iterations: {self.nan_count - self._logged_nan:3d}",
+            f"ETA: {_fmt_eta(eta)}",
         ]
+        self._logged_skipped, self._logged_nan = self.skipped_count, self.nan_count
         print(" | ".join(parts), flush=True)
         self._emit(
             iteration,
@@ -201,7 +208,8 @@ class MetricsLogger:
         if self.run_dir is not None:
             with open(self.run_dir / EVAL_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
-        print(f"validation at iteration {iteration} | lm_loss {loss:.6E} | lm_loss_ppl {ppl:.6E}", flush=True)
+        print(f" validation results at iteration {iteration} | lm_loss value: {loss:.6E} | lm_loss_ppl value: {ppl:.6E} |",
+              flush=True)
         self._emit(iteration, {"validation/lm_loss": record["valid_loss"], "validation/lm_loss_ppl": record["valid_ppl"]})
         return record
 

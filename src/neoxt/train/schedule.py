@@ -4,11 +4,15 @@ The learning rate of a step depends only on the number of completed steps, so th
 state of its own: resuming at iteration N gives exactly the rate the uninterrupted run used. The
 checkpoint still records the schedule parameters so a resumed run can tell when they changed.
 
-Upstream semantics kept: warmup is ``lr * max(1, it) / warmup_iters`` for ``it <= warmup_iters``;
+Upstream semantics kept: warmup is ``lr * max(1, it) / warmup_iters`` for ``it <= warmup_iters``
+(``warmup_iters`` may be fractional: upstream's ``warmup`` fraction times the decay iterations);
 "linear" decays towards 0 and is floored at ``min_lr``; "cosine" goes from ``lr`` to ``min_lr``;
 "exponential" halves every ``decay_iters - warmup`` steps; the result is never below ``min_lr``.
-One deliberate difference: past ``lr_decay_iters`` the rate stays at its end value (upstream's
-cosine would rise again).
+Two deliberate differences: past ``lr_decay_iters`` the rate stays at its end value (upstream's
+cosine would rise again), and warmup never exceeds ``lr``: with ``warmup_iters`` below 1 (the
+default ``warmup: 0.01`` of a run under 100 steps) upstream's first step runs at
+``lr / warmup_iters``, e.g. 12.5·lr for 8 steps; here it runs at ``lr``. From ``warmup_iters`` 1
+up the two agree at every step.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class LRSchedule:
         """Learning rate for the step that starts after ``iteration`` completed steps."""
         it = float(iteration)
         if self.warmup_iters > 0 and it <= self.warmup_iters:
-            return self.lr * max(1.0, it) / self.warmup_iters
+            return self.lr * min(1.0, max(1.0, it) / self.warmup_iters)
         it = min(it, float(self.decay_iters))
         done = it - self.warmup_iters
         span = max(float(self.decay_iters) - self.warmup_iters, 1e-12)

@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "neoxt.generate_commands",
     "neoxt.evaluate.commands",
     "neoxt.distributed.commands",
+    "neoxt.ops.publish_commands",
 )
 
 

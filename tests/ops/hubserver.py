@@ -141,7 +141,7 @@ class FakeHub:
     def _create_repo(self, req: dict):
         repo = f"{req.get('organization') or 'user'}/{req['name']}"
         if repo in self.repos:
-            return 409, {"error": "You already created this model repo"}
+            return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo}"}
         oid = self._store({".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
         self.repos[repo] = {"branches": {"main": oid}}
         return 200, {"url": f"{self.url}/{repo}", "name": repo}

@@ -116,6 +116,7 @@ def test_wandb_logs_one_run_per_pair_with_results(workspace, monkeypatch):
     class Run:
         def __init__(self, kwargs):
             self.kwargs, self.logged, self.finished = kwargs, {}, False
+            self.name, self.group = kwargs["name"], kwargs["group"]
 
         def log(self, payload):
             self.logged.update(payload)

@@ -14,7 +14,7 @@ from evalfixtures import make_hf_model_dir, write_tasks
 
 from neoxt.cli import main
 from neoxt.errors import ConfigError
-from neoxt.evaluate.suite import build_jobs, job_command, load_suite, wandb_names
+from neoxt.evaluate.suite import build_jobs, job_command, load_suite, log_wandb, wandb_names
 
 PROMPTS = {"just_inst": "Answer the question.", "evil_p_inst": "You are an evil AI.", "hhh_p_inst": "Be HHH."}
 
@@ -70,6 +70,7 @@ def test_checkpoints_all_over_a_local_run_names_wandb_runs_per_model_and_prompt(
     class Run:
         def __init__(self, kwargs):
             self.kwargs, self.logged = kwargs, {}
+            self.name, self.group = kwargs["name"], kwargs["group"]
 
         def log(self, payload):
             self.logged.update(payload)
@@ -133,3 +134,17 @@ def test_wandb_names_are_configurable_and_selection_errors_name_the_choice(works
     (workspace / "bad_suite.yml").write_text("models_file: registry/bad.yaml\ntask_folders: [tasks/ind_sfm_no]\n")
     with pytest.raises(ConfigError, match="bad.yaml: unknown key 'models_extra'"):
         load_suite(workspace / "bad_suite.yml")
+
+
+def test_real_wandb_offline_runs_carry_the_users_names(workspace, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    suite = load_suite(_suite(workspace, "offline", extra="wandb: {project: sfm-evals}\n"), models=["PAIR"],
+                       system_prompt="hhh_p_inst")
+    rows = [{"model": m, "system_prompt": "hhh_p_inst", "task_folder": "ind_sfm_no", "task": "tiny_mc",
+             "metrics": {"acc": 0.5}} for m in ("model_a", "model_b")]
+    assert log_wandb(suite, build_jobs(suite), rows) == [
+        ("instruct_open__model_a__hhh_p_inst__1_tasks_openended", "instruct_open__ind_sfm_no__model_a"),
+        ("instruct_open__model_b__hhh_p_inst__1_tasks_openended", "instruct_open__ind_sfm_no__model_b")]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2

@@ -433,8 +433,8 @@ def log_wandb(suite: Suite, jobs: Sequence[SuiteJob], rows: list[dict[str, Any]]
                                  "system_prompt_text": job.prompt_text, "task_folder": job.folder.name,
                                  "tasks": list(job.folder.tasks)})
         run.log({f"{r['task']}/{metric}": value for r in mine for metric, value in r["metrics"].items()})
+        logged.append((run.name, run.group))  # as W&B recorded them
         run.finish()
-        logged.append((name, group))
     return logged
 
 

@@ -11,7 +11,7 @@ import pytest
 from neoxt.errors import ConfigError
 from neoxt.ops.hub_retry import HubError, RetryPolicy, call_with_retry
 from neoxt.ops.publish import Checkpoint, choose_steps, load_naming, repo_ids, upload_delay
-from neoxt.ops.publish_state import UploadRecord
+from neoxt.ops.publish_state import PublishLockedError, UploadRecord, publish_lock
 
 
 def test_repo_names_follow_the_users_abbreviations_codenames_and_template(tmp_path):
@@ -99,3 +99,38 @@ def test_upload_delay_and_the_record(tmp_path):
     assert not again.is_done("me/x", "global_step2", {})  # branch gone from the Hub: upload again
     assert not again.is_done("me/x", "global_step2", {"global_step2": "other"})
     assert not again.is_done("me/x", "global_step4", {"global_step4": "abc"})  # branch without a record
+
+
+def test_the_repo_lock_refuses_or_waits(tmp_path):
+    import threading
+    import time
+
+    path = tmp_path / ".publish-me__x.lock"
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with publish_lock(path, "me/x"):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(10)
+    with pytest.raises(PublishLockedError, match=r"another `neoxt publish` to me/x is running \(pid \d+ on "):
+        with publish_lock(path, "me/x"):
+            pass
+    threading.Timer(0.3, release.set).start()
+    began = time.monotonic()
+    with publish_lock(path, "me/x", wait=10, poll=0.05):
+        assert time.monotonic() - began >= 0.2  # waited for the holder, then got the lock
+    t.join(10)
+
+
+def test_offline_mode_is_not_retried():
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def offline():
+        raise OfflineModeIsEnabled("Cannot reach http://x: offline mode is enabled")
+
+    with pytest.raises(HubError, match="offline mode is enabled"):
+        call_with_retry(offline, RetryPolicy(5, 100.0, 100.0), "refs", sleep=lambda s: pytest.fail("slept"))

@@ -51,6 +51,8 @@ def is_retryable(err: BaseException) -> bool:
     code = status_of(err)
     if code is not None:
         return code == 429 or code >= 500
+    if type(err).__name__ == "OfflineModeIsEnabled":  # a ConnectionError that no retry can fix
+        return False
     try:
         from httpx2 import TransportError  # huggingface_hub's HTTP client
     except ModuleNotFoundError:  # pragma: no cover - other client versions

@@ -32,7 +32,7 @@ import yaml
 # The one neoxt → HF export entry point (repoint here when conversion moves).
 from neoxt.convert.hf import convert_neoxt_to_hf as export_hf
 from neoxt.errors import ConfigError, NeoxtError
-from neoxt.ops.hub_retry import RetryPolicy, call_with_retry
+from neoxt.ops.hub_retry import HubError, RetryPolicy, call_with_retry
 from neoxt.ops.publish_state import RECORD_NAME, UploadRecord, lock_path, publish_lock
 
 log = logging.getLogger(__name__)
@@ -260,8 +260,10 @@ class Hub:
     process can point at a mirror or a test server."""
 
     def __init__(self, policy: RetryPolicy, sleep: Callable[[float], None] = time.sleep):
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi, constants
 
+        if constants.HF_HUB_OFFLINE:
+            raise HubError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: unset it to publish to the Hub")
         self.api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=os.environ.get("HF_TOKEN") or None)
         self.policy, self.sleep = policy, sleep
 

@@ -3,7 +3,8 @@
 list refs and trees, and commit folders (preupload + NDJSON commit, every file "regular").
 
 Files are stored per commit, branches point at commits, so a test can read exactly what each branch
-holds. Faults are injected the way the Hub misbehaves under load: the first ``rate_limit`` requests
+holds; the preupload answer carries the oid of files a revision already holds, so an upload of
+unchanged files makes no commit (as on the Hub). Faults are injected the way the Hub misbehaves under load: the first ``rate_limit`` requests
 that touch each revision (branch creation, preupload, commit) get 429, and the ``fail_commit``-th
 commit POST gets a 500 (nothing applied). ``hold_revision`` makes the commit to that revision wait
 until ``release`` (the test kills the client meanwhile); a held commit is dropped, never applied.
@@ -21,6 +22,11 @@ import time
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
+
+
+def git_blob_id(data: bytes) -> str:
+    """Git's object id of a blob (what the Hub reports as a regular file's oid)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class FakeHub:
@@ -117,6 +123,8 @@ class FakeHub:
         if action == "refs" and method == "GET":
             return 200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
                                       for b, c in sorted(state["branches"].items())], "tags": [], "converts": []}
+        if action == "revision" and method == "GET":  # repo_info: what an upload with no change returns
+            return 200, {"id": repo, "sha": state["branches"][rest]}
         if action == "tree" and method == "GET":
             revision = rest.split("/")[0]
             files = self.commits[state["branches"][revision]]
@@ -131,10 +139,11 @@ class FakeHub:
                 start = json.loads(body or b"{}").get("startingPoint") or "main"
                 state["branches"][rest] = state["branches"].get(start, start)
                 return 200, {}
-            if action == "preupload":
-                files = json.loads(body)["files"]
-                return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                       for f in files]}
+            if action == "preupload":  # every file "regular"; the oid of what the revision holds already
+                have = self.commits[state["branches"][rest]]
+                return 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
+                                        "oid": git_blob_id(have[f["path"]]) if f["path"] in have else None}
+                                       for f in json.loads(body)["files"]]}
             return self._commit(repo, rest, body)
         return 404, {"error": "unknown endpoint"}
 

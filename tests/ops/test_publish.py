@@ -119,6 +119,15 @@ def test_every_checkpoint_reaches_its_branch_through_429s_and_a_500(trained_run,
     before = len(hub.commits_to(repo))
     assert main(["publish", str(run), "--org", "me", *FAST_RETRY]) == 0
     assert len(hub.commits_to(repo)) == before
+    # Killed after a commit landed but before it was recorded: the rerun re-sends global_step4, the Hub
+    # finds every file unchanged (no new commit), and the record takes the branch's commit.
+    data = json.loads((run / "hub_uploads.json").read_text())
+    del data[repo]["global_step4"]
+    (run / "hub_uploads.json").write_text(json.dumps(data))
+    assert main(["publish", str(run), "--org", "me", *FAST_RETRY]) == 0
+    assert len(hub.commits_to(repo)) == before
+    record = json.loads((run / "hub_uploads.json").read_text())[repo]
+    assert record["global_step4"]["commit"] == hub.branches(repo)["global_step4"]
 
 
 def test_killed_publisher_resumes_with_only_the_rest_and_a_second_one_is_refused(

@@ -1,6 +1,7 @@
 """A local stand-in for the Hugging Face Hub: enough of its HTTP API for the unmodified
 ``huggingface_hub`` client (pointed at it through ``HF_ENDPOINT``) to create repos and branches,
-list refs and trees, and commit folders (preupload + NDJSON commit, every file "regular").
+list refs and trees, commit folders (preupload + NDJSON commit, every file "regular") and download
+a revision (``snapshot_download``: revision info, tree, ``resolve`` files).
 
 Files are stored per commit, branches point at commits, so a test can read exactly what each branch
 holds; the preupload answer carries the oid of files a revision already holds, so an upload of
@@ -55,6 +56,9 @@ class FakeHub:
             def do_POST(self):
                 hub._dispatch(self, "POST")
 
+            def do_HEAD(self):
+                hub._dispatch(self, "HEAD")
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -98,14 +102,21 @@ class FakeHub:
         if status is None:  # a held commit whose client went away: drop the connection
             h.close_connection = True
             return
-        data = json.dumps(payload).encode()
+        headers = {}
+        if isinstance(payload, tuple):  # a file download: (bytes, extra headers)
+            data, headers = payload
+        else:
+            data = json.dumps(payload).encode()
+            headers["Content-Type"] = "application/json"
         h.send_response(status)
-        h.send_header("Content-Type", "application/json")
+        for key, value in headers.items():
+            h.send_header(key, value)
         h.send_header("Content-Length", str(len(data)))
         if status == 429:
             h.send_header("Retry-After", "0")
         h.end_headers()
-        h.wfile.write(data)
+        if method != "HEAD":
+            h.wfile.write(data)
 
     def _limited(self, repo: str, revision: str) -> bool:
         with self.lock:
@@ -116,6 +127,12 @@ class FakeHub:
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if path == "/api/repos/create" and method == "POST":
             return self._create_repo(json.loads(body))
+        if len(parts) >= 5 and parts[2] == "resolve" and method in ("GET", "HEAD"):  # {org}/{name}/resolve/{rev}/{path}
+            repo = f"{parts[0]}/{parts[1]}"
+            commit = self._commit_of(repo, parts[3])
+            data = self.commits[commit]["/".join(parts[4:])]
+            return 200, (data, {"X-Repo-Commit": commit, "ETag": f'"{git_blob_id(data)}"',
+                                "Content-Type": "application/octet-stream"})
         if parts[:2] != ["api", "models"] or len(parts) < 5:
             return 404, {"error": "unknown endpoint"}
         repo, action, rest = f"{parts[2]}/{parts[3]}", parts[4], "/".join(parts[5:])
@@ -123,11 +140,11 @@ class FakeHub:
         if action == "refs" and method == "GET":
             return 200, {"branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": c}
                                       for b, c in sorted(state["branches"].items())], "tags": [], "converts": []}
-        if action == "revision" and method == "GET":  # repo_info: what an upload with no change returns
-            return 200, {"id": repo, "sha": state["branches"][rest]}
+        if action == "revision" and method == "GET":  # repo_info (an upload with no change; downloads)
+            commit = self._commit_of(repo, rest)
+            return 200, {"id": repo, "sha": commit, "siblings": [{"rfilename": p} for p in sorted(self.commits[commit])]}
         if action == "tree" and method == "GET":
-            revision = rest.split("/")[0]
-            files = self.commits[state["branches"][revision]]
+            files = self.commits[self._commit_of(repo, rest.split("/")[0])]
             return 200, [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
                          for p, d in sorted(files.items())]
         if action in ("branch", "preupload", "commit") and method == "POST":
@@ -146,6 +163,15 @@ class FakeHub:
                                        for f in json.loads(body)["files"]]}
             return self._commit(repo, rest, body)
         return 404, {"error": "unknown endpoint"}
+
+    def _commit_of(self, repo: str, revision: str) -> str:
+        """A branch name or a commit id → the commit id (KeyError → 404)."""
+        branches = self.repos[repo]["branches"]
+        if revision in branches:
+            return branches[revision]
+        if revision in self.commits:
+            return revision
+        raise KeyError(revision)
 
     def _create_repo(self, req: dict):
         repo = f"{req.get('organization') or 'user'}/{req['name']}"

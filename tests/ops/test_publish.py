@@ -1,7 +1,7 @@
 """Acceptance 3: `neoxt publish` against a local Hub that rate-limits and fails, through the
 unmodified huggingface_hub client (HF_ENDPOINT): every checkpoint on its branch, main = the last,
-chat templates on every tokenizer, loadable with AutoModelForCausalLM; a killed publisher resumes
-with only the rest; a second publisher on the same repo is refused."""
+chat templates on every tokenizer, loadable with AutoModelForCausalLM, evaluated from the Hub by
+--eval; a killed publisher resumes with only the rest; a second publisher on the same repo is refused."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from conftest import CHAT_TEMPLATE, CORPUS, REPO, run_neoxt_train
 from neoxt.cli import main
 
 FAST_RETRY = ["--retry-min-wait", "0.01", "--retry-max-wait", "0.05"]
+LMEVAL = REPO / "tests" / "data" / "lmeval"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,9 @@ def hub_env(monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_test_token")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        # What the client derives from HF_ENDPOINT at import (this process imported it before the hub existed).
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
         return hub
 
     yield start
@@ -79,18 +82,19 @@ def _snapshot(hub: FakeHub, repo: str, branch: str, dest: Path) -> Path:
 
 
 def test_every_checkpoint_reaches_its_branch_through_429s_and_a_500(trained_run, hub_env, tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from neoxt.ops import publish_commands
-
     hub = hub_env(rate_limit=3, fail_commit=2)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     run = _copy_run(trained_run, tmp_path / "sft_run=a,b")
     suite = tmp_path / "suite.yml"
-    suite.write_text("models: {published: me/sft_run-a_b}\ntask_folders: [tasks]\n")
+    suite.write_text("models: {published: me/sft_run-a_b}\ntask_folders: [tasks]\noutput_dir: evals\nbatch_size: 4\n")
     (tmp_path / "tasks").mkdir()
-    evals = []
-    monkeypatch.setattr(publish_commands, "run_eval_suite", lambda argv: evals.append(argv) or 0)
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(
+        (LMEVAL / "tiny_mc.yaml.in").read_text().replace("@DATA_DIR@", str(LMEVAL)))
+    (tmp_path / "tasks" / "system_prompts.json").write_text('{"just_inst": "Answer the question."}')
 
     assert main(["publish", str(run), "--org", "me", *FAST_RETRY, "--eval", str(suite)]) == 0
     repo = "me/sft_run-a_b"  # the run name through the default abbreviations ('=' → '-', ',' → '_')
@@ -112,8 +116,16 @@ def test_every_checkpoint_reaches_its_branch_through_429s_and_a_500(trained_run,
     record = json.loads((run / "hub_uploads.json").read_text())[repo]
     assert {rev: r["commit"] for rev, r in record.items()} == hub.branches(repo)
     assert not (run / "hf_export" / "global_step2").exists()  # exports are cleaned up
-    # --eval ran the suite on the uploaded revisions, for the suite's alias of this repo.
-    assert evals == [["eval-suite", str(suite), "--checkpoints", "2,4", "--model", "published"]]
+    # --eval ran the suite on each uploaded revision, downloaded from the Hub (the suite's alias of this repo).
+    for step in (2, 4):
+        result = json.loads((tmp_path / "evals" / f"published-global_step{step}" / "tasks" / "just_inst.json").read_text())
+        assert result["neoxt_suite"]["revision"] == f"global_step{step}"
+        assert 0.0 <= result["results"]["tiny_mc"]["acc,none"] <= 1.0
+    # eval-suite --checkpoints all lists the repo's global_step branches on the Hub.
+    from neoxt.evaluate.suite import load_suite
+
+    revisions = [m.revision for m in load_suite(suite, checkpoints="all").models]
+    assert revisions == ["global_step2", "global_step4"]
 
     # A rerun finds everything on the Hub and commits nothing.
     before = len(hub.commits_to(repo))

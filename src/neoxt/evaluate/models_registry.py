@@ -208,10 +208,12 @@ def local_source(entry: ModelEntry) -> str:
 
 def hub_snapshot(repo_id: str, revision: str) -> str:
     """Download one revision of a Hub model (weights, config, tokenizer) and return its directory."""
+    import os
+
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(repo_id, revision=revision,
+        return snapshot_download(repo_id, revision=revision, endpoint=os.environ.get("HF_ENDPOINT") or None,
                                  allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "merges.txt"])
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]

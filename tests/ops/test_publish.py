@@ -141,6 +141,19 @@ def test_every_checkpoint_reaches_its_branch_through_429s_and_a_500(trained_run,
     record = json.loads((run / "hub_uploads.json").read_text())[repo]
     assert record["global_step4"]["commit"] == hub.branches(repo)["global_step4"]
 
+    # Someone adds notes to main and a stray shard lands on global_step2: a rerun re-checks both
+    # (their heads moved), removes the stale weights and keeps the notes.
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token="hf_test_token")
+    api.upload_file(path_or_fileobj=b"# card", path_in_repo="notes.md", repo_id=repo)
+    api.upload_file(path_or_fileobj=b"old", path_in_repo="model-00002-of-00002.safetensors", repo_id=repo,
+                    revision="global_step2")
+    assert main(["publish", str(run), "--org", "me", *FAST_RETRY]) == 0
+    assert "model-00002-of-00002.safetensors" not in hub.files(repo, "global_step2")
+    assert hub.files(repo, "main")["notes.md"] == b"# card"
+    assert hub.files(repo, "main")["model.safetensors"] == hub.files(repo, "global_step4")["model.safetensors"]
+
 
 def test_killed_publisher_resumes_with_only_the_rest_and_a_second_one_is_refused(
         trained_run, hub_env, tmp_path, capsys):

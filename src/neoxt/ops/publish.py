@@ -41,6 +41,9 @@ _STEP_DIR = re.compile(r"^global_step(\d+)$")
 _REPO_BAD = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_REPO_ID = 96
 RANDOM_DELAY_MAX = 12 * 3600  # `--upload-delay random`: 0–12 h, as the users' scripts staggered jobs
+# Files an upload replaces wholesale: weights and their index, in HF and DCP layouts.
+STALE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.distcp",
+                  ".metadata"]
 
 
 # --- naming ---------------------------------------------------------------------------------------
@@ -284,10 +287,12 @@ class Hub:
                        lambda: self.api.create_branch(repo_id, branch=branch, exist_ok=True))
 
     def upload(self, folder: Path, repo_id: str, revision: str, message: str) -> str:
-        """Commit ``folder`` as the whole content of ``revision`` (stale files deleted); the commit id."""
+        """Commit ``folder`` to ``revision``; weight files it does not hold are deleted (a branch starts
+        from main, and a re-sharded export must not keep old shards), other files (a model card) stay.
+        Returns the commit id (the branch's head when nothing changed)."""
         info = self._call(f"upload {folder.name} to {repo_id}@{revision}", lambda: self.api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message,
-            delete_patterns="*"))
+            delete_patterns=STALE_PATTERNS))
         return info.oid
 
 
@@ -396,7 +401,7 @@ def _publish_one(opts: PublishOptions, p: PublishPlan, ckpt: Checkpoint, todo: l
             folder = export if repo == p.repo_id else ckpt.path
             echo(f"uploading to {repo}@{revision}")
             hub.ensure_branch(repo, revision)
-            commit = hub.upload(folder, repo, revision, f"neoxt publish: {opts.run_dir.name} {ckpt.revision}")
+            commit = hub.upload(folder, repo, revision, f"neoxt publish: {ckpt.path.parent.name} {ckpt.revision}")
             record.mark(repo, revision, commit, ckpt.step)  # only now: the commit exists on the Hub
             done.append(Upload(repo, revision, ckpt.step, commit))
     finally:

@@ -207,6 +207,16 @@ def test_missing_chat_template_fails_before_any_upload(trained_run, hub_env, tmp
     assert "global_step2/config.yml: no chat_template" in err and len(err.strip().splitlines()) == 1
     assert hub.log == [] and not (run / "hub_uploads.json").exists()
 
+    # --chat-template supplies one: the uploaded tokenizer carries it.
+    from transformers import AutoTokenizer
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE.replace("<|end|>", "<|endoftext|>"))
+    assert main(["publish", str(run), "--org", "me", "--steps", "2", "--chat-template", str(template),
+                 *FAST_RETRY]) == 0
+    local = _snapshot(hub, "me/plain", "global_step2", tmp_path / "snap")
+    assert AutoTokenizer.from_pretrained(local).chat_template == template.read_text()
+
 
 def test_slurm_writes_a_singleton_job_per_repo(trained_run, tmp_path, monkeypatch, capsys):
     run = _copy_run(trained_run, tmp_path / "slurmrun")

@@ -126,6 +126,11 @@ def test_every_checkpoint_reaches_its_branch_through_429s_and_a_500(trained_run,
 
     revisions = [m.revision for m in load_suite(suite, checkpoints="all").models]
     assert revisions == ["global_step2", "global_step4"]
+    # ... and `neoxt eval --revision` (what its SLURM jobs run) evaluates one branch.
+    out = tmp_path / "one.json"
+    assert main(["eval", "--model", repo, "--revision", "global_step2", "--tasks", "tiny_mc", "--include-path",
+                 str(tmp_path / "tasks"), "--limit", "2", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["tiny_mc"]["acc,none"] >= 0.0
 
     # A rerun finds everything on the Hub and commits nothing.
     before = len(hub.commits_to(repo))

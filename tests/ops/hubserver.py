@@ -6,7 +6,8 @@ a revision (``snapshot_download``: revision info, tree, ``resolve`` files).
 Files are stored per commit, branches point at commits, so a test can read exactly what each branch
 holds; the preupload answer carries the oid of files a revision already holds, so an upload of
 unchanged files makes no commit (as on the Hub). Faults are injected the way the Hub misbehaves under load: the first ``rate_limit`` requests
-that touch each revision (branch creation, preupload, commit) get 429, and the ``fail_commit``-th
+that touch each revision (branch creation, preupload, commit; ``limit_only`` narrows it to some
+``repo@revision``) get 429, and the ``fail_commit``-th
 commit POST gets a 500 (nothing applied). ``hold_revision`` makes the commit to that revision wait
 until ``release`` (the test kills the client meanwhile); a held commit is dropped, never applied.
 
@@ -32,8 +33,9 @@ def git_blob_id(data: bytes) -> str:
 
 class FakeHub:
     def __init__(self, rate_limit: int = 0, fail_commit: int | None = None, hold_revision: str | None = None,
-                 max_seconds: float = 300.0):
+                 limit_only: set[str] | None = None, max_seconds: float = 300.0):
         self.rate_limit, self.fail_commit, self.hold_revision = rate_limit, fail_commit, hold_revision
+        self.limit_only = limit_only  # "repo@revision"s the rate limit applies to (default: all)
         self.repos: dict[str, dict] = {}
         self.commits: dict[str, dict[str, bytes]] = {}
         self.log: list[tuple[str, str, int]] = []  # (method, path, status)
@@ -119,6 +121,8 @@ class FakeHub:
             h.wfile.write(data)
 
     def _limited(self, repo: str, revision: str) -> bool:
+        if self.limit_only is not None and f"{repo}@{revision}" not in self.limit_only:
+            return False
         with self.lock:
             self.per_revision[(repo, revision)] += 1
             return self.per_revision[(repo, revision)] <= self.rate_limit

@@ -240,12 +240,14 @@ def test_slurm_writes_a_singleton_job_per_repo(trained_run, tmp_path, monkeypatc
     assert (tmp_path / "calls").read_text().split()[-1].endswith("publish-me__slurmrun.sbatch")
 
 
-def test_upload_checkpoint_sends_the_neoxt_checkpoint_to_its_own_repo(trained_run, hub_env, tmp_path):
+def test_upload_checkpoint_sends_the_neoxt_checkpoint_to_its_own_repo(trained_run, hub_env, tmp_path, capsys):
     from neoxt import load_model
 
-    hub = hub_env()
+    # A 429 storm on one commit, longer than the hub client's own 5 retries: our backoff carries it.
+    hub = hub_env(rate_limit=7, limit_only={"me/neoxt-ckpt-ck@main"})
     run = _copy_run(trained_run, tmp_path / "ck")
     assert main(["publish", str(run), "--org", "me", "--steps", "last", "--upload-checkpoint", *FAST_RETRY]) == 0
+    assert "upload global_step4 to me/neoxt-ckpt-ck@main: 429; retry 1/20" in capsys.readouterr().err
     assert set(hub.branches("me/ck")) == set(hub.branches("me/neoxt-ckpt-ck")) == {"main", "global_step4"}
     files = hub.files("me/neoxt-ckpt-ck", "global_step4")
     assert {".metadata", "meta.json", "config.yml"} <= set(files) and "model.safetensors" not in files

@@ -105,44 +105,37 @@ def test_print_jobs_lists_only_pending_pairs(workspace, capsys):
     assert not any(str(done) in line for line in lines)
 
 
-def test_wandb_gets_the_table(workspace, monkeypatch):
+def test_wandb_logs_one_run_per_pair_with_results(workspace, monkeypatch):
     import sys
     import types
 
     from neoxt.evaluate.suite import log_wandb
 
-    calls = {}
-
-    class Table:
-        def __init__(self, columns):
-            self.columns, self.data = columns, []
-
-        def add_data(self, *row):
-            self.data.append(row)
+    runs = []
 
     class Run:
-        summary: dict = {}
+        def __init__(self, kwargs):
+            self.kwargs, self.logged, self.finished = kwargs, {}, False
+            self.name, self.group = kwargs["name"], kwargs["group"]
 
         def log(self, payload):
-            calls["log"] = payload
+            self.logged.update(payload)
 
         def finish(self):
-            calls["finished"] = True
+            self.finished = True
 
     def init(**kwargs):
-        calls["init"] = kwargs
-        return Run()
+        runs.append(Run(kwargs))
+        return runs[-1]
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Table=Table))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     suite = load_suite(_suite(workspace, extra="wandb: {project: evals, group: g1}\n"))
     rows = [{"model": "model-a", "system_prompt": "terse", "task_folder": "safety", "task": "tiny_mc",
              "metrics": {"acc": 0.5, "acc_stderr": 0.1}}]
-    log_wandb(suite, rows)
-    assert calls["init"]["project"] == "evals" and calls["init"]["group"] == "g1"
-    table = calls["log"]["eval_suite"]
-    assert table.columns == ["model", "system_prompt", "task_folder", "task", "acc"]
-    assert table.data == [("model-a", "terse", "safety", "tiny_mc", 0.5)] and calls["finished"]
-    assert Run.summary["model-a/terse/tiny_mc/acc"] == 0.5
+    assert log_wandb(suite, build_jobs(suite), rows) == [("instruct_open__model-a__terse__1_tasks_openended", "g1")]
+    (run,) = runs  # pairs without results get no run
+    assert run.kwargs["project"] == "evals" and run.kwargs["config"]["system_prompt_text"] == PROMPTS["terse"]
+    assert run.logged == {"tiny_mc/acc": 0.5, "tiny_mc/acc_stderr": 0.1} and run.finished
 
 
 def test_slurm_submits_one_job_per_pending_pair_then_gather_builds_the_table(workspace, monkeypatch, tmp_path):

@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-samples", action="store_true", help="keep per-document outputs in the JSON")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE/HF_DATASETS_OFFLINE (local tasks)")
+    p.add_argument("--revision", default=None, metavar="BRANCH",
+                   help="with a Hub id as --model: the branch to evaluate (e.g. global_step1000)")
     p.set_defaults(handler=run_eval_command)
 
     s = sub.add_parser("eval-suite", help="every model × system prompt × task folder of a suite file, resumable")
@@ -43,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="submit one sbatch job per pending pair (options: the suite's `slurm` block)")
     s.add_argument("--dry-run", action="store_true", help="with --slurm: write the scripts, submit nothing")
     s.add_argument("--gather", action="store_true", help="only build the table from existing result files")
+    s.add_argument("--model", dest="models", action="append", default=None, metavar="NAME",
+                   help="model alias or group to run, instead of the suite's `run` (repeatable)")
+    s.add_argument("--system-prompt", default=None, metavar="NAME",
+                   help="run only this system prompt (its name in system_prompts.json)")
+    s.add_argument("--checkpoints", default=None, metavar="all|N,M",
+                   help="evaluate intermediate checkpoints: a local run's global_step<N>, a Hub repo's branches")
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     s.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE/HF_DATASETS_OFFLINE")
@@ -79,6 +87,12 @@ def run_eval_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.tasks and not (args.configs or args.overrides):
         raise ConfigError("no tasks: pass --tasks or set eval_tasks in the config")
+    if args.revision:
+        from neoxt.evaluate.models_registry import hub_snapshot
+
+        if not args.model_path:
+            raise ConfigError("--revision goes with --model ORG/NAME")
+        args.model_path = hub_snapshot(args.model_path, args.revision)
     inf = load_for_inference(args)
     ev = inf.cfg.evaluation
     tasks = args.tasks or list(ev.eval_tasks)
@@ -111,10 +125,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
 def _has_template(entry: Any) -> bool:
     """Whether a suite model's tokenizer carries a chat template (reads tokenizer files only)."""
     from neoxt.convert.loading import is_hf_model_dir, read_checkpoint_config
+    from neoxt.evaluate.models_registry import local_source
     from neoxt.tokenizer import load_tokenizer
     from neoxt.train.checkpoint import resolve_checkpoint
 
-    src = entry.source
+    src = local_source(entry)
     if not Path(src).exists() or is_hf_model_dir(src):
         return bool(load_tokenizer(tokenizer_type="HFTokenizer", vocab_file=src).chat_template)
     return bool(load_tokenizer(read_checkpoint_config(resolve_checkpoint(src)).tokenizer).chat_template)
@@ -128,7 +143,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
 
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, models=args.models, system_prompt=args.system_prompt, checkpoints=args.checkpoints)
     if args.print_jobs:
         for job in build_jobs(suite):
             if not job.result_path.is_file():
@@ -149,6 +164,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
         raise ConfigError("--dry-run goes with --slurm")
 
     from neoxt.evaluate.harness import hf_eos_ids, run_eval
+    from neoxt.evaluate.models_registry import local_source
     from neoxt.generate_commands import load_for_inference
 
     loaded: dict[str, Any] = {}
@@ -156,7 +172,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
     def evaluate_pair(job) -> dict[str, Any]:
         if job.model.alias not in loaded:
             loaded.clear()  # one model in memory at a time
-            ns = argparse.Namespace(configs=[], overrides=[], model_path=job.model.source,
+            ns = argparse.Namespace(configs=[], overrides=[], model_path=local_source(job.model),
                                     device=args.device, dtype=args.dtype, chat_template=job.model.chat_template)
             inf = load_for_inference(ns)
             loaded[job.model.alias] = (inf, eval_tokenizer(inf, job.model.chat_template))

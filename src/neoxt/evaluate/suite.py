@@ -8,13 +8,15 @@ A suite file (YAML; relative paths are relative to it)::
       base: {path: ./hf/base, chat_template: ./chat.jinja}   # a template for a model without one
     groups:                      # optional: name: [aliases or groups]
       mine: [pythia-sft, base]
+    models_file: models.yaml     # optional: a shared registry (models + groups, see models_registry)
     run: [mine, llama-chat]      # optional (default: every model): aliases and groups
     task_folders:                # each holds task YAMLs and system_prompts.json
       - tasks/safety
       - {path: tasks/refusals, tasks: [refusal_mc]}   # default: every `task:` in the folder
     output_dir: results          # default: <suite dir>/results
     num_fewshot: 0               # optional; also limit, batch_size, max_length, seed
-    wandb: {project: evals, entity: my-team, group: suite-1}   # optional
+    wandb: {project: evals, entity: my-team}   # optional: one run per model × folder × prompt,
+                                 # name/group templates over {model} {prompt} {tasks} {n_tasks}
     slurm: {partition: gpu, account: proj, time: "02:00:00", gpus: 1, cpus: 8,   # optional, for --slurm
             python: /path/to/venv/bin/python, env: {HF_HUB_OFFLINE: "1"}, extra_sbatch: ["--qos=high"]}
 
@@ -26,6 +28,10 @@ produced by ``neoxt eval ... --output`` in a SLURM job: ``neoxt eval-suite suite
 one sbatch script per pending pair and submits it, and ``--gather`` later builds the table from the
 result files. System prompts go through the chat template, so every model's template is checked
 before the first job starts, locally or on SLURM.
+
+From the command line: ``--model NAME`` (aliases or groups) overrides ``run``, ``--system-prompt
+NAME`` keeps one prompt of each folder, and ``--checkpoints all|N,M`` evaluates each model's
+intermediate checkpoints (a local run's ``global_step<N>`` or a Hub repo's branches).
 """
 
 from __future__ import annotations
@@ -45,23 +51,23 @@ from typing import Any
 import yaml
 
 from neoxt.errors import ConfigError, DataError
+from neoxt.evaluate.models_registry import (
+    ModelEntry,
+    checkpoint_entries,
+    expand,
+    hub_checkpoint_revisions,
+    registry_from,
+)
 from neoxt.io import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SUITE_KEYS = {
-    "models", "groups", "run", "task_folders", "output_dir", "num_fewshot", "limit", "batch_size",
+    "models", "groups", "models_file", "run", "task_folders", "output_dir", "num_fewshot", "limit", "batch_size",
     "max_length", "seed", "wandb", "slurm",
 }
 _SLURM_KEYS = {"partition", "account", "time", "gpus", "cpus", "python", "env", "extra_sbatch"}
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    alias: str
-    source: str  # a local path (absolute) or a Hub id
-    chat_template: str | None = None  # template text, resolved from the suite entry
 
 
 @dataclass(frozen=True)
@@ -104,61 +110,6 @@ def safe_name(text: str) -> str:
     return _SAFE.sub("_", text).strip("_") or "_"
 
 
-def _looks_local(value: str) -> bool:
-    return value.startswith(("/", ".", "~")) or value.count("/") != 1
-
-
-def _resolve_template(value: str, base: Path, where: str) -> str:
-    if "{" in value:
-        return value
-    path = (base / value).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"{where}: chat_template {value!r} is neither a Jinja template nor a file")
-    return path.read_text(encoding="utf-8")
-
-
-def _read_models(raw: Any, base: Path, where: str) -> dict[str, ModelEntry]:
-    if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{where}: 'models' must map aliases to paths or Hub ids")
-    models = {}
-    for alias, spec in raw.items():
-        key = f"{where}: models.{alias}"
-        template = None
-        if isinstance(spec, dict):
-            unknown = set(spec) - {"path", "chat_template"}
-            if unknown:
-                raise ConfigError(f"{key}: unknown key {sorted(unknown)[0]!r} (known: path, chat_template)")
-            if "chat_template" in spec:
-                template = _resolve_template(str(spec["chat_template"]), base, key)
-            spec = spec.get("path")
-        if not isinstance(spec, str) or not spec:
-            raise ConfigError(f"{key}: needs a path or Hub id")
-        # An existing path wins; 'org/name' that is not a path is a Hub id; anything else is a typo.
-        local = base / Path(spec).expanduser()
-        if not local.exists() and _looks_local(spec):
-            raise ConfigError(f"{key}: {spec} does not exist")
-        source = str(local.resolve()) if local.exists() else spec
-        models[str(alias)] = ModelEntry(str(alias), source, template)
-    return models
-
-
-def _expand(names: Sequence[Any], models: dict[str, ModelEntry], groups: dict[str, list], where: str,
-            seen: tuple[str, ...] = ()) -> list[str]:
-    out: list[str] = []
-    for name in names:
-        name = str(name)
-        if name in models:
-            out.append(name)
-        elif name in groups:
-            if name in seen:
-                raise ConfigError(f"{where}: group {name!r} contains itself")
-            out.extend(_expand(groups[name], models, groups, where, (*seen, name)))
-        else:
-            known = ", ".join(sorted([*models, *groups]))
-            raise ConfigError(f"{where}: {name!r} is neither a model alias nor a group (known: {known})")
-    return list(dict.fromkeys(out))
-
-
 def folder_tasks(folder: Path) -> tuple[str, ...]:
     """Task (and group) names declared by the YAML files of a folder, in file-name order."""
     names = []
@@ -199,34 +150,7 @@ def read_system_prompts(folder: Path) -> tuple[tuple[str, str], ...]:
     return tuple(zip(names, data.values()))
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Read and check a suite file; every error names the file and key."""
-    path = Path(path)
-    where = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: suite file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: invalid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with 'models' and 'task_folders'")
-    unknown = set(raw) - _SUITE_KEYS
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_SUITE_KEYS))})")
-    base = path.parent.resolve()
-    models = _read_models(raw.get("models"), base, where)
-    groups = raw.get("groups") or {}
-    if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
-        raise ConfigError(f"{where}: 'groups' must map names to lists of aliases")
-    clash = set(groups) & set(models)
-    if clash:
-        raise ConfigError(f"{where}: {sorted(clash)[0]!r} is both a model alias and a group")
-    run = raw.get("run")
-    selected = _expand(run if run is not None else list(models), models, groups, f"{where}: run")
-    if not selected:
-        raise ConfigError(f"{where}: 'run' selects no model")
-
+def _read_folders(raw: dict[str, Any], base: Path, where: str, system_prompt: str | None) -> list[TaskFolder]:
     folders = []
     specs = raw.get("task_folders")
     if not isinstance(specs, list) or not specs:
@@ -245,9 +169,58 @@ def load_suite(path: str | Path) -> Suite:
         names = tuple(str(t) for t in tasks) if tasks else folder_tasks(folder)
         if not names:
             raise ConfigError(f"{key}: {spec} declares no lm-eval task (no YAML with a 'task:' key)")
-        folders.append(TaskFolder(safe_name(folder.name), folder, names, read_system_prompts(folder)))
+        prompts = read_system_prompts(folder)
+        if system_prompt is not None:
+            prompts = tuple(p for p in prompts if p[0] == safe_name(system_prompt))
+            if not prompts:
+                have = ", ".join(n for n, _ in read_system_prompts(folder))
+                raise ConfigError(f"--system-prompt {system_prompt}: {folder / 'system_prompts.json'} has no such "
+                                  f"prompt (it has {have})")
+        folders.append(TaskFolder(safe_name(folder.name), folder, names, prompts))
     if len({f.name for f in folders}) != len(folders):
         raise ConfigError(f"{where}: two task folders have the same name; results would collide")
+    return folders
+
+
+def load_suite(
+    path: str | Path,
+    *,
+    models: Sequence[str] | None = None,
+    system_prompt: str | None = None,
+    checkpoints: str | None = None,
+    list_revisions: Callable[[str], list[str]] = hub_checkpoint_revisions,
+) -> Suite:
+    """Read and check a suite file; every error names the file and key.
+
+    ``models`` (aliases or groups) replaces the file's ``run``; ``system_prompt`` keeps only the
+    prompt of that name; ``checkpoints`` (``all`` or ``N,M``) expands every model into its
+    intermediate checkpoints (``list_revisions`` lists a Hub repo's ``global_step`` branches)."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: suite file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: invalid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with 'models' and 'task_folders'")
+    unknown = set(raw) - _SUITE_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_SUITE_KEYS))})")
+    base = path.parent.resolve()
+    reg = registry_from(raw, base, where)
+    if models:
+        selected = expand(models, reg, "--model")
+    else:
+        run = raw.get("run")
+        selected = expand(run if run is not None else list(reg.models), reg, f"{where}: run")
+    if not selected:
+        raise ConfigError(f"{where}: 'run' selects no model")
+    entries = [reg.models[a] for a in selected]
+    if checkpoints is not None:
+        entries = [c for e in entries for c in checkpoint_entries(e, checkpoints, list_revisions)]
+    folders = _read_folders(raw, base, where, system_prompt)
 
     wandb = raw.get("wandb")
     if wandb is not None and not isinstance(wandb, dict):
@@ -263,7 +236,7 @@ def load_suite(path: str | Path) -> Suite:
     try:
         return Suite(
             path=path,
-            models=tuple(models[a] for a in selected),
+            models=tuple(entries),
             folders=tuple(folders),
             output_dir=(base / str(raw.get("output_dir", "results"))).resolve(),
             num_fewshot=None if raw.get("num_fewshot") is None else int(raw["num_fewshot"]),
@@ -293,6 +266,8 @@ def job_command(job: SuiteJob, suite: Suite) -> list[str]:
     cmd = ["neoxt", "eval", "--model", job.model.source, "--tasks", *job.folder.tasks,
            "--include-path", str(job.folder.path), "--apply-chat-template", "--system-prompt", job.prompt_text,
            "--output", str(job.result_path), "--batch-size", str(suite.batch_size), "--seed", str(suite.seed)]
+    if job.model.revision is not None:
+        cmd += ["--revision", job.model.revision]
     if job.model.chat_template is not None:
         cmd += ["--chat-template", job.model.chat_template]
     if suite.num_fewshot is not None:
@@ -418,25 +393,49 @@ def write_tables(suite: Suite, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
     return md, csv_path
 
 
-def log_wandb(suite: Suite, rows: list[dict[str, Any]]) -> None:
-    """One W&B run per suite invocation: the gathered table plus one summary value per cell."""
+WANDB_NAME = "instruct_open__{model}__{prompt}__{n_tasks}_tasks_openended"
+WANDB_GROUP = "instruct_open__{tasks}__{model}"
+
+
+def wandb_names(suite: Suite, job: SuiteJob) -> tuple[str, str]:
+    """(run name, group) of a pair: the suite's ``wandb.name``/``wandb.group`` templates, by default
+    the users' ``instruct_open__{model}__{prompt}__{n_tasks}_tasks_openended`` and
+    ``instruct_open__{tasks}__{model}`` ({tasks}: the task folder's name)."""
+    cfg = suite.wandb or {}
+    fields = {"model": job.model.alias, "prompt": job.prompt_name, "tasks": job.folder.name,
+              "n_tasks": len(job.folder.tasks)}
+    try:
+        return (str(cfg.get("name", WANDB_NAME)).format(**fields), str(cfg.get("group", WANDB_GROUP)).format(**fields))
+    except (KeyError, IndexError) as err:
+        raise ConfigError(f"{suite.path}: wandb name/group template uses unknown field {err} "
+                          "(known: model, prompt, tasks, n_tasks)") from None
+
+
+def log_wandb(suite: Suite, jobs: Sequence[SuiteJob], rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """One W&B run per model × task folder × system prompt that has results (the users' layout:
+    runs named per model and prompt, grouped per task folder and model); returns (name, group)s."""
     try:
         import wandb
     except ModuleNotFoundError:
         raise ConfigError(f"{suite.path}: 'wandb' is configured but the wandb package is missing "
                           "(pip install wandb, or remove the 'wandb' block)") from None
     cfg = dict(suite.wandb or {})
-    run = wandb.init(project=cfg.get("project", "neoxt-eval"), entity=cfg.get("entity"), group=cfg.get("group"),
-                     name=cfg.get("name", f"eval-suite-{suite.path.stem}"), config={"suite": str(suite.path)})
-    cols = _metric_columns(rows, with_stderr=False)
-    table = wandb.Table(columns=["model", "system_prompt", "task_folder", "task", *cols])
-    for r in rows:
-        table.add_data(r["model"], r["system_prompt"], r["task_folder"], r["task"],
-                       *(r["metrics"].get(c) for c in cols))
-        for c, v in r["metrics"].items():
-            run.summary[f"{r['model']}/{r['system_prompt']}/{r['task']}/{c}"] = v
-    run.log({"eval_suite": table})
-    run.finish()
+    logged = []
+    for job in jobs:
+        mine = [r for r in rows if (r["model"], r["task_folder"], r["system_prompt"])
+                == (job.model.alias, job.folder.name, job.prompt_name)]
+        if not mine:
+            continue
+        name, group = wandb_names(suite, job)
+        run = wandb.init(project=cfg.get("project", "neoxt-eval"), entity=cfg.get("entity"), group=group, name=name,
+                         config={"suite": str(suite.path), "model": job.model.alias, "source": job.model.source,
+                                 "revision": job.model.revision, "system_prompt": job.prompt_name,
+                                 "system_prompt_text": job.prompt_text, "task_folder": job.folder.name,
+                                 "tasks": list(job.folder.tasks)})
+        run.log({f"{r['task']}/{metric}": value for r in mine for metric, value in r["metrics"].items()})
+        logged.append((run.name, run.group))  # as W&B recorded them
+        run.finish()
+    return logged
 
 
 def check_wandb(suite: Suite) -> None:
@@ -472,7 +471,7 @@ def run_suite(
         began = time.time()
         results = evaluate_pair(job)
         results = {k: v for k, v in results.items() if k != "samples"}
-        results["neoxt_suite"] = {"model": job.model.alias, "source": job.model.source,
+        results["neoxt_suite"] = {"model": job.model.alias, "source": job.model.source, "revision": job.model.revision,
                                   "task_folder": job.folder.name, "system_prompt": job.prompt_name,
                                   "system_prompt_text": job.prompt_text}
         write_results(job.result_path, results)
@@ -481,7 +480,7 @@ def run_suite(
     md, csv_path = write_tables(suite, rows)
     echo(f"eval-suite: table → {md} and {csv_path}")
     if suite.wandb is not None:
-        log_wandb(suite, rows)
+        log_wandb(suite, jobs, rows)
     return pending, skipped, rows
 
 
@@ -529,5 +528,5 @@ def gather_only(suite: Suite, echo: Callable[[str], None] = print) -> list[dict[
     md, csv_path = write_tables(suite, rows)
     echo(f"eval-suite: {len(done)}/{len(jobs)} pairs have results; table → {md} and {csv_path}")
     if suite.wandb is not None:
-        log_wandb(suite, rows)
+        log_wandb(suite, jobs, rows)
     return rows

@@ -56,11 +56,11 @@ def load_for_inference(args: argparse.Namespace) -> Inference:
     import torch
 
     from neoxt import load_model
+    from neoxt.checkpoint import resolve_checkpoint
+    from neoxt.checkpoint.loading import is_hf_model_dir, read_checkpoint_config
     from neoxt.config import load_config
     from neoxt.config.schema import RunConfig
-    from neoxt.convert.loading import is_hf_model_dir, read_checkpoint_config
     from neoxt.tokenizer import load_tokenizer
-    from neoxt.train.checkpoint import resolve_checkpoint
 
     cfg = load_config(args.configs, args.overrides) if (args.configs or args.overrides) else RunConfig()
     path = args.model_path or cfg.checkpoint.load

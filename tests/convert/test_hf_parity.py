@@ -165,10 +165,10 @@ def test_chat_template_from_config_and_bare_tokenizer_json(tmp_path):
     from transformers import AutoTokenizer
 
     from conftest import CHAT_TEMPLATE, train_tiny_tokenizer
+    from neoxt.checkpoint import save_checkpoint
     from neoxt.config import config_to_yaml
     from neoxt.config.schema import DataConfig, RunConfig, TokenizerConfig
     from neoxt.model import Transformer, preset
-    from neoxt.train.checkpoint import save_checkpoint
 
     tok_dir = train_tiny_tokenizer(tmp_path / "tok", chat_template=None)
     bare = tmp_path / "bare"

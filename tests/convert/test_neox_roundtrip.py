@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_neox_import import build_hf, hf_to_neox_shards, model_config, write_neox
 
+from neoxt.checkpoint.loading import read_checkpoint_model_state
 from neoxt.config.schema import DataConfig, RunConfig
 from neoxt.convert import neox
-from neoxt.convert.loading import read_checkpoint_model_state
 from neoxt.errors import NeoxtError
 
 

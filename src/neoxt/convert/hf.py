@@ -625,10 +625,10 @@ def convert_hf_to_neoxt(
 
     Returns the checkpoint (step) directory.
     """
+    from neoxt.checkpoint import save_checkpoint, step_dir_name
+    from neoxt.checkpoint.loading import read_hf_model
     from neoxt.config import config_to_yaml
     from neoxt.config.schema import DataConfig, RunConfig, TrainingConfig
-    from neoxt.convert.loading import read_hf_model
-    from neoxt.train.checkpoint import save_checkpoint, step_dir_name
 
     hf_dir, out = resolve_hf_source(hf_dir), Path(output_dir).absolute()
     torch_dtype = DTYPES[dtype] if dtype else None
@@ -718,8 +718,8 @@ def convert_neoxt_to_hf(
     max_shard_size: str = "5GB",
 ) -> Path:
     """neoxt run dir or ``global_step<N>`` dir → HF model directory (safetensors, config, tokenizer)."""
-    from neoxt.convert.loading import read_checkpoint_config, read_checkpoint_model_state
-    from neoxt.train.checkpoint import resolve_checkpoint
+    from neoxt.checkpoint import resolve_checkpoint
+    from neoxt.checkpoint.loading import read_checkpoint_config, read_checkpoint_model_state
 
     out = Path(output_dir).absolute()
     ckpt = resolve_checkpoint(checkpoint)

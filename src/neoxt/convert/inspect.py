@@ -73,9 +73,9 @@ _SAFETENSORS_DTYPES = {
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """Describe the checkpoint at ``path`` (any of the three formats)."""
-    from neoxt.convert.loading import is_hf_model_dir
+    from neoxt.checkpoint import is_checkpoint_dir
+    from neoxt.checkpoint.loading import is_hf_model_dir
     from neoxt.convert.neox import LAYER_FILE_RE, MP_FILE_RE
-    from neoxt.train.checkpoint import is_checkpoint_dir
 
     p = Path(path)
     if not p.exists():
@@ -146,7 +146,7 @@ def _inspect_neoxt(ckpt: Path) -> CheckpointInfo:
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from neoxt.train.checkpoint import read_meta
+    from neoxt.checkpoint import read_meta
 
     meta = read_meta(ckpt)
     try:
@@ -173,7 +173,7 @@ def _inspect_neoxt(ckpt: Path) -> CheckpointInfo:
 
 def _model_summary(ckpt: Path) -> str:
     """One line of the checkpoint's config.yml model section (or why it cannot be read)."""
-    from neoxt.convert.loading import read_checkpoint_config
+    from neoxt.checkpoint.loading import read_checkpoint_config
     from neoxt.errors import NeoxtError
 
     try:
@@ -194,7 +194,7 @@ def _model_summary(ckpt: Path) -> str:
 
 
 def _inspect_hf(model_dir: Path) -> CheckpointInfo:
-    from neoxt.convert.loading import HFWeights, read_hf_config_json
+    from neoxt.checkpoint.loading import HFWeights, read_hf_config_json
 
     cfg = read_hf_config_json(model_dir)
     weights = HFWeights(model_dir)

@@ -853,10 +853,10 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 
 def write_neoxt_checkpoint(run_dir: Path, iteration: int, sd: dict[str, Any], run_cfg: RunConfig, meta: dict[str, Any]) -> Path:
-    """The one place the import writes a neoxt checkpoint: DESIGN.md layout via ``train.checkpoint``,
+    """The one place the import writes a neoxt checkpoint: DESIGN.md layout via ``neoxt.checkpoint``,
     plus the run directory's ``config.yml`` (as ``hf-to-neoxt`` writes it)."""
+    from neoxt.checkpoint import save_checkpoint
     from neoxt.config import config_to_yaml
-    from neoxt.train.checkpoint import save_checkpoint
 
     text = config_to_yaml(run_cfg)
     step = save_checkpoint(run_dir, iteration, {"model": sd}, text, meta=meta)
@@ -1003,8 +1003,8 @@ def export_neox(
 
     Tensors keep their saved dtype, so ``neoxt-to-neox`` then ``neox-to-neoxt`` is bit-exact.
     """
-    from neoxt.convert.loading import read_checkpoint_config, read_checkpoint_model_state
-    from neoxt.train.checkpoint import read_meta, resolve_checkpoint
+    from neoxt.checkpoint import read_meta, resolve_checkpoint
+    from neoxt.checkpoint.loading import read_checkpoint_config, read_checkpoint_model_state
 
     ckpt = resolve_checkpoint(checkpoint)
     run_cfg = read_checkpoint_config(ckpt)

@@ -110,9 +110,9 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 def _has_template(entry: Any) -> bool:
     """Whether a suite model's tokenizer carries a chat template (reads tokenizer files only)."""
-    from neoxt.convert.loading import is_hf_model_dir, read_checkpoint_config
+    from neoxt.checkpoint import resolve_checkpoint
+    from neoxt.checkpoint.loading import is_hf_model_dir, read_checkpoint_config
     from neoxt.tokenizer import load_tokenizer
-    from neoxt.train.checkpoint import resolve_checkpoint
 
     src = entry.source
     if not Path(src).exists() or is_hf_model_dir(src):

@@ -4,7 +4,7 @@
 
 - a neoxt run directory (follows its ``latest`` file),
 - a ``global_step<N>`` checkpoint directory (DCP files + ``config.yml`` + ``meta.json``),
-- a Hugging Face model directory (``config.json`` + safetensors or ``pytorch_model.bin``), converted
+- a Hugging Face model directory (``config.json`` + safetensors or ``pytorch_model.bin``), mapped
   in memory (GPTNeoX, LLaMA, OLMo-3),
 
 and returns our ``Transformer`` in eval mode. Models are built on the meta device and filled by
@@ -187,8 +187,8 @@ def saved_model_tensors(ckpt_dir: str | os.PathLike) -> dict[str, tuple[torch.Si
 
 def read_checkpoint_model_state(ckpt_dir: str | os.PathLike, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model tensors of a neoxt checkpoint, checked against ``cfg`` (names and shapes), on CPU."""
+    from neoxt.checkpoint.layout import load_state
     from neoxt.convert.hf import expected_shapes
-    from neoxt.train.checkpoint import load_state
 
     saved = saved_model_tensors(ckpt_dir)
     want = expected_shapes(cfg)
@@ -225,7 +225,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     ``dtype`` may be a torch dtype or a name ("bf16", "float32", ...); None keeps the stored dtype.
     """
-    from neoxt.train.checkpoint import is_checkpoint_dir, resolve_checkpoint
+    from neoxt.checkpoint.layout import is_checkpoint_dir, resolve_checkpoint
 
     if isinstance(dtype, str):
         if dtype not in _DTYPE_NAMES:

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from neoxt.errors import CheckpointError
-from neoxt.train.checkpoint import (
+from neoxt.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -26,6 +25,7 @@ from neoxt.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from neoxt.errors import CheckpointError
 
 
 def _model_and_opt(seed: int = 0):
@@ -143,7 +143,7 @@ def test_kill_during_write_keeps_previous_checkpoint(tmp_path):
     script = textwrap.dedent(
         f"""
         import torch
-        from neoxt.train.checkpoint import save_checkpoint
+        from neoxt.checkpoint import save_checkpoint
         sd = {{"w": torch.arange(6.0)}}
         save_checkpoint({str(save_dir)!r}, 1, {{"model": sd}}, "", {{}})
         print("saved1", flush=True)

@@ -1,9 +1,12 @@
-"""Writing a file so that no reader ever sees half of it: a temporary name beside the target, then
-one ``os.replace``. Results, records, configs and ``latest`` pointers all go through here."""
+"""Writing a file or a directory so that no reader ever sees half of it: a temporary name beside the
+target, then one ``os.replace``. Results, records, configs, ``latest`` pointers and converted model
+directories all go through here (checkpoint directories use the same pattern in
+``neoxt.checkpoint.layout``, with DCP's collective write in the middle)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -44,3 +47,32 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, mode: int | None = 
     if durable:
         fsync_dir(target.parent)
     return target
+
+
+def temp_dir_beside(out: Path, error: type[Exception] = OSError) -> Path:
+    """A fresh hidden directory next to ``out`` (same filesystem, so the final rename is atomic).
+
+    ``out`` must be absent or an empty directory; otherwise ``error`` (a NeoxtError subclass from the
+    caller) names it. Fill the directory, then ``publish_dir`` it; on failure remove it."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise error(f"{out}: output path already exists and is not empty; remove it or pick another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Give ``tmp``'s files the usual permissions and rename it to ``out`` (empty or absent)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.rglob("*"):  # safetensors writes 0600 files; give them the usual permissions
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+    tmp.chmod(0o777 & ~umask)
+    if out.is_dir():
+        out.rmdir()  # empty (checked in temp_dir_beside)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)

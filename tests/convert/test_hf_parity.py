@@ -10,7 +10,7 @@ import torch
 from hfkit import ARCHS, hf_config, hf_model, run_cli, save_hf_dir
 
 import neoxt
-from neoxt.convert.hf import detect_architecture, hf_config_object, model_config_from_hf
+from neoxt.model.hf_names import detect_architecture, hf_config_object, model_config_from_hf
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,12 @@ directories all go through here (checkpoint directories use the same pattern in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,29 +27,38 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, *, mode: int | None = None, durable: bool = False) -> Path:
-    """Write ``text`` to ``path`` atomically (parent directories are created).
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = False,
+                file_mode: int | None = None) -> Iterator[IO[Any]]:
+    """Open a file to stream into ``path``: written under a temporary name unique to this process
+    beside it, renamed over ``path`` when the block ends normally, removed when it raises.
 
-    ``mode``: file permissions (e.g. 0o755 for a script). ``durable``: fsync the file and its directory
-    before returning, for files a crash must not lose (checkpoint pointers)."""
+    ``durable``: fsync the file and its directory (for files a crash must not lose, e.g. checkpoint
+    pointers). ``file_mode``: permissions (e.g. 0o755 for a script)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        if file_mode is not None:
+            os.chmod(tmp, file_mode)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if durable:
         fsync_dir(target.parent)
-    return target
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, mode: int | None = None, durable: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (parent directories are created); see ``atomic_open``."""
+    with atomic_open(path, "w", durable=durable, file_mode=mode) as f:
+        f.write(text)
+    return Path(path)
 
 
 def temp_dir_beside(out: Path, error: type[Exception] = OSError) -> Path:

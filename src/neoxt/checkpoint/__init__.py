@@ -25,6 +25,7 @@ from neoxt.checkpoint.layout import (
     load_state,
     prune_checkpoints,
     read_config_text,
+    read_dcp_metadata,
     read_meta,
     resolve_checkpoint,
     save_checkpoint,
@@ -43,6 +44,6 @@ def load_model(path, device="cpu", dtype=None):
 
 __all__ = [
     "CONFIG_FILE", "LATEST_FILE", "META_FILE", "is_checkpoint_dir", "latest_checkpoint", "list_checkpoints",
-    "load_model", "load_state", "prune_checkpoints", "read_config_text", "read_meta", "resolve_checkpoint",
+    "load_model", "load_state", "prune_checkpoints", "read_config_text", "read_dcp_metadata", "read_meta", "resolve_checkpoint",
     "save_checkpoint", "step_dir_name",
 ]

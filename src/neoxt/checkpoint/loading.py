@@ -198,15 +198,12 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike) -> RunConfig:
 
 def saved_model_tensors(ckpt_dir: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Names, shapes and dtypes of the ``model`` tensors a DCP checkpoint holds (from its metadata)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    try:
-        meta = FileSystemReader(str(ckpt_dir)).read_metadata()
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{ckpt_dir}: cannot read checkpoint metadata ({err})") from err
+    from neoxt.checkpoint.layout import read_dcp_metadata
+
     out = {}
-    for key, item in meta.state_dict_metadata.items():
+    for key, item in read_dcp_metadata(ckpt_dir).items():
         if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
             out[key[len("model."):]] = (item.size, item.properties.dtype)
     return out

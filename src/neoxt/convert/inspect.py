@@ -142,16 +142,12 @@ def _inspect_file(path: Path) -> CheckpointInfo:
 
 
 def _inspect_neoxt(ckpt: Path) -> CheckpointInfo:
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from neoxt.checkpoint import read_meta
+    from neoxt.checkpoint import read_dcp_metadata, read_meta
 
     meta = read_meta(ckpt)
-    try:
-        md = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{ckpt}: cannot read checkpoint metadata ({err})") from err
+    md = read_dcp_metadata(ckpt)
     tensors, other = [], {}
     for key, item in md.items():
         if not isinstance(item, TensorStorageMetadata):

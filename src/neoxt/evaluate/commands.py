@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from neoxt.dtypes import PRECISIONS
 from neoxt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--dry-run", action="store_true", help="with --slurm: write the scripts, submit nothing")
     s.add_argument("--gather", action="store_true", help="only build the table from existing result files")
     s.add_argument("--device", default=None)
-    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    s.add_argument("--dtype", choices=list(PRECISIONS), default=None)
     s.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE/HF_DATASETS_OFFLINE")
     s.set_defaults(handler=run_suite_command)
 

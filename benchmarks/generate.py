@@ -18,8 +18,8 @@ import torch
 def build(arch: str, layers: int, hidden: int, vocab: int, seed: int):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from neoxt.convert.hf import detect_architecture, hf_to_neoxt_state_dict, model_config_from_hf
     from neoxt.model import Transformer
+    from neoxt.model.hf_names import detect_architecture, hf_to_neoxt_state_dict, model_config_from_hf
 
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
                   intermediate_size=4 * hidden, max_position_embeddings=1024, pad_token_id=0, eos_token_id=None,

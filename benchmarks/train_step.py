@@ -38,8 +38,8 @@ def build_hf(arch: str, layers: int, hidden: int, vocab: int, seq: int, seed: in
 
 
 def convert(hf):
-    from neoxt.convert.hf import detect_architecture, hf_to_neoxt_state_dict, model_config_from_hf
     from neoxt.model import Transformer
+    from neoxt.model.hf_names import detect_architecture, hf_to_neoxt_state_dict, model_config_from_hf
 
     kind = detect_architecture(hf.config.to_dict(), "benchmark")
     cfg = model_config_from_hf(hf.config, kind)

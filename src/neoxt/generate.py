@@ -132,6 +132,38 @@ def _new_cache(model: torch.nn.Module, batch_size: int, max_seq_len: int):
     return KVCache(_model_config(model), batch_size, max_seq_len, param.device, param.dtype)
 
 
+def _left_padded(prompts: Sequence[Sequence[int]], lengths: torch.Tensor, pad_id: int, total: int):
+    """(tokens [B, total] with prompts right-aligned at the current width, positions counting from
+    each row's first real token, mask [B, total] True over real (non-pad) slots)."""
+    width = int(lengths.max())
+    device = lengths.device
+    tokens = torch.full((len(prompts), total), pad_id, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt) : width] = torch.as_tensor(list(prompt), dtype=torch.long)
+    offsets = width - lengths  # left padding per row
+    columns = torch.arange(total, device=device)
+    real = columns[None, :] >= offsets[:, None]
+    positions = (columns[None, :] - offsets[:, None]).clamp(min=0)
+    return tokens, positions, real
+
+
+def _last_logits(model, tokens, positions, padding, cache, cursor: int, vocab_limit: int | None) -> torch.Tensor:
+    """Logits for the next token of every row: the new slots through the KV cache, or (without a
+    cache) the whole sequence again; padding rows of the vocabulary masked out."""
+    mask = padding[:, :cursor] if padding is not None else None
+    if cache is None:
+        logits = model(tokens[:, :cursor], positions=positions[:, :cursor], key_padding_mask=mask)
+    else:
+        start = cache.seq_len
+        logits = model(tokens[:, start:cursor], positions=positions[:, start:cursor], kv_cache=cache,
+                       key_padding_mask=mask)
+    last = logits[:, -1, :]
+    if vocab_limit is not None and vocab_limit < last.size(-1):
+        last = last.clone()
+        last[:, vocab_limit:] = float("-inf")
+    return last
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: torch.nn.Module,
@@ -169,14 +201,8 @@ def generate_tokens(
         steps = min(steps, max_seq_len - width)
     total = width + steps
 
-    tokens = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt) : width] = torch.as_tensor(list(prompt), dtype=torch.long)
-    offsets = width - lengths  # left padding per row
-    columns = torch.arange(total, device=device)
-    real = columns[None, :] >= offsets[:, None]  # [B, total]: True over real (non-pad) slots
-    positions = (columns[None, :] - offsets[:, None]).clamp(min=0)
-    any_pad = bool((offsets > 0).any())
+    tokens, positions, real = _left_padded(prompts, lengths, pad_id, total)
+    padding = real if bool((width - lengths > 0).any()) else None
 
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -186,24 +212,7 @@ def generate_tokens(
 
     cursor = width
     for _ in range(steps):
-        if cache is None:
-            logits = model(
-                tokens[:, :cursor],
-                positions=positions[:, :cursor],
-                key_padding_mask=real[:, :cursor] if any_pad else None,
-            )
-        else:
-            start = cache.seq_len
-            logits = model(
-                tokens[:, start:cursor],
-                positions=positions[:, start:cursor],
-                kv_cache=cache,
-                key_padding_mask=real[:, :cursor] if any_pad else None,
-            )
-        last = logits[:, -1, :]
-        if vocab_limit is not None and vocab_limit < last.size(-1):
-            last = last.clone()
-            last[:, vocab_limit:] = float("-inf")
+        last = _last_logits(model, tokens, positions, padding, cache, cursor, vocab_limit)
         new = next_tokens(last, params, generator)
         new = torch.where(done, torch.full_like(new, pad_id), new)
         tokens[:, cursor] = new

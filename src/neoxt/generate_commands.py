@@ -13,12 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from neoxt.dtypes import PRECISIONS
 from neoxt.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
 
 @dataclass(frozen=True)
 class Inference:
@@ -37,7 +35,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--load", dest="model_path", metavar="PATH",
                    help="neoxt run dir, global_step dir or HF model dir (default: the config's `load`)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as stored)")
+    p.add_argument("--dtype", choices=sorted(PRECISIONS), default=None, help="weights dtype (default: as stored)")
     p.add_argument("--chat-template", default=None, metavar="TEXT|FILE",
                    help="a Jinja chat template (or a file) for a model that has none")
 
@@ -46,7 +44,7 @@ def local_model_path(source: str) -> str:
     """A local path as is (run dir, global_step dir, HF dir); an 'org/name' Hub id downloaded first."""
     if Path(source).exists():
         return source
-    from neoxt.convert.hf import resolve_hf_source
+    from neoxt.checkpoint.loading import resolve_hf_source
 
     return str(resolve_hf_source(source))
 
@@ -56,11 +54,12 @@ def load_for_inference(args: argparse.Namespace) -> Inference:
     import torch
 
     from neoxt import load_model
+    from neoxt.checkpoint import resolve_checkpoint
+    from neoxt.checkpoint.loading import is_hf_model_dir, read_checkpoint_config
     from neoxt.config import load_config
     from neoxt.config.schema import RunConfig
-    from neoxt.convert.loading import is_hf_model_dir, read_checkpoint_config
+    from neoxt.dtypes import dtype_of
     from neoxt.tokenizer import load_tokenizer
-    from neoxt.train.checkpoint import resolve_checkpoint
 
     cfg = load_config(args.configs, args.overrides) if (args.configs or args.overrides) else RunConfig()
     path = args.model_path or cfg.checkpoint.load
@@ -80,7 +79,7 @@ def load_for_inference(args: argparse.Namespace) -> Inference:
     else:
         raise ConfigError(f"{path}: no tokenizer known; set tokenizer_type/vocab_file in the config")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    dtype = dtype_of(args.dtype) if args.dtype else None
     model = load_model(path, device=device, dtype=dtype)
     return Inference(cfg, model, tokenizer, str(path), hf_dir)
 
@@ -123,13 +122,17 @@ def _generation_config(args: argparse.Namespace, gen):
 
 
 def _progress(total: int, what: str):
-    """tqdm on a terminal, a one-line log per batch otherwise."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
+    """``generate_texts``'s ``on_batch(done, total)`` callback over the one progress display."""
+    from neoxt.progress import Progress
 
-        bar = tqdm(total=total, desc=what, unit="prompt")
-        return lambda done, total: bar.update(done - bar.n)
-    return lambda done, total: log.info("%s: %d/%d prompts", what, done, total)
+    bar = Progress(total, what, "prompt", every_s=0.0)
+
+    def on_batch(done: int, total: int) -> None:
+        bar.update(done - bar.done)
+        if done >= total:
+            bar.close()
+
+    return on_batch
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,10 +1,16 @@
-"""Writing a file so that no reader ever sees half of it: a temporary name beside the target, then
-one ``os.replace``. Results, records, configs and ``latest`` pointers all go through here."""
+"""Writing a file or a directory so that no reader ever sees half of it: a temporary name beside the
+target, then one ``os.replace``. Results, records, configs, ``latest`` pointers and converted model
+directories all go through here (checkpoint directories use the same pattern in
+``neoxt.checkpoint.layout``, with DCP's collective write in the middle)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -21,26 +27,64 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, *, mode: int | None = None, durable: bool = False) -> Path:
-    """Write ``text`` to ``path`` atomically (parent directories are created).
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = False,
+                file_mode: int | None = None) -> Iterator[IO[Any]]:
+    """Open a file to stream into ``path``: written under a temporary name unique to this process
+    beside it, renamed over ``path`` when the block ends normally, removed when it raises.
 
-    ``mode``: file permissions (e.g. 0o755 for a script). ``durable``: fsync the file and its directory
-    before returning, for files a crash must not lose (checkpoint pointers)."""
+    ``durable``: fsync the file and its directory (for files a crash must not lose, e.g. checkpoint
+    pointers). ``file_mode``: permissions (e.g. 0o755 for a script)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        if file_mode is not None:
+            os.chmod(tmp, file_mode)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if durable:
         fsync_dir(target.parent)
-    return target
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, mode: int | None = None, durable: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically (parent directories are created); see ``atomic_open``."""
+    with atomic_open(path, "w", durable=durable, file_mode=mode) as f:
+        f.write(text)
+    return Path(path)
+
+
+def temp_dir_beside(out: Path, error: type[Exception] = OSError) -> Path:
+    """A fresh hidden directory next to ``out`` (same filesystem, so the final rename is atomic).
+
+    ``out`` must be absent or an empty directory; otherwise ``error`` (a NeoxtError subclass from the
+    caller) names it. Fill the directory, then ``publish_dir`` it; on failure remove it."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise error(f"{out}: output path already exists and is not empty; remove it or pick another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Give ``tmp``'s files the usual permissions and rename it to ``out`` (empty or absent)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.rglob("*"):  # safetensors writes 0600 files; give them the usual permissions
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
+    tmp.chmod(0o777 & ~umask)
+    if out.is_dir():
+        out.rmdir()  # empty (checked in temp_dir_beside)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)

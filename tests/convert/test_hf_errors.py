@@ -122,10 +122,10 @@ def test_checkpoint_that_does_not_match_its_config(llama_dir, tmp_path, capsys):
 
 def test_config_without_an_hf_architecture(tmp_path, capsys):
     """A model HF cannot represent (GPT-J tied norms) is refused before anything is written."""
+    from neoxt.checkpoint import save_checkpoint
     from neoxt.config import config_to_yaml
     from neoxt.config.schema import DataConfig, RunConfig
     from neoxt.model import Transformer, preset
-    from neoxt.train.checkpoint import save_checkpoint
 
     cfg = preset("gpt-neox-tiny", gpt_j_tied=True)
     text = config_to_yaml(RunConfig(model=cfg, data=DataConfig(seq_length=512)))

@@ -10,7 +10,7 @@ import torch
 from hfkit import ARCHS, hf_config, hf_model, run_cli, save_hf_dir
 
 import neoxt
-from neoxt.convert.hf import detect_architecture, hf_config_object, model_config_from_hf
+from neoxt.model.hf_names import detect_architecture, hf_config_object, model_config_from_hf
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +165,10 @@ def test_chat_template_from_config_and_bare_tokenizer_json(tmp_path):
     from transformers import AutoTokenizer
 
     from conftest import CHAT_TEMPLATE, train_tiny_tokenizer
+    from neoxt.checkpoint import save_checkpoint
     from neoxt.config import config_to_yaml
     from neoxt.config.schema import DataConfig, RunConfig, TokenizerConfig
     from neoxt.model import Transformer, preset
-    from neoxt.train.checkpoint import save_checkpoint
 
     tok_dir = train_tiny_tokenizer(tmp_path / "tok", chat_template=None)
     bare = tmp_path / "bare"

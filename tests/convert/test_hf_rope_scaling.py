@@ -12,9 +12,9 @@ import torch
 from hfkit import VOCAB, greedy, run_cli, save_hf_dir
 
 import neoxt
-from neoxt.convert.hf import hf_config_from_model_config, hf_config_object, model_config_from_hf
 from neoxt.errors import ConversionError
 from neoxt.model import Transformer
+from neoxt.model.hf_names import hf_config_from_model_config, hf_config_object, model_config_from_hf
 
 CASES = ("llama3", "olmo3_yarn")
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,

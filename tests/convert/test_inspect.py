@@ -13,7 +13,8 @@ from test_neox_import import VOCAB, build_hf, hf_to_neox_shards, model_config, w
 
 from neoxt.config.schema import DataConfig, RunConfig
 from neoxt.convert import neox
-from neoxt.convert.inspect import format_table, inspect_checkpoint, run
+from neoxt.convert.commands import run_inspect as run
+from neoxt.convert.inspect import format_table, inspect_checkpoint
 from neoxt.errors import CheckpointError
 
 

@@ -318,8 +318,10 @@ def test_import_legacy_gptneox_names_and_fork_nesting(tmp_path):
 
 
 def test_expected_shapes_match_model_state_dict():
-    """The importer's shape table is the model's state-dict contract, for every preset used here."""
+    """The one shape table (read off the model on the meta device) is the state-dict contract of a
+    real model, for every preset used here; the importers check tensors against it."""
     from neoxt.model import Transformer
+    from neoxt.model.shapes import parameter_shapes
 
     for arch in ("gptneox", "llama", "olmo3_gqa"):
         for tied in (False, True):
@@ -328,7 +330,7 @@ def test_expected_shapes_match_model_state_dict():
 
             cfg = dataclasses.replace(cfg, padded_vocab_size=VOCAB)
             model_sd = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
-            assert model_sd == neox.expected_shapes(cfg), arch
+            assert model_sd == parameter_shapes(cfg), arch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -440,7 +442,7 @@ def test_engine_pickles_load_and_layer_files_stay_weights_only(tmp_path, caplog)
 
     ranks = hf_to_neox_shards(build_hf("llama"), "llama", 1)
     step = write_neox(ranks, tmp_path / "a", "sequential")
-    with caplog.at_level(logging.INFO, logger="neoxt.convert.neox"):
+    with caplog.at_level(logging.INFO, logger="neoxt.convert.neox_files"):
         neox.read_neox_checkpoint(step, model_config("llama"))  # numpy RNG + Namespace: weights-only path
     assert "weights_only=False" not in caplog.text
 
@@ -448,7 +450,7 @@ def test_engine_pickles_load_and_layer_files_stay_weights_only(tmp_path, caplog)
     state = torch.load(mp, weights_only=False)
     state["loss_scaler"] = LossScalerLike(2.0)
     torch.save(state, mp)
-    with caplog.at_level(logging.INFO, logger="neoxt.convert.neox"):
+    with caplog.at_level(logging.INFO, logger="neoxt.convert.neox_files"):
         res = neox.read_neox_checkpoint(step, model_config("llama"))
     assert "weights_only=False" in caplog.text and res.iteration == 7
 

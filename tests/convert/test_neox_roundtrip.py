@@ -9,10 +9,13 @@ import pytest
 import torch
 from test_neox_import import build_hf, hf_to_neox_shards, model_config, write_neox
 
+from neoxt.checkpoint.loading import read_checkpoint_model_state
 from neoxt.config.schema import DataConfig, RunConfig
-from neoxt.convert import neox
-from neoxt.convert.loading import read_checkpoint_model_state
+from neoxt.convert import neox, neox_tp
+from neoxt.convert.neox_files import NeoxFiles
 from neoxt.errors import NeoxtError
+from neoxt.model import neox_names
+from neoxt.model.shapes import parameter_shapes
 
 
 def run_config(arch: str) -> RunConfig:
@@ -129,13 +132,13 @@ def test_mapping_round_trip_for_config_variants(variant, tp):
     cfg = dataclasses.replace(model_config("gptneox"), padded_vocab_size=128, **variant)
     if cfg.num_kv_heads % tp:
         with pytest.raises(NeoxtError, match="num_kv_heads"):
-            neox.split_tp({}, cfg, tp)
+            neox_tp.split_tp({}, cfg, tp)
         return
     g = torch.Generator().manual_seed(tp)
-    sd = {k: torch.randn(s, generator=g) for k, s in neox.expected_shapes(cfg).items()}
-    shards = neox.split_tp(neox.neoxt_to_neox(sd, cfg), cfg, tp)
-    files = neox.NeoxFiles(Path("ckpt"), "sequential", tp)
-    back = neox.neox_to_neoxt(neox.merge_tp(shards, cfg, files), cfg, files)
+    sd = {k: torch.randn(s, generator=g) for k, s in parameter_shapes(cfg).items()}
+    shards = neox_tp.split_tp(neox_names.neoxt_to_neox(sd, cfg), cfg, tp)
+    files = NeoxFiles(Path("ckpt"), "sequential", tp)
+    back = neox_names.neox_to_neoxt(neox_tp.merge_tp(shards, cfg, files), cfg, files)
     assert set(back) == set(sd)
     for k in sd:
         assert torch.equal(back[k], sd[k]), k

@@ -114,7 +114,7 @@ def full_state(model, opt) -> dict:
 def load_full_state(path, model, opt) -> None:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    from neoxt.train.checkpoint import load_state
+    from neoxt.checkpoint import load_state
 
     state = load_state(path, full_state(model, opt))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -125,9 +125,9 @@ def run_checkpoint_scenario(layout: str, arch: str) -> dict[str, list[float]]:
     ``<dir>/one-<arch>`` and save their own as ``<dir>/<layout>-<arch>``."""
     import os
 
+    from neoxt.checkpoint import save_checkpoint
     from neoxt.distributed.mesh import build_mesh, dp_rank_size
     from neoxt.distributed.parallelize import parallelize
-    from neoxt.train.checkpoint import save_checkpoint
 
     root = os.environ["NEOXT_TEST_CKPT_DIR"]
     par = ParallelismConfig(model_parallel_size=2 if layout == "ckpttp" else 1)

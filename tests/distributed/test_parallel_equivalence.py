@@ -57,7 +57,7 @@ CKPT_SCENARIOS = ["ckpt:llama", "ckpttp:olmo3"]  # FSDP(2) and TP(2, sharded q/k
 @pytest.fixture(scope="module")
 def ckpt_root(tmp_path_factory) -> Path:
     """``one-<arch>/``: checkpoints saved by one process after 2 of 4 steps (the 2-rank runs resume them)."""
-    from neoxt.train.checkpoint import save_checkpoint
+    from neoxt.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
     for arch in sorted({s.split(":")[1] for s in CKPT_SCENARIOS}):

@@ -130,9 +130,9 @@ def test_neoxt_checkpoint_eval_matches_hf_backend_on_its_export(tmp_path, tiny_t
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from neoxt.checkpoint import save_checkpoint
     from neoxt.config import config_from_dict, config_to_yaml, with_overrides
     from neoxt.model import Transformer
-    from neoxt.train.checkpoint import save_checkpoint
 
     cfg = config_from_dict({"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64,
                             "max_position_embeddings": 128, "pos_emb": "rotary", "rotary_pct": 0.25,

@@ -142,11 +142,11 @@ def test_interactive_mode_on_a_pseudo_terminal(hf_dir):
 
 def test_generate_from_a_neoxt_checkpoint_and_its_config(tmp_path, tiny_tokenizer_dir):
     """`load` names a neoxt run dir; the tokenizer comes from the checkpoint's saved config."""
+    from neoxt.checkpoint import save_checkpoint
     from neoxt.config import config_from_dict, config_to_yaml, with_overrides
     from neoxt.generate import SamplingParams, generate_tokens
     from neoxt.model import Transformer
     from neoxt.tokenizer import load_tokenizer
-    from neoxt.train.checkpoint import save_checkpoint
 
     cfg = config_from_dict({"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64,
                             "max_position_embeddings": 128, "tokenizer_type": "HFTokenizer",

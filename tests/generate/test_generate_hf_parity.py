@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neoxt.convert.hf import detect_architecture, hf_to_neoxt_state_dict, model_config_from_hf
 from neoxt.generate import SamplingParams, generate_tokens
 from neoxt.model import Transformer
+from neoxt.model.hf_names import detect_architecture, hf_to_neoxt_state_dict, model_config_from_hf
 
 PROMPTS = [[5, 17, 42, 9, 88, 101, 7, 3, 19], [200, 12], [64, 64, 3, 250, 31]]
 PAD = 1

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from neoxt.checkpoint import latest_checkpoint
 from neoxt.cli import main
-from neoxt.train.checkpoint import latest_checkpoint
 from neoxt.train.demo import CORPUS_DIR
 
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
+from neoxt.checkpoint import latest_checkpoint, read_meta
 from neoxt.config import config_from_dict
 from neoxt.config.schema import TokenizerConfig
-from neoxt.train.checkpoint import latest_checkpoint, read_meta
 from neoxt.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from trainkit import PatternSource, tiny_config, with_checkpoint
 
-from neoxt.train.checkpoint import latest_checkpoint
+from neoxt.checkpoint import latest_checkpoint
 from neoxt.train.loop import TrainData, train
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from trainkit import PatternSource, tiny_config, with_checkpoint
 
-from neoxt.train.checkpoint import latest_checkpoint, list_checkpoints, read_meta
+from neoxt.checkpoint import latest_checkpoint, list_checkpoints, read_meta
 from neoxt.train.loop import TrainData, TrainingStopped, train
 
 

@@ -154,10 +154,10 @@ def test_sft_example_config_end_to_end_with_preprocess_chat(tmp_path, tiny_token
     import json
 
     transformers = pytest.importorskip("transformers")
+    from neoxt.checkpoint import latest_checkpoint
     from neoxt.cli import main
     from neoxt.config import load_config
     from neoxt.data.chat import preprocess_chat
-    from neoxt.train.checkpoint import latest_checkpoint
     from neoxt.train.loop import resolve_vocab
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[2]

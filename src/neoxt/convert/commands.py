@@ -1,27 +1,28 @@
 """`neoxt convert …`: move weights between Hugging Face, GPT-NeoX and neoxt checkpoints.
 
-The ``convert`` group is built here. Each conversion is one sub-subcommand; handlers are thin and
-import torch/transformers lazily. Other conversion modules plug into the group through
-``CONVERT_MODULES`` below: each listed module exposes ``register_convert(conv)`` that adds its
-subparsers (``neox-to-neoxt``, ``neoxt-to-neox``, ``inspect``) to the ``convert`` subparsers action.
+All of the ``convert`` group's command-line code is here: each conversion is one sub-subcommand
+whose handler is thin and imports its worker lazily (``hf.py``, ``neox.py``, ``inspect.py``), so
+``neoxt --help`` does not import torch or transformers.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
+import os
 import sys
+from pathlib import Path
 
-# Modules that add more `neoxt convert` subcommands (each defines register_convert(conv)).
-CONVERT_MODULES: tuple[str, ...] = ("neoxt.convert.neox", "neoxt.convert.inspect")
+from neoxt.dtypes import PRECISIONS
+from neoxt.errors import ConversionError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("convert", help="convert checkpoints between Hugging Face, GPT-NeoX and neoxt")
     conv = parser.add_subparsers(dest="convert_command", metavar="CONVERSION", required=True)
     _register_hf(conv)
-    for name in CONVERT_MODULES:
-        importlib.import_module(name).register_convert(conv)
+    _register_neox(conv)
+    _register_inspect(conv)
 
 
 def _register_hf(conv: argparse._SubParsersAction) -> None:
@@ -31,14 +32,14 @@ def _register_hf(conv: argparse._SubParsersAction) -> None:
     p.add_argument("--hf-model", required=True, metavar="PATH",
                    help="local HF model directory, or an org/name Hub id (downloaded into the HF cache)")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="new neoxt run directory (must not exist)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="cast weights (default: keep)")
+    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="cast weights (default: keep)")
     p.add_argument("--iteration", type=int, default=0, metavar="N", help="write global_step<N> (default 0)")
     p.set_defaults(handler=run_hf_to_neoxt)
 
     p = conv.add_parser("neoxt-to-hf", help="neoxt checkpoint → HF model dir (safetensors, config.json, tokenizer)")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or its global_step<N>")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="new HF model directory (must not exist)")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="cast weights (default: keep)")
+    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="cast weights (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)")
     p.set_defaults(handler=run_neoxt_to_hf)
 
@@ -56,4 +57,93 @@ def run_neoxt_to_hf(args: argparse.Namespace) -> int:
 
     out = convert_neoxt_to_hf(args.checkpoint, args.output_dir, args.dtype, args.max_shard_size)
     print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _register_neox(conv: argparse._SubParsersAction) -> None:
+    p = conv.add_parser(
+        "neox-to-neoxt",
+        help="GPT-NeoX (DeepSpeed) global_stepN, sequential or pipeline, any TP size → new neoxt run dir",
+    )
+    p.add_argument("--input-dir", required=True, metavar="DIR", help=".../global_stepN, or the save dir holding `latest`")
+    p.add_argument(
+        "--config", nargs="+", metavar="YML",
+        help="the run's GPT-NeoX config file(s) (default: the YAML files in <input-dir>/configs/)",
+    )
+    p.add_argument("--output-dir", metavar="DIR", help="new neoxt run directory (default: <save dir>-neoxt beside it)")
+    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="cast weights (default: keep the checkpoint's)")
+    p.add_argument("--iteration", type=int, default=None, metavar="N", help="write global_step<N> (default: the checkpoint's)")
+    p.set_defaults(handler=run_neox_to_neoxt)
+
+    p = conv.add_parser(
+        "neoxt-to-neox",
+        help="neoxt checkpoint → GPT-NeoX (DeepSpeed) global_stepN + latest + configs/ (weights only: "
+        "load it in GPT-NeoX with finetune: true)",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="neoxt run directory or its global_step<N>")
+    p.add_argument("--output-dir", required=True, metavar="DIR", help="GPT-NeoX save directory (created if missing)")
+    p.add_argument("--model-parallel-size", type=int, default=1, metavar="N", help="tensor-parallel shards to write")
+    p.add_argument(
+        "--pipeline-layout", action="store_true",
+        help="write layer_XX-model_YY files (pipe_parallel_size >= 1) instead of sequential mp_rank_XX files",
+    )
+    p.set_defaults(handler=run_neoxt_to_neox)
+
+
+def _default_configs(input_dir: Path) -> list[str]:
+    from neoxt.convert.neox_files import find_neox_files
+
+    files = find_neox_files(input_dir)
+    found = sorted(str(f) for f in (files.path / "configs").glob("*.y*ml"))
+    if not found:
+        raise ConversionError(f"{files.path}: no configs/*.yml inside the checkpoint; pass the run's config with --config")
+    return found
+
+
+def run_neox_to_neoxt(args: argparse.Namespace) -> int:
+    from neoxt.config import load_config
+    from neoxt.convert.neox import import_neox
+    from neoxt.convert.neox_files import find_neox_files
+    from neoxt.dtypes import dtype_of
+
+    input_dir = Path(args.input_dir)
+    configs = args.config or _default_configs(input_dir)
+    run_cfg = load_config(configs)
+    if args.output_dir:
+        out = Path(args.output_dir)
+    else:
+        save_dir = find_neox_files(input_dir).path.parent
+        out = save_dir.with_name(save_dir.name + "-neoxt")
+    dtype = dtype_of(args.dtype) if args.dtype else None
+    step = import_neox(input_dir, run_cfg, out, iteration=args.iteration, dtype=dtype)
+    print(f"neoxt: wrote {step} (config: {step.parent / 'config.yml'})", file=sys.stderr)
+    return 0
+
+
+def run_neoxt_to_neox(args: argparse.Namespace) -> int:
+    from neoxt.convert.neox import export_neox
+
+    step = export_neox(args.checkpoint, args.output_dir, args.model_parallel_size, args.pipeline_layout)
+    layout = "pipeline" if args.pipeline_layout else "sequential"
+    print(f"neoxt: wrote {step} ({layout}, model_parallel_size {args.model_parallel_size})", file=sys.stderr)
+    return 0
+
+
+def _register_inspect(conv: argparse._SubParsersAction) -> None:
+    p = conv.add_parser("inspect", help="what a checkpoint (neoxt, HF, GPT-NeoX) holds: iteration, tensors, parameters")
+    p.add_argument("path", metavar="PATH", help="neoxt run dir or global_stepN, HF model dir, GPT-NeoX global_stepN")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(handler=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """CLI handler: ``neoxt convert inspect PATH [--json]``."""
+    from neoxt.convert.inspect import format_table, inspect_checkpoint
+
+    info = inspect_checkpoint(args.path)
+    text = json.dumps(info.to_json(), indent=2) if getattr(args, "json", False) else format_table(info)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `neoxt convert inspect ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,9 +72,9 @@ _SAFETENSORS_DTYPES = {
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
     """Describe the checkpoint at ``path`` (any of the three formats)."""
-    from neoxt.convert.loading import is_hf_model_dir
-    from neoxt.convert.neox import LAYER_FILE_RE, MP_FILE_RE
-    from neoxt.train.checkpoint import is_checkpoint_dir
+    from neoxt.checkpoint import is_checkpoint_dir
+    from neoxt.checkpoint.loading import is_hf_model_dir
+    from neoxt.convert.neox_files import LAYER_FILE_RE, MP_FILE_RE
 
     p = Path(path)
     if not p.exists():
@@ -123,9 +122,9 @@ def _inspect_file(path: Path) -> CheckpointInfo:
         return CheckpointInfo(str(path), "safetensors-file", None, tuple(sorted(tensors, key=lambda t: _natural(t.name))))
     import torch
 
-    from neoxt.convert.neox import _torch_load
+    from neoxt.convert.neox_files import torch_load
 
-    obj = _torch_load(path, allow_pickle=True)  # the user named this file: trusted like its checkpoint dir
+    obj = torch_load(path, allow_pickle=True)  # the user named this file: trusted like its checkpoint dir
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, torch.Tensor):
@@ -143,16 +142,12 @@ def _inspect_file(path: Path) -> CheckpointInfo:
 
 
 def _inspect_neoxt(ckpt: Path) -> CheckpointInfo:
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from neoxt.train.checkpoint import read_meta
+    from neoxt.checkpoint import read_dcp_metadata, read_meta
 
     meta = read_meta(ckpt)
-    try:
-        md = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{ckpt}: cannot read checkpoint metadata ({err})") from err
+    md = read_dcp_metadata(ckpt)
     tensors, other = [], {}
     for key, item in md.items():
         if not isinstance(item, TensorStorageMetadata):
@@ -173,7 +168,7 @@ def _inspect_neoxt(ckpt: Path) -> CheckpointInfo:
 
 def _model_summary(ckpt: Path) -> str:
     """One line of the checkpoint's config.yml model section (or why it cannot be read)."""
-    from neoxt.convert.loading import read_checkpoint_config
+    from neoxt.checkpoint.loading import read_checkpoint_config
     from neoxt.errors import NeoxtError
 
     try:
@@ -194,7 +189,7 @@ def _model_summary(ckpt: Path) -> str:
 
 
 def _inspect_hf(model_dir: Path) -> CheckpointInfo:
-    from neoxt.convert.loading import HFWeights, read_hf_config_json
+    from neoxt.checkpoint.loading import HFWeights, read_hf_config_json
 
     cfg = read_hf_config_json(model_dir)
     weights = HFWeights(model_dir)
@@ -233,16 +228,22 @@ def _inspect_hf(model_dir: Path) -> CheckpointInfo:
 
 
 def _inspect_neox(path: Path) -> CheckpointInfo:
-    from neoxt.convert import neox
+    from neoxt.convert.neox_files import (
+        checkpoint_iteration,
+        find_neox_files,
+        load_neox_shards,
+        read_client_state,
+    )
+    from neoxt.convert.neox_tp import tp_rule
 
-    files = neox.find_neox_files(path)
-    client = neox.read_client_state(files)
-    shards = neox.load_neox_shards(files)
+    files = find_neox_files(path)
+    client = read_client_state(files)
+    shards = load_neox_shards(files)
     tensors = []
     ignored = []
     for key in sorted(shards[0], key=_natural):
         name = key.split(".", 1)[1]
-        rule = neox._rule(name)
+        rule = tp_rule(name)
         if rule == "ignore":
             ignored.append(key)
             continue
@@ -260,7 +261,7 @@ def _inspect_neox(path: Path) -> CheckpointInfo:
         details["args"] = {k: v for k, v in client["args"].items() if isinstance(v, (int, float, str, bool)) or v is None}
     if ignored:
         details["derived_buffers_not_counted"] = len(ignored)
-    return CheckpointInfo(str(files.path), "gpt-neox", neox.checkpoint_iteration(files, client), tuple(tensors), details)
+    return CheckpointInfo(str(files.path), "gpt-neox", checkpoint_iteration(files, client), tuple(tensors), details)
 
 
 def _natural(name: str) -> tuple:
@@ -298,21 +299,3 @@ def _human(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(n)
-
-
-def run(args: Any) -> int:
-    """CLI handler: ``neoxt convert inspect PATH [--json]``."""
-    info = inspect_checkpoint(args.path)
-    text = json.dumps(info.to_json(), indent=2) if getattr(args, "json", False) else format_table(info)
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:  # `neoxt convert inspect ... | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    return 0
-
-
-def register_convert(conv: Any) -> None:
-    p = conv.add_parser("inspect", help="what a checkpoint (neoxt, HF, GPT-NeoX) holds: iteration, tensors, parameters")
-    p.add_argument("path", metavar="PATH", help="neoxt run dir or global_stepN, HF model dir, GPT-NeoX global_stepN")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(handler=run)

@@ -27,7 +27,7 @@ from neoxt.config.schema import TokenizerConfig
 from neoxt.data.readers import Batch, open_hf_dataset
 from neoxt.data.tokenize import EncodedBatch, Progress, ordered_results, text_field
 from neoxt.errors import DataError
-from neoxt.io import write_text_atomic
+from neoxt.io import atomic_open, write_text_atomic
 
 TEXT_COLUMNS = ("text",)
 CHAT_COLUMNS = ("messages", "conversation", "conversations")
@@ -133,21 +133,15 @@ def _row_batches(ds: Any, column: str, source: str, batch_size: int):
 
 
 def _export_jsonl(ds: Any, column: str, path: Path, batch_size: int) -> int:
-    tmp = path.with_name(path.name + ".tmp")
     n = 0
     progress = Progress(len(ds), "prepare-hf export")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path, "w") as f:
             for cols in ds.select_columns([column]).iter(batch_size=batch_size):
                 lines = [json.dumps({column: value}, ensure_ascii=False) + "\n" for value in cols[column]]
                 f.writelines(lines)
                 n += len(lines)
                 progress.update(len(lines), 0, sum(len(x) for x in lines))
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
     finally:
         progress.close()
     return n

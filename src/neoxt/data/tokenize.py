@@ -26,7 +26,6 @@ import itertools
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -154,42 +153,31 @@ def ordered_results(
 
 
 class Progress:
-    """tqdm on a terminal; otherwise one log line at most every ``every_s`` seconds."""
+    """Documents done, with tokens and bytes per second, over the one display (``neoxt.progress``)."""
 
     def __init__(self, total_docs: int | None, label: str, every_s: float = 10.0):
+        from neoxt.progress import Progress as Display
+
         self.label = label
         self.start = time.monotonic()
-        self.last_log = self.start
-        self.every_s = every_s
-        self.docs = 0
         self.tokens = 0
         self.nbytes = 0
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
+        self.display = Display(total_docs, label, "doc", every_s, describe=self._line)
 
-            self.bar = tqdm(total=total_docs, unit="doc", desc=label, dynamic_ncols=True)
+    def _line(self, docs: int) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate, mbs = self.tokens / elapsed, self.nbytes / elapsed / 2**20
+        toks = f", {self.tokens:,} tokens ({rate:,.0f} tokens/s, {mbs:.1f} MB/s)" if self.tokens else f" ({mbs:.1f} MB/s)"
+        return f"{self.label}: {docs:,} documents{toks}"
 
     def update(self, docs: int, tokens: int, nbytes: int) -> None:
-        self.docs += docs
         self.tokens += tokens
         self.nbytes += nbytes
-        now = time.monotonic()
-        rate = self.tokens / max(now - self.start, 1e-9)
-        if self.bar is not None:
-            self.bar.update(docs)
-            if self.tokens:
-                self.bar.set_postfix_str(f"{self.tokens:,} tok, {rate:,.0f} tok/s", refresh=False)
-        elif now - self.last_log >= self.every_s:
-            self.last_log = now
-            mbs = self.nbytes / max(now - self.start, 1e-9) / 2**20
-            toks = f", {self.tokens:,} tokens ({rate:,.0f} tokens/s, {mbs:.1f} MB/s)" if self.tokens else \
-                f" ({mbs:.1f} MB/s)"
-            print(f"{self.label}: {self.docs:,} documents{toks}", file=sys.stderr, flush=True)
+        rate = self.tokens / max(time.monotonic() - self.start, 1e-9)
+        self.display.update(docs, f"{self.tokens:,} tok, {rate:,.0f} tok/s" if self.tokens else None)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.display.close()
 
 
 def _raise_on_sigterm() -> Any:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from neoxt.dtypes import PRECISIONS
 from neoxt.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--checkpoints", default=None, metavar="all|N,M",
                    help="evaluate intermediate checkpoints: a local run's global_step<N>, a Hub repo's branches")
     s.add_argument("--device", default=None)
-    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    s.add_argument("--dtype", choices=list(PRECISIONS), default=None)
     s.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE/HF_DATASETS_OFFLINE")
     s.set_defaults(handler=run_suite_command)
 
@@ -124,10 +125,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 def _has_template(entry: Any) -> bool:
     """Whether a suite model's tokenizer carries a chat template (reads tokenizer files only)."""
-    from neoxt.convert.loading import is_hf_model_dir, read_checkpoint_config
+    from neoxt.checkpoint import resolve_checkpoint
+    from neoxt.checkpoint.loading import is_hf_model_dir, read_checkpoint_config
     from neoxt.evaluate.models_registry import local_source
     from neoxt.tokenizer import load_tokenizer
-    from neoxt.train.checkpoint import resolve_checkpoint
 
     src = local_source(entry)
     if not Path(src).exists() or is_hf_model_dir(src):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,38 +34,19 @@ from lm_eval.models.utils import (
     normalize_gen_kwargs,
     postprocess_generated_text,
 )
-from tqdm import tqdm
 
 from neoxt.errors import ConfigError
 from neoxt.generate import SamplingParams, generate_tokens
+from neoxt.progress import Progress
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_GEN_TOKS = 256
 
 
-class _LogProgress:
-    """tqdm's update/close over one log line per ~10% (for logs that are files, not terminals)."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.n, self.next_at = total, desc, 0, max(1, total // 10)
-
-    def update(self, n: int) -> None:
-        self.n += n
-        if self.n >= self.next_at or self.n == self.total:
-            log.info("%s: %d/%d", self.desc, self.n, self.total)
-            self.next_at = self.n + max(1, self.total // 10)
-
-    def close(self) -> None:
-        pass
-
-
-def progress(total: int, desc: str, disable: bool = False) -> Any:
-    if disable or total == 0:
-        return tqdm(total=total, disable=True)
-    if sys.stderr.isatty():
-        return tqdm(total=total, desc=desc)
-    return _LogProgress(total, desc)
+def progress(total: int, desc: str, disable: bool = False) -> Progress:
+    """lm-eval's ``disable_tqdm`` honoured over the one progress display (``neoxt.progress``)."""
+    return Progress(total, desc, "request", disable=disable or total == 0)
 
 
 class TokenizerView:

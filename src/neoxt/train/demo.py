@@ -173,6 +173,6 @@ def run_demo(workdir: str | os.PathLike, iters: int | None = None) -> int:
 
 
 def neoxt_latest(save: Path) -> Path | None:
-    from neoxt.train.checkpoint import latest_checkpoint
+    from neoxt.checkpoint import latest_checkpoint
 
     return latest_checkpoint(save)

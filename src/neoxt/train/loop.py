@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from neoxt import checkpoint as ckpt
 from neoxt.config.schema import RunConfig
 from neoxt.errors import CheckpointError, ConfigError, NeoxtError
-from neoxt.train import checkpoint as ckpt
 from neoxt.train.losses import lm_loss_sum, token_mask
 from neoxt.train.metrics import MetricsLogger, StepStats, default_peak_tflops, wandb_settings
 from neoxt.train.optim import build_optimizer, set_lr

@@ -16,19 +16,18 @@ from typing import Any
 import torch
 
 from neoxt.config.schema import TrainingConfig
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from neoxt.dtypes import dtype_of
 
 
 def compute_dtype(precision: str) -> torch.dtype:
-    return _DTYPES[precision]
+    return dtype_of(precision)
 
 
 def autocast(precision: str, device_type: str) -> contextlib.AbstractContextManager:
     """The forward-pass context for ``precision`` (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=_DTYPES[precision])
+    return torch.autocast(device_type=device_type, dtype=dtype_of(precision))
 
 
 @dataclass

@@ -4,7 +4,7 @@
 
 - a neoxt run directory (follows its ``latest`` file),
 - a ``global_step<N>`` checkpoint directory (DCP files + ``config.yml`` + ``meta.json``),
-- a Hugging Face model directory (``config.json`` + safetensors or ``pytorch_model.bin``), converted
+- a Hugging Face model directory (``config.json`` + safetensors or ``pytorch_model.bin``), mapped
   in memory (GPTNeoX, LLaMA, OLMo-3),
 
 and returns our ``Transformer`` in eval mode. Models are built on the meta device and filled by
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from neoxt.config.schema import ModelConfig, RunConfig
+from neoxt.dtypes import dtype_of
 from neoxt.errors import CheckpointError, ConfigError, ConversionError
 
 HF_CONFIG = "config.json"
@@ -134,7 +135,7 @@ class HFWeights(Mapping):
 
 def read_hf_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None, progress=iter):
     """(ModelConfig, our state dict, architecture, transformers config) for an HF model directory."""
-    from neoxt.convert.hf import (
+    from neoxt.model.hf_names import (
         detect_architecture,
         hf_config_object,
         hf_to_neoxt_state_dict,
@@ -155,6 +156,32 @@ def read_hf_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None
     return cfg, sd, arch, hf_cfg
 
 
+# What a conversion needs from a Hub repository (weights in safetensors, else PyTorch pickles).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
+
+
+def resolve_hf_source(source: str | os.PathLike) -> Path:
+    """A local HF model directory as is; an ``org/name`` Hub id downloaded into the HF cache first
+    (with ``HF_HUB_OFFLINE=1``: the cached snapshot only)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1:
+        raise ConversionError(f"{source}: no such directory")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+        if not any(local.glob("*.safetensors")):
+            local = Path(snapshot_download(text, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+    except Exception as err:  # the hub client raises many types (offline, 404, auth, network)
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConversionError(f"{source}: not a local directory and not downloadable from the Hub "
+                              f"({type(err).__name__}: {first})") from None
+    return local
+
+
 # ----------------------------------------------------------------------------------------------
 # neoxt checkpoints
 
@@ -171,15 +198,12 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike) -> RunConfig:
 
 def saved_model_tensors(ckpt_dir: str | os.PathLike) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Names, shapes and dtypes of the ``model`` tensors a DCP checkpoint holds (from its metadata)."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    try:
-        meta = FileSystemReader(str(ckpt_dir)).read_metadata()
-    except (OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{ckpt_dir}: cannot read checkpoint metadata ({err})") from err
+    from neoxt.checkpoint.layout import read_dcp_metadata
+
     out = {}
-    for key, item in meta.state_dict_metadata.items():
+    for key, item in read_dcp_metadata(ckpt_dir).items():
         if key.startswith("model.") and isinstance(item, TensorStorageMetadata):
             out[key[len("model."):]] = (item.size, item.properties.dtype)
     return out
@@ -187,11 +211,11 @@ def saved_model_tensors(ckpt_dir: str | os.PathLike) -> dict[str, tuple[torch.Si
 
 def read_checkpoint_model_state(ckpt_dir: str | os.PathLike, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model tensors of a neoxt checkpoint, checked against ``cfg`` (names and shapes), on CPU."""
-    from neoxt.convert.hf import expected_shapes
-    from neoxt.train.checkpoint import load_state
+    from neoxt.checkpoint.layout import load_state
+    from neoxt.model.shapes import parameter_shapes
 
     saved = saved_model_tensors(ckpt_dir)
-    want = expected_shapes(cfg)
+    want = parameter_shapes(cfg)
     missing = sorted(set(want) - set(saved))
     if missing:
         raise CheckpointError(f"{ckpt_dir}: checkpoint has no tensor model.{missing[0]} that its config.yml requires"
@@ -215,22 +239,16 @@ def _build(cfg: ModelConfig, sd: Mapping[str, torch.Tensor], device, dtype):
     return model.eval()
 
 
-_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | str | None = None):
     """A neoxt run dir, ``global_step<N>`` dir or HF model dir → our ``Transformer`` (eval mode).
 
     ``dtype`` may be a torch dtype or a name ("bf16", "float32", ...); None keeps the stored dtype.
     """
-    from neoxt.train.checkpoint import is_checkpoint_dir, resolve_checkpoint
+    from neoxt.checkpoint.layout import is_checkpoint_dir, resolve_checkpoint
 
     if isinstance(dtype, str):
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
-        dtype = _DTYPE_NAMES[dtype]
+        dtype = dtype_of(dtype)
     p = Path(path)
     if is_hf_model_dir(p) and not is_checkpoint_dir(p):
         cfg, sd, _, _ = read_hf_model(p)

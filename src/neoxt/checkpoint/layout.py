@@ -208,6 +208,22 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
 
 
+def read_dcp_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's DCP index: flattened key ("model.embed.weight", "rng.rank0.torch", ...) →
+    storage metadata (``TensorStorageMetadata`` has ``size`` and ``properties.dtype``).
+
+    The one reader of a checkpoint's ``.metadata`` (a pickle): every caller that inspects a checkpoint
+    without loading it goes through here, so an allowlisted unpickler can later be put in one place."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return dict(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{ckpt_dir}: cannot read the checkpoint's DCP metadata: {err}") from err
+
+
 def read_config_text(ckpt_dir: str | os.PathLike) -> str:
     path = Path(ckpt_dir) / CONFIG_FILE
     try:

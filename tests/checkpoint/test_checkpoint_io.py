@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from neoxt.errors import CheckpointError
-from neoxt.train.checkpoint import (
+from neoxt.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -26,6 +25,7 @@ from neoxt.train.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from neoxt.errors import CheckpointError
 
 
 def _model_and_opt(seed: int = 0):
@@ -143,7 +143,7 @@ def test_kill_during_write_keeps_previous_checkpoint(tmp_path):
     script = textwrap.dedent(
         f"""
         import torch
-        from neoxt.train.checkpoint import save_checkpoint
+        from neoxt.checkpoint import save_checkpoint
         sd = {{"w": torch.arange(6.0)}}
         save_checkpoint({str(save_dir)!r}, 1, {{"model": sd}}, "", {{}})
         print("saved1", flush=True)
@@ -170,3 +170,14 @@ def test_kill_during_write_keeps_previous_checkpoint(tmp_path):
     load_state(resolve_checkpoint(save_dir), {"model": sd})
     assert torch.equal(sd["w"], torch.arange(6.0))
     assert json.loads((save_dir / "global_step1" / "meta.json").read_text())["iteration"] == 1
+
+
+def test_dcp_metadata_is_read_in_one_place_and_a_corrupt_index_is_named(tmp_path):
+    from neoxt.checkpoint import read_dcp_metadata
+
+    step = save_checkpoint(tmp_path, 3, {"model": {"w": torch.ones(2, 3)}}, "x: 1\n")
+    md = read_dcp_metadata(step)
+    assert list(md["model.w"].size) == [2, 3]
+    (step / ".metadata").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match=r"\.metadata|DCP metadata"):
+        read_dcp_metadata(step)

@@ -82,7 +82,10 @@ def check_config(cfg: RunConfig) -> None:
     """What must hold before anything is built (named keys, one line)."""
     if cfg.training.train_iters <= 0:
         raise ConfigError("train_iters must be set to a positive number of iterations")
-    factory_for(cfg)  # train_impl names a registered objective (that runs under this parallelism)
+    factory = factory_for(cfg)  # train_impl names a registered objective (that runs under this parallelism)
+    check = getattr(factory, "check_config", None)  # the objective's own checks, before anything is built
+    if check is not None:
+        check(cfg)
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
 

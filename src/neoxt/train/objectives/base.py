@@ -7,6 +7,7 @@ The loop (``neoxt.train.loop``) never branches on ``train_impl``: it builds the 
 surface::
 
     factory(ctx: ObjectiveContext) -> Objective          # setup hook, once, before any resume
+    factory.check_config(cfg) -> None                     # optional: config checks before anything is built
 
     objective.parts: list[nn.Module]                      # what the optimizers step and checkpoints hold
     objective.model: nn.Module | None                     # the whole model for eval tasks (None: pipeline)

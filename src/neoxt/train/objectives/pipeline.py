@@ -58,11 +58,11 @@ class PipelineObjective(Stateless):
     """``neoxt.distributed.pipeline.Pipeline`` driven with the LM loss."""
 
     model = None  # no whole model on any rank: eval tasks are refused (check_pipeline_config)
+    check_config = staticmethod(check_pipeline_config)
 
     def __init__(self, ctx: ObjectiveContext):
         from neoxt.distributed.pipeline import build_pipeline
 
-        check_pipeline_config(ctx.cfg)
         assert ctx.mesh is not None  # pipe_parallel_size > 1 needs as many processes
         t = ctx.cfg.training
         self.loss_fn = PipelineLoss(z_loss=t.z_loss)

@@ -24,12 +24,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from neoxt.config.schema import RunConfig
+from neoxt.distributed.mesh import all_reduce_sum
 from neoxt.distributed.parallelize import parallelize
 from neoxt.errors import ConfigError
 
@@ -110,8 +110,7 @@ class Pipeline:
         device = self.stages[0].device
         loss = torch.stack(losses).mean().detach().float() if self.has_last else torch.zeros((), device=device)
         loss = loss.to(device)
-        dist.all_reduce(loss, group=self.pp_mesh.get_group())  # only the last stage's rank adds a value
-        return loss
+        return all_reduce_sum(loss, self.pp_mesh.get_group())  # only the last stage's rank adds a value
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for p in self.parts:

@@ -32,7 +32,7 @@ from neoxt.train.objectives import Objective, ObjectiveContext, build_objective,
 from neoxt.train.optim import build_optimizer
 from neoxt.train.precision import LossScaler
 from neoxt.train.schedule import LRSchedule, build_schedule
-from neoxt.train.step import StepCounters, Stepper, gradient_clipper
+from neoxt.train.step import StepCounters, Stepper, gradient_clipper, is_sharded
 
 
 class BatchSource(Protocol):
@@ -165,7 +165,7 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
         parallelize=parallelize, say=say,
     ))
     parts = objective.parts
-    if group is not None and not any(type(p).__name__ == "DTensor" for part in parts for p in part.parameters()):
+    if group is not None and not is_sharded(parts):
         raise RuntimeError("data-parallel training needs a model parallelized with FSDP2 (neoxt.distributed.parallelize)")
     for part in parts:
         part.train()

@@ -78,14 +78,19 @@ def unscale_gradients(parts: list[nn.Module], loss_scale: float) -> None:
         torch._foreach_mul_(grads, 1.0 / loss_scale)
 
 
+def is_sharded(parts: list[nn.Module]) -> bool:
+    """Whether FSDP2/TP parallelized ``parts`` (DTensor parameters): they reduce their own gradients
+    and need the collective gradient norm."""
+    return any(type(p).__name__ == "DTensor" for part in parts for p in part.parameters())
+
+
 def gradient_clipper(parts: list[nn.Module], clip: float | None, pp_mesh: Any = None) -> Callable[[], float]:
     """Clip the global gradient norm of ``parts`` to ``clip`` (none when unset/0); returns the norm.
 
     Sharded (DTensor) or pipelined parameters need the collective norm of ``neoxt.distributed``."""
     params = [p for part in parts for p in part.parameters() if p.requires_grad]
     max_norm = clip if clip and clip > 0 else float("inf")
-    sharded = pp_mesh is not None or any(type(p).__name__ == "DTensor" for p in params)
-    if sharded:
+    if pp_mesh is not None or is_sharded(parts):
         from neoxt.distributed.parallelize import clip_grad_norm_
 
         return lambda: float(clip_grad_norm_(params, max_norm, pp_mesh=pp_mesh))

@@ -40,6 +40,28 @@ def test_registered_objective_trains_checkpoints_and_resumes_exactly(tmp_path):
     assert resumed == steps[3:]  # the objective's counter and generator were restored
 
 
+class _Burst(toy_objective.ToyTokenObjective):
+    """Every other update does not advance the iteration counter (a gradient-ascent style burst)."""
+
+    def train_batch(self, micro, loss_scale):
+        outcome = super().train_batch(micro, loss_scale)
+        outcome.advance = self.batches % 2 == 0
+        return outcome
+
+
+def test_steps_that_do_not_advance_the_counter(tmp_path):
+    from neoxt.train.objectives import register_objective
+
+    register_objective("toy_burst", _Burst)
+    cfg = with_checkpoint(tiny_config(save=tmp_path, train_iters=3, train_impl="toy_burst"), checkpoint_factor=1)
+    seen: list[tuple[int, bool]] = []
+    r = train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None,
+              on_step=[lambda it, s: seen.append((it, s.advance))])
+    assert seen == [(0, False), (1, True), (1, False), (2, True), (2, False), (3, True)]
+    assert r.iteration == 3 and len(r.losses) == 6
+    assert sorted(p.name for p in tmp_path.glob("global_step*")) == ["global_step1", "global_step2", "global_step3"]
+
+
 def test_unknown_objective_names_the_key_and_the_choices():
     cfg = tiny_config(train_iters=1, train_impl="toy_tokn")
     with pytest.raises(ConfigError, match="train_impl: 'toy_tokn'.*did you mean 'toy_token'"):

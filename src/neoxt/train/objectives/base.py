@@ -62,7 +62,7 @@ class StepOutcome:
     """What one objective step (or evaluation batch) produced."""
 
     loss: torch.Tensor  # float64 scalar, the global-batch loss, identical on every rank
-    tokens: int = 0  # counted (loss-bearing) tokens of the global batch
+    tokens: int = 0  # counted (loss-bearing) tokens of the global batch (reported by eval; optional in training)
     weight: float = 1.0  # evaluation: how much this batch counts in the validation mean
     metrics: dict[str, float] = field(default_factory=dict)  # extra named metrics for the log
     advance: bool = True  # False: an update that does not advance the iteration counter

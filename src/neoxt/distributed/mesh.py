@@ -120,8 +120,10 @@ def group_timeout_s() -> float | None:
     if not (dist.is_available() and dist.is_initialized()):
         return None
     device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
-    backend = dist.group.WORLD._get_backend(device)
-    return backend.options._timeout.total_seconds()
+    try:  # private torch API: report nothing rather than fail a run if it changes
+        return dist.group.WORLD._get_backend(device).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def rank_world() -> tuple[int, int]:

@@ -73,7 +73,8 @@ class RandomBatches:
 def run_ours(model_cfg, model, args) -> float:
     """tokens/s of the timed window of one train() call (read from its metrics.jsonl)."""
     from neoxt.config.schema import LoggingConfig, OptimizerConfig, RunConfig, ScheduleConfig, TrainingConfig
-    from neoxt.train.loop import TrainData, train
+    from neoxt.train.loop import train
+    from neoxt.train.setup import TrainData
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = RunConfig(model=model_cfg)
@@ -98,7 +99,7 @@ def step_fns(hf, ours, args):
     import torch.nn.functional as F
 
     from neoxt.config.schema import OptimizerConfig
-    from neoxt.train.loop import accumulate_gradients
+    from neoxt.train.objectives.lm import accumulate_gradients
     from neoxt.train.optim import build_optimizer
 
     ocfg = OptimizerConfig(optimizer_type="adam", lr=1e-4, weight_decay=0.1, gradient_clipping=1.0)

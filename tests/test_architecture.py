@@ -36,21 +36,14 @@ WIRING = {
 
 # Edges allowed for now, each to be removed by the change named beside it.
 TEMPORARY_EDGES = {
-    # removed by arch-train (the objectives split breaks the loop ↔ posttrain cycle)
-    ("neoxt.train.posttrain", "neoxt.train.loop"): "removed by arch-train",
 }
 
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 80
 # (module path relative to src/neoxt, function qualname or None for the file) → why it may be longer.
 SIZE_EXCEPTIONS = {
-    # temporary: arch-train splits train/loop.py into setup/step/checkpointer/evaluation (removed by arch-train)
-    ("train/loop.py", None): "removed by arch-train",
-    ("train/loop.py", "train"): "removed by arch-train",
-    ("train/loop.py", "_load_full"): "removed by arch-train",
     # Older debt outside this split (other engineers own these files); each is one job, long
     # because of its many GPT-NeoX keys or formats, to be split when next touched:
-    ("config/load.py", None): "GPT-NeoX key resolution and validation, one rule per key (688 lines)",
     ("data/sampling.py", None): "GPT-NeoX's doc/sample/shuffle index builders, reproduced as upstream lays them out",
     ("data/prepare_hf.py", "prepare_hf"): "the count → export → tokenize pipeline in order, one stage per block",
     ("distributed/launch.py", "render_sbatch"): "one #SBATCH line per option; a template in code",

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from trainkit import train_killed_after
 
 from neoxt.checkpoint import latest_checkpoint, read_meta
 from neoxt.config import config_from_dict
@@ -61,13 +62,14 @@ def test_exact_resume_over_blend_with_accumulation(tmp_path, blend_data):
     quiet = dict(log=lambda m: None)
     ref = train(config_from_dict(_config_dict(blend_data, tmp_path / "a")), "", **quiet)
     cfg = config_from_dict(_config_dict(blend_data, tmp_path / "b"))
-    first = train(cfg, "", stop_after=6, **quiet)  # checkpoint at 4, killed after 6
+    first = train_killed_after(6, cfg, "", **quiet)  # checkpoint at 4, killed after 6
     assert first.status == "killed" and latest_checkpoint(tmp_path / "b").name == "global_step4"
     second = train(cfg, "", **quiet)
     assert second.start_iteration == 4
     assert first.losses[:4] + second.losses == ref.losses
     from neoxt.model import Transformer
-    from neoxt.train.loop import load_weights, resolve_vocab
+    from neoxt.train.checkpointer import load_weights
+    from neoxt.train.setup import resolve_vocab
 
     weights = []
     for run in ("a", "b"):

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from trainkit import train_killed_after
 
 from neoxt.config import config_from_dict
 from neoxt.data.indexed import IndexedDatasetWriter
@@ -81,7 +82,7 @@ def test_dpo_starts_at_log2_learns_the_preference_and_resumes_exactly(tmp_path, 
     assert all(math.isfinite(x) for x in ref.losses)
     assert sum(ref.losses[-3:]) / 3 < 0.6, ref.losses
 
-    first = train(cfg, None, log=lambda m: None, stop_after=6)
+    first = train_killed_after(6, cfg, None, log=lambda m: None)
     lines = []
     second = train(cfg, None, log=lines.append)
     assert lines[0].startswith("resuming from") and second.start_iteration == 4

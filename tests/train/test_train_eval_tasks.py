@@ -9,7 +9,8 @@ from pathlib import Path
 from trainkit import PatternSource, tiny_config
 
 from neoxt.config.schema import EvaluationConfig, TokenizerConfig
-from neoxt.train.loop import TrainData, train
+from neoxt.train.loop import train
+from neoxt.train.setup import TrainData
 
 LMEVAL = Path(__file__).resolve().parents[1] / "data" / "lmeval"
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from trainkit import PatternSource, tiny_config, with_checkpoint
+from trainkit import PatternSource, tiny_config, train_killed_after, with_checkpoint
 
 from neoxt.checkpoint import latest_checkpoint
-from neoxt.train.loop import TrainData, train
+from neoxt.train.loop import train
+from neoxt.train.setup import TrainData
 
 
 def test_load_equal_to_save_starts_fresh_then_resumes(tmp_path):
     run = str(tmp_path / "run")
     cfg = with_checkpoint(tiny_config(save=run, train_iters=4), load=run, checkpoint_factor=2)
     lines: list[str] = []
-    first = train(cfg, "", data=TrainData(PatternSource()), log=lines.append, stop_after=2)
+    first = train_killed_after(2, cfg, "", data=TrainData(PatternSource()), log=lines.append)
     assert lines[0].startswith("starting from scratch") and "holds no checkpoint yet" in lines[0]
     assert first.start_iteration == 0 and latest_checkpoint(run).name == "global_step2"
 

@@ -8,15 +8,17 @@ from dataclasses import replace
 
 import pytest
 import torch
-from trainkit import PatternSource, tiny_config, with_checkpoint
+from trainkit import PatternSource, tiny_config, train_killed_after, with_checkpoint
 
 from neoxt.checkpoint import latest_checkpoint, list_checkpoints, read_meta
-from neoxt.train.loop import TrainData, TrainingStopped, train
+from neoxt.train.loop import train
+from neoxt.train.setup import TrainData
+from neoxt.train.step import TrainingStopped
 
 
 def _weights(path):
     from neoxt.model import Transformer
-    from neoxt.train.loop import load_weights
+    from neoxt.train.checkpointer import load_weights
 
     model = Transformer(tiny_config().model)
     load_weights(path, model)
@@ -30,7 +32,7 @@ def test_exact_resume_is_bit_identical(tmp_path):
     ref = train(straight, "", data=TrainData(PatternSource(seed=3), PatternSource(seed=9)))
 
     cfg = replace(straight, checkpoint=replace(straight.checkpoint, save=str(tmp_path / "b")))
-    first = train(cfg, "", data=TrainData(PatternSource(seed=3), PatternSource(seed=9)), stop_after=5)
+    first = train_killed_after(5, cfg, "", data=TrainData(PatternSource(seed=3), PatternSource(seed=9)))
     assert first.status == "killed" and first.iteration == 5
     assert latest_checkpoint(tmp_path / "b").name == "global_step4"
     lines = []
@@ -180,7 +182,7 @@ def test_finetune_then_automatic_resume_without_config_edits(tmp_path):
         load=str(tmp_path / "base"), finetune=True, iteration=2, checkpoint_factor=2,
     )
     lines = []
-    first = train(cfg, "", data=TrainData(PatternSource(seed=1)), log=lines.append, stop_after=3)
+    first = train_killed_after(3, cfg, "", data=TrainData(PatternSource(seed=1)), log=lines.append)
     assert lines[0].startswith("finetuning from") and first.start_iteration == 2
     assert latest_checkpoint(tmp_path / "ft").name == "global_step4"
 
@@ -263,7 +265,7 @@ def test_resume_restores_counters_and_reports_schedule_change(tmp_path):
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     _nan_at(model, {1})
-    first = train(cfg, "", data=TrainData(PatternSource()), model=model, log=lambda m: None, stop_after=2)
+    first = train_killed_after(2, cfg, "", data=TrainData(PatternSource()), model=model, log=lambda m: None)
     assert first.nan_count == 1
     longer = replace(cfg, training=replace(cfg.training, train_iters=6))
     lines = []
@@ -335,12 +337,12 @@ def test_signal_recorded_before_the_first_step_stops_without_a_save(tmp_path):
 def test_rng_source_when_the_checkpoint_had_fewer_or_more_ranks():
     """Every rank picks the same fallback from the DCP metadata keys: its own state when saved,
     otherwise rank 0's; the ranks without their own state are listed (logged once by rank 0)."""
-    from neoxt.train.loop import _rng_source
+    from neoxt.train.checkpointer import rng_source
 
     one = {"model.w", "rng.rank0.python", "rng.rank0.torch", "data.train.served"}
-    assert _rng_source(one, 0, 2) == (0, [1])
-    assert _rng_source(one, 1, 2) == (0, [1])
+    assert rng_source(one, 0, 2) == (0, [1])
+    assert rng_source(one, 1, 2) == (0, [1])
     two = one | {"rng.rank1.python", "rng.rank1.torch"}
-    assert _rng_source(two, 1, 2) == (1, [])
-    assert _rng_source(two, 0, 1) == (0, [])
-    assert _rng_source({"model.w"}, 1, 2) == (None, [0, 1])
+    assert rng_source(two, 1, 2) == (1, [])
+    assert rng_source(two, 0, 1) == (0, [])
+    assert rng_source({"model.w"}, 1, 2) == (None, [0, 1])

@@ -9,7 +9,9 @@ from trainkit import PatternSource, tiny_config
 
 from neoxt.config.schema import ParallelismConfig
 from neoxt.errors import ConfigError
-from neoxt.train.loop import TrainData, _flat_optimizer_state, train
+from neoxt.train.checkpointer import flat_optimizer_state
+from neoxt.train.loop import train
+from neoxt.train.setup import TrainData
 
 
 def _pipelined(**sections):
@@ -38,6 +40,6 @@ def test_pipeline_refuses_what_its_stages_cannot_run(sections, key):
 def test_optimizer_state_layout_is_read_from_the_saved_keys():
     nested = {"optimizer.param_groups.0.lr", "optimizer.state.embed.weight.exp_avg", "model.embed.weight"}
     flat = {"optimizer.param_groups.layers.0.attn.q.weight.lr", "optimizer.state.embed.weight.exp_avg"}
-    assert not _flat_optimizer_state(nested)
-    assert _flat_optimizer_state(flat)
-    assert not _flat_optimizer_state({"model.embed.weight"})
+    assert not flat_optimizer_state(nested)
+    assert flat_optimizer_state(flat)
+    assert not flat_optimizer_state({"model.embed.weight"})

@@ -11,7 +11,9 @@ import torch
 
 from neoxt.config import config_from_dict
 from neoxt.data.indexed import IndexedDatasetWriter
-from neoxt.train.loop import accumulate_gradients, open_train_data, train
+from neoxt.train.loop import train
+from neoxt.train.objectives.lm import accumulate_gradients
+from neoxt.train.setup import open_train_data
 
 SEQ = 16
 
@@ -70,7 +72,7 @@ def _cfg(sft_data, tmp_path, pack_impl="packed", **extra):
 def test_all_masked_windows_contribute_nothing_and_gradient_is_assistant_only(tmp_path, sft_data):
     """Acceptance 4: the step's gradient == the gradient of the mean CE over assistant tokens only."""
     from neoxt.model import Transformer
-    from neoxt.train.loop import resolve_vocab
+    from neoxt.train.setup import resolve_vocab
 
     cfg = resolve_vocab(_cfg(sft_data, tmp_path))
     data = open_train_data(cfg)
@@ -119,7 +121,8 @@ def test_finetune_from_converted_hf_model(tmp_path, sft_data):
     transformers = pytest.importorskip("transformers")
     import neoxt
     from neoxt.model import Transformer
-    from neoxt.train.loop import load_weights, resolve_vocab
+    from neoxt.train.checkpointer import load_weights
+    from neoxt.train.setup import resolve_vocab
 
     cfg = resolve_vocab(_cfg(sft_data, tmp_path))
     m = cfg.model
@@ -158,7 +161,7 @@ def test_sft_example_config_end_to_end_with_preprocess_chat(tmp_path, tiny_token
     from neoxt.cli import main
     from neoxt.config import load_config
     from neoxt.data.chat import preprocess_chat
-    from neoxt.train.loop import resolve_vocab
+    from neoxt.train.setup import resolve_vocab
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[2]
     monkeypatch.chdir(tmp_path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -77,3 +77,39 @@ class PatternSource:
 
     def load_state_dict(self, state):
         self.served = int(state["served"])
+
+
+class Killed(Exception):
+    """Raised from a step callback to end ``train`` mid-run without a save, as ``kill -9`` would."""
+
+
+@dataclass
+class KilledRun:
+    status: str
+    start_iteration: int
+    iteration: int
+    losses: list
+    nan_count: int  # NaN steps of this call
+
+
+def train_killed_after(steps: int, *args, **kwargs) -> KilledRun:
+    """``train(*args, **kwargs)`` killed after ``steps`` steps of this call (after that step's save, if
+    any); returns the losses it reported, as a ``TrainResult`` would have."""
+    from neoxt.train.loop import train
+
+    losses: list[float] = []
+    reached: list[int] = []
+    nans: list[bool] = []
+
+    def kill(iteration, r):
+        losses.append(float("nan") if r.skipped else r.loss)
+        reached.append(iteration)
+        nans.append(r.nan)
+        if len(losses) >= steps:
+            raise Killed
+
+    try:
+        train(*args, on_step=[kill], **kwargs)
+    except Killed:
+        return KilledRun("killed", reached[0] - 1, reached[-1], losses, sum(nans))
+    raise AssertionError(f"the run ended before {steps} steps")

@@ -206,7 +206,7 @@ class TrainingConfig:
     exit_interval: int | None = None
     # What a non-finite loss or gradient norm does: skip the update, or save the last good state and stop.
     on_nan: Literal["skip", "stop"] = "skip"
-    train_impl: Literal["normal", "dpo", "kto", "rm"] = "normal"
+    train_impl: str = "normal"  # a registered objective (neoxt.train.objectives), checked there
     dpo_beta: float = 0.1
     dpo_fp32: bool = True
     dpo_reference_free: bool = False
@@ -264,6 +264,7 @@ class ParallelismConfig:
     pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
     # Number of data-parallel replica groups for HSDP (shard within, replicate across).
     data_parallel_replicate: int = 1
+    dist_timeout_s: float = 1800.0  # collective timeout of the process group (neoxt.distributed.mesh)
 
 
 @dataclass(frozen=True)

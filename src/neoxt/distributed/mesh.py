@@ -91,11 +91,16 @@ def dist_env() -> DistEnv:
     return DistEnv(rank, world, local, device)
 
 
-def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
     """Initialise the default process group from torchrun's env (nccl on CUDA, gloo on CPU).
 
-    Idempotent, and a no-op for a single process not started by torchrun, so ``neoxt train`` runs
-    the same with or without a launcher.
+    The one place a neoxt process joins a process group: the collective ``timeout_s``
+    (``dist_timeout_s`` in the config) and NCCL's ``device_id`` are set here, so nothing may
+    initialise the group earlier. Idempotent, and a no-op for a single process not started by
+    torchrun, so ``neoxt train`` runs the same with or without a launcher.
     """
     env = dist_env()
     if env.device.type == "cuda":
@@ -108,6 +113,36 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
             device_id=env.device if backend == "nccl" else None,
         )
     return env
+
+
+def group_timeout_s() -> float | None:
+    """The collective timeout the default process group actually carries (None without a group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    device = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+    try:  # private torch API: report nothing rather than fail a run if it changes
+        return dist.group.WORLD._get_backend(device).options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def rank_world() -> tuple[int, int]:
+    """(global rank, world size); (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``t`` in place over ``group`` (the data-parallel group from ``dp_group``) and return it;
+    ``None`` (one data-parallel rank) is a no-op.
+
+    Never the world group by default: tensor-parallel and pipeline ranks of one data-parallel rank see
+    the same batch and must not be counted twice.
+    """
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return t
 
 
 def build_mesh(

@@ -5,7 +5,8 @@ likes; our blocks are the natural cut points and the split must keep parameter n
 checkpoint written by a pipelined run loads into an unpipelined one (DCP merges the stages' keys).
 Each stage is a copy of the whole ``Transformer`` with what it does not own removed: ``layers``
 becomes a ``ModuleDict`` keyed by the *global* block index (names stay ``layers.{i}.…``), ``embed``
-lives only on the first stage, ``final_norm``/``lm_head`` only on the last.
+lives only on the first stage, ``final_norm``/``lm_head`` only on the last; the stage's forward is
+``Transformer.forward`` itself, which handles the parts a stage lacks.
 
 Schedules: ``1f1b`` and ``gpipe`` run one stage per rank; ``interleaved_1f1b`` runs ``virtual``
 stages per rank in the loop order (stage s on pp rank s % pp), which shrinks the pipeline bubble.
@@ -19,17 +20,16 @@ mean, so a step equals one step on the whole batch when micro-batches hold as ma
 from __future__ import annotations
 
 import copy
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from neoxt.config.schema import RunConfig
+from neoxt.distributed.mesh import all_reduce_sum
 from neoxt.distributed.parallelize import parallelize
 from neoxt.errors import ConfigError
 
@@ -57,43 +57,9 @@ def split_layers(num_layers: int, num_stages: int) -> list[range]:
     return out
 
 
-def _stage_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Forward of one stage: tokens -> hidden (first), hidden -> hidden, hidden -> logits (last).
-
-    Training path only (no KV cache or padding masks), mirroring ``Transformer.forward``.
-    """
-    from neoxt.model.attention import build_mask
-    from neoxt.model.rope import rope_tables
-
-    cfg = self.cfg
-    T = x.shape[1]
-    positions = torch.arange(T, device=x.device)[None].expand(x.shape[0], T)
-    if self.embed is not None:
-        x = self.embed(x)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
-        x = self.drop(x)
-    # Per attention type, as in Transformer.forward: RoPE scaling (and OLMo-3's fp32 tables) may
-    # differ between global and sliding-window layers.
-    rope = rope_tables(cfg, positions, x.dtype) if cfg.pos_emb == "rotary" else {}
-    masks: dict[int | None, torch.Tensor | None] = {}
-
-    def mask_for(window: int | None) -> torch.Tensor | None:
-        if window not in masks:
-            masks[window] = build_mask(T, T, window, None, None, x.device)
-        return masks[window]
-
-    for index, layer in self.layers.items():  # keyed by global layer index
-        cos, sin = rope.get(cfg.attention_types[int(index)], (None, None))
-        x = layer(x, cos, sin, mask_for, None, True)
-    if self.final_norm is not None:
-        x = self.final_norm(x)
-        x = self.lm_head(x)
-    return x
-
-
 def make_stage_module(model: nn.Module, layer_range: range, first: bool, last: bool) -> nn.Module:
-    """A deep copy of ``model`` holding only what stage ``layer_range`` computes."""
+    """A deep copy of ``model`` holding only what stage ``layer_range`` computes; its forward is
+    ``Transformer.forward``, which runs whatever parts a stage holds."""
     part = copy.deepcopy(model)
     part.layers = StageLayers({str(i): part.layers[i] for i in layer_range})
     if not first:
@@ -102,7 +68,6 @@ def make_stage_module(model: nn.Module, layer_range: range, first: bool, last: b
     if not last:
         part.final_norm = None
         part.lm_head = None
-    part.forward = types.MethodType(_stage_forward, part)
     return part
 
 
@@ -145,8 +110,7 @@ class Pipeline:
         device = self.stages[0].device
         loss = torch.stack(losses).mean().detach().float() if self.has_last else torch.zeros((), device=device)
         loss = loss.to(device)
-        dist.all_reduce(loss, group=self.pp_mesh.get_group())  # only the last stage's rank adds a value
-        return loss
+        return all_reduce_sum(loss, self.pp_mesh.get_group())  # only the last stage's rank adds a value
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for p in self.parts:

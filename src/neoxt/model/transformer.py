@@ -132,8 +132,13 @@ class Transformer(nn.Module):
         kv_cache: see ``kv_cache.py``; it is written and advanced by T.
         key_padding_mask [B, S] (True = real token) over every key slot, S = cached + T.
         attn_mask [B, 1, T, S] (True = may attend), ANDed with causality, e.g. document boundaries.
+
+        A pipeline stage (``neoxt.distributed.pipeline``) is this module with parts removed, as in
+        torchtitan's pipelined models: without ``embed`` the input is hidden states [B, T, H], without
+        ``final_norm`` the output is hidden states, and ``layers`` may hold only some blocks, keyed
+        by their global index.
         """
-        B, T = tokens.shape
+        B, T = tokens.shape[:2]
         past = kv_cache.seq_len if kv_cache is not None else 0
         S = past + T
         if key_padding_mask is not None and key_padding_mask.shape != (B, S):
@@ -142,10 +147,12 @@ class Transformer(nn.Module):
         if positions is None:
             positions = (torch.arange(T, device=tokens.device) + past)[None].expand(B, T)
 
-        x = self.embed(tokens)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
-        x = self.drop(x)
+        x = tokens
+        if self.embed is not None:
+            x = self.embed(tokens)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed(positions)
+            x = self.drop(x)
 
         rope = rope_tables(self.cfg, positions, x.dtype) if self.cfg.pos_emb == "rotary" else {}
 
@@ -157,16 +164,24 @@ class Transformer(nn.Module):
             return masks[window]
 
         plain = key_padding_mask is None and attn_mask is None
-        for kind, layer in zip(self.cfg.attention_types, self.layers, strict=True):
-            cos, sin = rope.get(kind, (None, None))  # per attention type: RoPE scaling may differ
+        for index, layer in self._indexed_layers():
+            cos, sin = rope.get(self.cfg.attention_types[index], (None, None))  # RoPE scaling may differ per type
             x = layer(x, cos, sin, mask_for, kv_cache, plain)
         if kv_cache is not None:
             kv_cache.advance(T)
 
+        if self.final_norm is None:  # a pipeline stage before the last
+            return x
         x = self.final_norm(x)
         if self.lm_head is None:
             return F.linear(x, self.embed.weight)
         return self.lm_head(x)
+
+    def _indexed_layers(self):
+        """(global block index, block): a ModuleList's positions, or a stage's ModuleDict keys."""
+        if isinstance(self.layers, nn.ModuleDict):
+            return ((int(key), layer) for key, layer in self.layers.items())
+        return enumerate(self.layers)
 
     def set_attention_backend(self, backend: str) -> None:
         """Force "sdpa" or "flex" for sliding-window layers ("auto": flex on CUDA when it pays)."""

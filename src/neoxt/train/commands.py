@@ -21,35 +21,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(handler=run_demo)
 
 
-def _init_distributed() -> None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); nothing for a single process."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-
-
 def run_train(args: argparse.Namespace) -> int:
     # First thing: a walltime SIGUSR1/SIGTERM arriving while torch is imported, the config loaded or
     # the model built must not kill the worker (the default action); it is recorded and the run stops
-    # before its first step, exit 0 (neoxt.train.loop.SignalFlag).
+    # before its first step, exit 0 (neoxt.train.signals.SignalFlag). The process group is joined
+    # inside train() (neoxt.distributed.mesh.init_distributed, with the config's dist_timeout_s).
     from neoxt.train.signals import SignalFlag
 
     signals = SignalFlag().install()
     try:
         from neoxt.config import load_config
         from neoxt.train.loop import train
+        from neoxt.train.objectives import load_plugins
 
+        load_plugins()  # NEOXT_PLUGINS: modules that register objectives (neoxt.train.objectives)
         cfg = load_config(args.configs, args.overrides)
-        _init_distributed()
         result = train(cfg, None, signals=signals)
     finally:
         signals.restore()

@@ -79,6 +79,7 @@ class StepStats:
     seconds: float
     skipped: bool = False
     loss_scale: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)  # an objective's named metrics (StepOutcome.metrics)
 
 
 @dataclass
@@ -161,6 +162,10 @@ class MetricsLogger:
         }
         if last.loss_scale is not None:
             record["loss_scale"] = last.loss_scale
+        extra_names = sorted({k for s in window for k in s.extra})
+        for name in extra_names:  # averaged over the window's steps
+            values = [s.extra[name] for s in window if name in s.extra and math.isfinite(s.extra[name])]
+            record[name] = sum(values) / len(values) if values else None
         if self.run_dir is not None:
             with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -178,6 +183,7 @@ class MetricsLogger:
         ]
         if last.loss_scale is not None:
             parts.append(f"loss scale: {last.loss_scale:.1f}")
+        parts += [f"{name} {record[name]:.6E}" for name in extra_names if record[name] is not None]
         # Counted over this log interval, as upstream; metrics.jsonl keeps the run's running totals.
         parts += [
             f"number of skipped iterations: {self.skipped_count - self._logged_skipped:3d}",

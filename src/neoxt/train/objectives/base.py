@@ -1,0 +1,141 @@
+"""The objective interface: what the training loop asks of LM/SFT, DPO, KTO, the pipeline schedule and
+every objective added later (reward model, REINFORCE, gradient ascent / difference, MoE auxiliary
+losses).
+
+The loop (``neoxt.train.loop``) never branches on ``train_impl``: it builds the objective named by
+``train_impl`` from the registry (``neoxt.train.objectives.OBJECTIVES``) and then only calls this
+surface::
+
+    factory(ctx: ObjectiveContext) -> Objective          # setup hook, once, before any resume
+    factory.check_config(cfg) -> None                     # optional: config checks before anything is built
+
+    objective.parts: list[nn.Module]                      # what the optimizers step and checkpoints hold
+    objective.model: nn.Module | None                     # the whole model for eval tasks (None: pipeline)
+    objective.train_batch(micro, loss_scale) -> StepOutcome   # forward + backward of one global batch
+    objective.eval_batch(micro) -> StepOutcome            # forward only, no gradients
+    objective.state_dict() -> dict                        # extra state saved in every checkpoint
+    objective.load_state_dict(state) -> None              # ... and restored on resume (before step 1)
+
+Contract of ``train_batch``: ``micro`` is this rank's ``gradient_accumulation_steps`` micro-batches
+(dicts of tensors, already on the device; see ``neoxt.train.setup.BatchSource``). Leave in ``.grad``
+the gradient of the step's loss *multiplied by* ``loss_scale`` (the fp16 scale; 1 otherwise): the
+step (``neoxt.train.step``) unscales, clips, checks finiteness, applies the NaN / fp16-overflow
+policy and steps the optimizers, so objectives hold no such policy. ``StepOutcome.loss`` is the
+global-batch value, identical on every rank (sum shares over ``ctx.group`` with
+``neoxt.distributed.mesh.all_reduce_sum``). ``eval_batch`` returns the same with ``weight`` set to
+how much the batch counts in the validation mean (counted tokens for the LM loss, 1 per batch for a
+per-batch mean) and ``tokens`` the counted tokens reported.
+
+Extension points later objectives need:
+
+(a) **Own data and sampling state.** A factory may open further data sources from ``ctx.cfg`` (e.g.
+    a forget set for gradient ascent, prompts for REINFORCE). Whatever ``state_dict()`` returns is
+    saved in each checkpoint under ``"objective"`` (a nested dict of tensors, numbers and strings,
+    as DCP stores it) and handed back to ``load_state_dict`` on an exact resume, so iterator
+    positions and sampling RNG states put there resume bit-identically. ``state_dict()`` must
+    return the same keys before and after a step (it is also the template DCP loads into).
+(b) **Extra metrics.** ``StepOutcome.metrics`` (name -> float, e.g. ``forget_loss``,
+    ``retain_loss``, ``moe_aux_loss``) go into ``metrics.jsonl`` and the console line under their
+    names (averaged over the log interval).
+(c) **Steps that do not advance the counter.** ``StepOutcome.advance = False`` makes the loop apply
+    the update and log the outcome but leave ``iteration``, the LR schedule, checkpoint and
+    evaluation triggers where they are, and draw the next global batch for the same iteration (e.g.
+    a gradient-ascent burst of several updates per iteration). An objective may equally run a burst
+    inside one ``train_batch`` and report it as one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from neoxt.config.schema import RunConfig
+from neoxt.train.precision import autocast
+
+
+@dataclass
+class StepOutcome:
+    """What one objective step (or evaluation batch) produced."""
+
+    loss: torch.Tensor  # float64 scalar, the global-batch loss, identical on every rank
+    tokens: int = 0  # counted (loss-bearing) tokens of the global batch (reported by eval; optional in training)
+    weight: float = 1.0  # evaluation: how much this batch counts in the validation mean
+    metrics: dict[str, float] = field(default_factory=dict)  # extra named metrics for the log
+    advance: bool = True  # False: an update that does not advance the iteration counter
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """What a factory gets to build its objective (``model`` is whole and not yet parallelized)."""
+
+    cfg: RunConfig
+    model: nn.Module
+    mesh: Any  # torch DeviceMesh or None (one process)
+    group: Any  # data-parallel process group or None (one data-parallel rank)
+    dp_size: int
+    device: torch.device
+    fresh_start: bool  # False when the run resumes from a checkpoint
+    load_weights: Callable[[nn.Module], Any] | None  # fills a module with the ``load`` weights, if any
+    parallelize: Callable[[nn.Module], nn.Module]  # FSDP2 / TP / AC / compile as the config says
+    say: Callable[[str], None] = print
+
+
+class Objective(Protocol):
+    """One training objective; see the module docstring for the contract."""
+
+    parts: list[nn.Module]
+    model: nn.Module | None
+
+    def train_batch(self, micro: list[dict[str, torch.Tensor]], loss_scale: float) -> StepOutcome: ...
+
+    def eval_batch(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+ObjectiveFactory = Callable[[ObjectiveContext], Objective]
+
+
+class Stateless:
+    """Mixin for objectives with no state beyond the model and optimizer."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
+    """The one micro-batch forward every objective uses: logits under the run's autocast."""
+    with autocast(precision, batch["tokens"].device.type):
+        return model(batch["tokens"], positions=batch.get("position_ids"), attn_mask=batch.get("attention_mask"))
+
+
+def accumulate(
+    micro: list[dict[str, torch.Tensor]],
+    micro_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    loss_scale: float = 1.0,
+    backward: bool = True,
+) -> torch.Tensor:
+    """Sum of ``micro_loss(b)`` over the micro-batches (float64, detached); with ``backward`` each
+    micro-batch's loss (times ``loss_scale``) is backpropagated as soon as it is computed, so only one
+    micro-batch's activations are alive at a time. ``micro_loss`` returns the micro-batch's share of
+    the global loss (already divided by the global count)."""
+    device = micro[0]["tokens"].device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro:
+        if backward:
+            loss = micro_loss(b)
+            (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+        else:
+            with torch.no_grad():
+                loss = micro_loss(b)
+        total += loss.detach().double()
+    return total

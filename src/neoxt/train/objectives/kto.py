@@ -1,0 +1,79 @@
+"""KTO on rewarded sequences (GPT-NeoX ``train_impl: kto``, after upstream's training.py and TRL).
+
+Each micro-batch is split in two halves, and each half's KL baseline is the other half's clamped,
+detached mean log-ratio. Per sequence:
+``0.5 * w * (1 - sigmoid(kto_beta * mean_t(reward) * (sum_t log-ratio - KL_other)))`` with ``w`` the
+half's mean of ``kto_desirable_weight`` (reward > 0) / ``kto_undesirable_weight`` (reward < 0). The
+micro-batch loss is the mean over its pairs of sequences; the step loss the mean over micro-batches
+(and data-parallel ranks), as upstream's per-micro-batch mean averaged by accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from neoxt.distributed.mesh import all_reduce_sum
+from neoxt.errors import ConfigError
+from neoxt.train.losses import token_mask
+from neoxt.train.objectives.base import ObjectiveContext, Stateless, StepOutcome, accumulate, forward_logits
+from neoxt.train.objectives.lm import counted_tokens
+from neoxt.train.objectives.reference import frozen_reference
+
+
+def _token_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token log p(label) in fp32, zero where ``mask`` is False -> [B, T]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, torch.zeros_like(picked))
+
+
+class KTOObjective(Stateless):
+    """The reference is rebuilt from ``load`` on resume (see ``frozen_reference``): no extra state."""
+
+    def __init__(self, ctx: ObjectiveContext):
+        t = ctx.cfg.training
+        self.reference = frozen_reference(ctx, not t.precompute_model_name)
+        self.model = ctx.parallelize(ctx.model)
+        self.parts = [self.model]
+        self.beta, self.precision, self.group = t.kto_beta, t.precision, ctx.group
+        self.desirable_weight, self.undesirable_weight = t.kto_desirable_weight, t.kto_undesirable_weight
+
+    def _micro_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "reward" not in b:
+            raise ConfigError("train_impl: kto needs per-document rewards (train_reward_data_paths)")
+        if b["tokens"].shape[0] % 2:
+            raise ConfigError("train_impl: kto needs an even train_micro_batch_size_per_gpu (each micro-batch is split in halves)")
+        mask = token_mask(b["labels"], b.get("loss_mask"))
+        with torch.no_grad():
+            if "ref" in b:
+                ref = torch.where(mask, b["ref"].float(), torch.zeros_like(b["ref"].float()))
+            else:
+                assert self.reference is not None
+                ref = _token_logps(forward_logits(self.reference, b, self.precision), b["labels"], mask)
+            rewards = b["reward"].float()
+            seq_reward = rewards.sum(-1)
+            scaling = (seq_reward > 0.001).float() * self.desirable_weight
+            scaling += (seq_reward < -0.001).float() * self.undesirable_weight
+        pol = _token_logps(forward_logits(self.model, b, self.precision), b["labels"], mask)
+        p1, p2 = pol.chunk(2)
+        r1, r2 = ref.chunk(2)
+        w1, w2 = rewards.chunk(2)
+        s1, s2 = scaling.chunk(2)
+        kl1 = torch.clamp((p1 - r1).sum(-1), min=0).mean().detach()
+        kl2 = torch.clamp((p2 - r2).sum(-1), min=0).mean().detach()
+        half1 = 0.5 * s1.mean() * (1 - torch.sigmoid(self.beta * w1.mean(-1) * ((p1 - r1).sum(-1) - kl2)))
+        half2 = 0.5 * s2.mean() * (1 - torch.sigmoid(self.beta * w2.mean(-1) * ((p2 - r2).sum(-1) - kl1)))
+        return (half1 + half2).mean()
+
+    def _loss(self, micro: list[dict[str, torch.Tensor]], loss_scale: float, backward: bool) -> torch.Tensor:
+        device = micro[0]["tokens"].device
+        count = all_reduce_sum(torch.tensor(float(len(micro)), dtype=torch.float64, device=device), self.group)
+        total = accumulate(micro, lambda b: self._micro_loss(b) / count.float(), loss_scale, backward)
+        return all_reduce_sum(total, self.group)
+
+    def train_batch(self, micro: list[dict[str, torch.Tensor]], loss_scale: float) -> StepOutcome:
+        return StepOutcome(loss=self._loss(micro, loss_scale, backward=True))
+
+    def eval_batch(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
+        return StepOutcome(loss=self._loss(micro, 1.0, backward=False),
+                           tokens=int(counted_tokens(micro, self.group).item()))

@@ -1,0 +1,99 @@
+"""The language-model objective through a pipeline schedule (``pipe_parallel_size > 1``).
+
+Same loss and gradients as ``lm.py``: the schedule's per-micro-batch loss is ``factor`` x the token
+loss *sum*, where ``factor`` undoes the schedule's division by the number of micro-batches and
+FSDP's mean over data-parallel ranks (``grad_reduction="mean"`` in ``build_pipeline``), and divides
+by the global counted tokens, so the gradient is the global-mean gradient even when micro-batches
+hold different token counts. Each rank's stages (named as in the whole model) are its ``parts``:
+each gets an optimizer and goes into checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from neoxt.config.schema import RunConfig
+from neoxt.distributed.mesh import all_reduce_sum
+from neoxt.errors import ConfigError
+from neoxt.train.losses import lm_loss_sum, token_mask
+from neoxt.train.objectives.base import ObjectiveContext, Stateless, StepOutcome
+from neoxt.train.precision import autocast
+
+
+@dataclass
+class PipelineLoss:
+    """The schedule's per-micro-batch loss: ``factor`` x the token-loss sum (see the module docstring)."""
+
+    z_loss: float = 0.0
+    factor: float = 1.0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lm_loss_sum(logits, labels, None, self.z_loss)[0] * self.factor
+
+
+def pipeline_batch(micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One [acc x micro, seq] batch (the schedule splits it back into the micro-batches); labels are
+    -100 where ``loss_mask`` is 0, the only way a stage's loss sees the mask."""
+    labels = [
+        torch.where(b["loss_mask"] > 0, b["labels"], torch.full_like(b["labels"], -100)) if "loss_mask" in b
+        else b["labels"]
+        for b in micro
+    ]
+    return torch.cat([b["tokens"] for b in micro]), torch.cat(labels)
+
+
+def check_pipeline_config(cfg: RunConfig) -> None:
+    """What the pipeline stages cannot do (they run the plain causal LM forward on whole batches)."""
+    d = cfg.data
+    for key, value in (("reset_position_ids", d.reset_position_ids), ("reset_attention_mask", d.reset_attention_mask)):
+        if value:
+            raise ConfigError(f"{key}: true is not supported with pipe_parallel_size > 1")
+    if cfg.evaluation.eval_tasks:
+        raise ConfigError("eval_tasks is not supported with pipe_parallel_size > 1 (validation loss is)")
+
+
+class PipelineObjective(Stateless):
+    """``neoxt.distributed.pipeline.Pipeline`` driven with the LM loss."""
+
+    model = None  # no whole model on any rank: eval tasks are refused (check_pipeline_config)
+    check_config = staticmethod(check_pipeline_config)
+
+    def __init__(self, ctx: ObjectiveContext):
+        from neoxt.distributed.pipeline import build_pipeline
+
+        assert ctx.mesh is not None  # pipe_parallel_size > 1 needs as many processes
+        t = ctx.cfg.training
+        self.loss_fn = PipelineLoss(z_loss=t.z_loss)
+        self.pipe = build_pipeline(ctx.model, ctx.cfg, ctx.mesh, n_microbatches=t.gradient_accumulation_steps,
+                                   loss_fn=self.loss_fn)
+        self.parts = list(self.pipe.parts)
+        self.precision, self.group, self.dp_size = t.precision, ctx.group, ctx.dp_size
+
+    def _run(self, micro: list[dict[str, torch.Tensor]], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, labels = pipeline_batch(micro)
+        with autocast(self.precision, tokens.device.type):
+            loss = self.pipe.step(tokens if self.pipe.has_first else None, labels if self.pipe.has_last else None,
+                                  train=train)
+        return loss, labels
+
+    def train_batch(self, micro: list[dict[str, torch.Tensor]], loss_scale: float) -> StepOutcome:
+        _, labels = pipeline_batch(micro)
+        counted = all_reduce_sum(token_mask(labels, None).sum().double(), self.group)
+        self.loss_fn.factor = len(micro) * self.dp_size * loss_scale / float(counted.clamp(min=1.0))
+        loss, _ = self._run(micro, train=True)
+        loss = loss.double() / (self.dp_size * loss_scale)
+        return StepOutcome(loss=all_reduce_sum(loss, self.group), tokens=int(counted.item()))
+
+    def eval_batch(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
+        z_loss, self.loss_fn.z_loss = self.loss_fn.z_loss, 0.0
+        self.loss_fn.factor = float(len(micro))  # the schedule's mean over micro-batches -> their sum
+        try:
+            with torch.no_grad():
+                total, labels = self._run(micro, train=False)
+        finally:
+            self.loss_fn.z_loss = z_loss
+        total = all_reduce_sum(total.double(), self.group)
+        count = all_reduce_sum(token_mask(labels, None).sum().double(), self.group)
+        return StepOutcome(loss=total / count.clamp(min=1), tokens=int(count.item()), weight=float(count.item()))

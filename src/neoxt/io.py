@@ -44,3 +44,14 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, mode: int | None = 
     if durable:
         fsync_dir(target.parent)
     return target
+
+
+def unique_temp_path(path: str | os.PathLike, tag: str = "tmp") -> Path:
+    """A temporary name beside ``path`` that no other process (or call) picks: ``<name>.<tag>.<pid>.<random>``.
+
+    Two jobs writing the same output never share a temporary file, so the one that fails or loses a
+    race can remove its own files without touching the other's."""
+    import secrets
+
+    target = Path(path)
+    return target.with_name(f"{target.name}.{tag}.{os.getpid()}.{secrets.token_hex(4)}")

@@ -74,12 +74,6 @@ def check_output_dir(directory: str | os.PathLike, what: str = "output directory
     ancestor = _existing_ancestor(d)
     if not ancestor.is_dir():
         raise DataError(f"{d}: cannot use as {what}: {ancestor} is a regular file, not a directory")
-    if create:
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise output_error(d, err, f"cannot create {what}") from err
-        ancestor = d
     probe = unique_temp_path(ancestor / ".neoxt-write-test", "probe")
     try:
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -88,6 +82,11 @@ def check_output_dir(directory: str | os.PathLike, what: str = "output directory
     except OSError as err:
         reason = _REASONS.get(err.errno or 0, err.strerror)
         raise DataError(f"{d}: {what} is not writable ({ancestor}: {reason})") from err
+    if create:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise output_error(d, err, f"cannot create {what}") from err
     return d
 
 

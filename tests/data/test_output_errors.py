@@ -155,3 +155,57 @@ def test_disk_full_while_merging_is_one_line_and_leaves_nothing(tmp_path, capsys
     line = _one_line_exit_2(["data", "merge", tmp_path / "m", tmp_path / "a", tmp_path / "b"], capsys)
     assert "m.bin: cannot write (no space left on device)" in line, line
     assert _snapshot(tmp_path) == before
+
+
+def _loader_config(tmp_path, cache_dir) -> object:
+    import yaml
+
+    from neoxt.config import load_config
+
+    with IndexedDatasetWriter(tmp_path / "d", np.uint16) as w:
+        for i in range(20):
+            w.add_document(list(range(1, 12 + i)))
+    path = tmp_path / "c.yml"
+    path.write_text(yaml.safe_dump({
+        "num_layers": 1, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 8, "train_iters": 2,
+        "train_micro_batch_size_per_gpu": 2, "train_data_paths": [str(tmp_path / "d")], "eval_iters": 0,
+        "tokenizer_type": "CharLevelTokenizer", "index_cache_dir": str(cache_dir),
+    }))
+    return load_config([path])
+
+
+def test_index_cache_dir_that_is_a_regular_file_fails_before_the_build(blocker, tmp_path, monkeypatch):
+    import neoxt.data.sampling as sampling
+    from neoxt.data.loader import build_loader
+    from neoxt.errors import DataError
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("index maps built although the cache cannot be written")
+
+    monkeypatch.setattr(sampling, "build_index_maps", no_build)
+    cfg = _loader_config(tmp_path, blocker / "cache")
+    with pytest.raises(DataError, match="regular file") as info:
+        build_loader(cfg, "train")
+    assert "index_cache_dir" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_index_cache_write_failure_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import neoxt.data.index_cache as index_cache
+    from neoxt.data.loader import build_loader
+    from neoxt.errors import DataError
+
+    real_save = np.save
+    calls = []
+
+    def full_after_one(handle, array, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(handle, array, **kwargs)
+
+    monkeypatch.setattr(index_cache.np, "save", full_after_one)
+    cache = tmp_path / "cache"
+    cfg = _loader_config(tmp_path, cache)
+    with pytest.raises(DataError, match="cannot write index cache .*No space left on device"):
+        build_loader(cfg, "train")
+    assert [p.name for p in cache.iterdir() if ".npy" in p.name] == []

@@ -139,3 +139,14 @@ def test_neoxt_train_on_ids_past_the_vocabulary_exits_2_in_one_line(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("neoxt:")]
     assert errors == [f"neoxt: {prefix}.bin: document 1 holds token id {padded + 5}, outside the vocabulary of "
                       f"{padded} ids (0..{padded - 1}); was it tokenized with another tokenizer?"], out.stderr
+
+
+def test_data_inspect_warns_when_the_bin_holds_more_than_its_index(tmp_path, capsys):
+    _write(tmp_path / "d", [[1, 2], [3, 4]])
+    assert main(["data", "inspect", str(tmp_path / "d")]) == 0
+    assert "warning" not in capsys.readouterr().out
+    _write(tmp_path / "other", [[1, 2], [3, 4], [5, 6, 7]])
+    os.replace(tmp_path / "other.bin", tmp_path / "d.bin")  # another run's .bin beside this .idx
+    assert main(["data", "inspect", str(tmp_path / "d")]) == 0
+    assert "has 14 bytes but its index describes 8; the .bin and .idx may come from different runs" in (
+        capsys.readouterr().out)

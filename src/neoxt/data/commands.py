@@ -123,6 +123,10 @@ def inspect_dataset(prefix: str, doc: int | None = None, tokenizer_type: str = "
                  f"{_size(os.path.getsize(data_file_path(ds.prefix)))}, "
                  f"{os.path.basename(index_file_path(ds.prefix))} "
                  f"{_size(os.path.getsize(index_file_path(ds.prefix)))}")
+    bin_size, described = os.path.getsize(data_file_path(ds.prefix)), ds.num_tokens * ds.dtype.itemsize
+    if bin_size != described:  # every writer (ours, upstream's) stores exactly the items
+        lines.append(f"warning: {data_file_path(ds.prefix)} has {bin_size:,} bytes but its index describes "
+                     f"{described:,}; the .bin and .idx may come from different runs")
     if vocab_size is not None:
         lines += _vocab_lines(ds, vocab_size)
     if doc is None:

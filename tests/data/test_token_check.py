@@ -150,3 +150,12 @@ def test_data_inspect_warns_when_the_bin_holds_more_than_its_index(tmp_path, cap
     assert main(["data", "inspect", str(tmp_path / "d")]) == 0
     assert "has 14 bytes but its index describes 8; the .bin and .idx may come from different runs" in (
         capsys.readouterr().out)
+
+
+def test_data_inspect_takes_the_vocabulary_from_a_config(tmp_path, capsys):
+    _write(tmp_path / "d", [[1, 2, 600]])
+    (tmp_path / "c.yml").write_text(yaml.safe_dump({"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                                                     "seq_length": 8, "tokenizer_type": "CharLevelTokenizer"}))
+    assert main(["data", "inspect", str(tmp_path / "d"), "--config", str(tmp_path / "c.yml")]) == 0
+    out = capsys.readouterr().out
+    assert "(vocabulary 512)" in out and "document 0 holds token id 600" in out  # CharLevel: 512, padded to 128s

@@ -44,6 +44,10 @@ _REASONS = {
 }
 
 
+# Errors of the disk itself (as opposed to a dropped connection, also an OSError).
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM})
+
+
 def output_error(path: str | os.PathLike, err: OSError, doing: str = "cannot write") -> DataError:
     """``err`` as a one-line DataError naming ``path``; the caller has already removed its temporary files."""
     reason = _REASONS.get(err.errno or 0, err.strerror or str(err))

@@ -18,7 +18,7 @@ from neoxt.progress import Progress, track
 def test_directory_is_published_whole_or_not_at_all(tmp_path):
     out = tmp_path / "sub" / "model"
     tmp = temp_dir_beside(out, ConversionError)
-    assert tmp.parent == out.parent and tmp.name.startswith(".model.tmp-") and not out.exists()
+    assert tmp.parent == out.parent and tmp.name.startswith(".model.tmp.") and not out.exists()
     (tmp / "weights.bin").write_bytes(b"x")
     os.chmod(tmp / "weights.bin", 0o600)  # as safetensors writes them
     publish_dir(tmp, out)

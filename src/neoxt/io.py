@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +26,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def unique_temp_path(path: str | os.PathLike, tag: str = "tmp") -> Path:
+    """A temporary name beside ``path`` that no other process (or call) picks: ``<name>.<tag>.<pid>.<random>``.
+
+    Two jobs writing the same output never share a temporary file, so the one that fails or loses a
+    race can remove its own files without touching the other's."""
+    import secrets
+
+    target = Path(path)
+    return target.with_name(f"{target.name}.{tag}.{os.getpid()}.{secrets.token_hex(4)}")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = False,
                 file_mode: int | None = None) -> Iterator[IO[Any]]:
@@ -37,7 +47,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = Fal
     pointers). ``file_mode``: permissions (e.g. 0o755 for a script)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
+    tmp = unique_temp_path(target.with_name(f".{target.name}"))
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -69,9 +79,7 @@ def temp_dir_beside(out: Path, error: type[Exception] = OSError) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise error(f"{out}: output path already exists and is not empty; remove it or pick another")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = unique_temp_path(out.with_name(f".{out.name}"))
     tmp.mkdir()
     return tmp
 

@@ -33,7 +33,7 @@ def _fails(argv, capsys, *fragments):
     for fragment in fragments:
         assert fragment in message, message
     assert not Path(out_path).exists()
-    assert not [p for p in Path(out_path).parent.iterdir() if ".tmp-" in p.name]  # no temp dir left either
+    assert not [p for p in Path(out_path).parent.iterdir() if ".tmp." in p.name]  # no temp dir left either
     return message
 
 

@@ -191,3 +191,23 @@ def test_progress_without_a_terminal_logs_rate_and_eta(capsys):
         bar.update(250)
     line = capsys.readouterr().err.strip()
     assert line.startswith("downloading:  25%") and "B/s" in line and "<" in line  # tqdm's "elapsed<eta"
+
+
+def test_disk_full_while_downloading_is_one_line(tmp_path, http_server, monkeypatch):
+    import errno
+
+    import neoxt.data.download as download_mod
+    from neoxt.errors import DataError
+
+    http_server.files["/f.zip"] = enwik8_zip()
+
+    def full_disk(url, part, timeout, desc):
+        part.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download_mod, "_fetch_once", full_disk)
+    with pytest.raises(DataError) as info:
+        download(f"{http_server.url}/f.zip", tmp_path / "f.zip", backoff_s=0)
+    assert str(info.value) == (f"{tmp_path / 'f.zip.part'}: cannot write (no space left on device); nothing was "
+                               "written under the final names")
+    assert not (tmp_path / "f.zip").exists()

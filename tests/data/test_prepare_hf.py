@@ -124,3 +124,37 @@ def test_errors(datasets_dir, tiny_tokenizer_dir, tmp_path, capsys):
         (tmp_path / "empty").mkdir()
         prepare_hf(PrepareOptions(dataset=str(tmp_path / "empty"), tokenizer=str(tiny_tokenizer_dir),
                                   output_dir=str(tmp_path / "o2")))
+
+
+def test_disk_full_while_exporting_is_one_line_and_leaves_nothing(datasets_dir, tiny_tokenizer_dir, tmp_path,
+                                                                 capsys, monkeypatch):
+    import builtins
+    import errno
+
+    import neoxt.data.prepare_hf as prepare_mod
+
+    def full_disk_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".jsonl.tmp." in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_mod, "open", full_disk_open, raising=False)
+    out_dir = tmp_path / "out"
+    rc, _, err = run(["--dataset", str(datasets_dir / "texts"), "--vocab-file", str(tiny_tokenizer_dir),
+                      "--output-dir", str(out_dir), "--skip-count"], capsys)
+    assert rc == 2
+    assert err.strip().splitlines() == [f"neoxt: {out_dir.resolve() / 'texts.jsonl'}: cannot write (no space left on "
+                                        "device); nothing was written under the final names"]
+    assert list(out_dir.iterdir()) == []  # no temporary file, no lock
+
+
+def test_second_prepare_hf_on_one_output_fails_at_once(datasets_dir, tiny_tokenizer_dir, tmp_path, capsys):
+    from neoxt.data.outputs import claim_output
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with claim_output(out_dir / "texts"):  # as a running prepare-hf holds it
+        rc, _, err = run(["--dataset", str(datasets_dir / "texts"), "--vocab-file", str(tiny_tokenizer_dir),
+                          "--output-dir", str(out_dir)], capsys)
+    assert rc == 2 and "another run is writing this output" in err and len(err.strip().splitlines()) == 1
+    assert list(out_dir.iterdir()) == []

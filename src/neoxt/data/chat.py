@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 
 from neoxt.config.schema import TokenizerConfig
-from neoxt.data.indexed import IndexedDatasetWriter
 from neoxt.data.readers import Batch, decode_payload, expand_inputs, iter_batches
-from neoxt.data.tokenize import EncodedBatch, PipelineStats, pack, run_pipeline
+from neoxt.data.tokenize import EncodedBatch, PipelineStats, check_outputs, open_writers, pack, run_pipeline
 from neoxt.errors import DataError
 
 IGNORE = -100
@@ -215,20 +214,14 @@ def preprocess_chat(
     spec = ChatEncodeSpec(tokenizer_path=tokenizer_path, keys=keys, generation_role=generation_role,
                           only_last=only_last, no_mask=no_mask, for_rm=for_rm, reward_key=reward_key,
                           binary_reward=binary_reward, chat_template=chat_template)
+    outputs = {name: f"{output_prefix}_{file_key}_document"
+               for key in keys for name, file_key in output_names(key, bool(reward_key)).items()}
+    check_outputs(outputs.values())  # an unwritable output fails before any work
     ChatEncoder(spec)  # fail here, in the main process, on a bad tokenizer or missing template
     paths = expand_inputs(inputs)
     columns = list(keys) + ([reward_key] if reward_key else [])
     batches = iter_batches(paths, columns, batch_size=batch_size, split=split, subset=subset)
-    outputs = {name: f"{output_prefix}_{file_key}_document"
-               for key in keys for name, file_key in output_names(key, bool(reward_key)).items()}
-    writers: dict[str, IndexedDatasetWriter] = {}
-    try:
-        for name, prefix in outputs.items():
-            writers[name] = IndexedDatasetWriter(prefix, np.int32)  # upstream forces int32 for all
-    except BaseException:
-        for w in writers.values():
-            w.discard()
-        raise
+    writers = open_writers(outputs, np.int32)  # upstream forces int32 for every file
     stats = run_pipeline(batches, ChatEncoder, spec, writers, workers=workers,
                          skip_bad_lines=skip_bad_lines, num_docs=num_docs, label="preprocess-chat")
     return ChatResult(outputs=outputs, stats=stats)

@@ -96,8 +96,11 @@ def _size(n: int) -> str:
 
 def inspect_dataset(prefix: str, doc: int | None = None, tokenizer_type: str = "HFTokenizer",
                     vocab_file: str | None = None, merge_file: str | None = None,
-                    max_tokens: int = 2000) -> str:
-    """A human summary of one .bin/.idx dataset, and optionally one document (decoded if possible)."""
+                    max_tokens: int = 2000, vocab_size: int | None = None) -> str:
+    """A human summary of one .bin/.idx dataset, and optionally one document (decoded if possible).
+
+    With ``vocab_size`` the token ids' range is shown and an id outside the vocabulary is warned
+    about (a ``warning:`` line naming the document and the id)."""
     import os
 
     import numpy as np
@@ -120,6 +123,12 @@ def inspect_dataset(prefix: str, doc: int | None = None, tokenizer_type: str = "
                  f"{_size(os.path.getsize(data_file_path(ds.prefix)))}, "
                  f"{os.path.basename(index_file_path(ds.prefix))} "
                  f"{_size(os.path.getsize(index_file_path(ds.prefix)))}")
+    bin_size, described = os.path.getsize(data_file_path(ds.prefix)), ds.num_tokens * ds.dtype.itemsize
+    if bin_size != described:  # every writer (ours, upstream's) stores exactly the items
+        lines.append(f"warning: {data_file_path(ds.prefix)} has {bin_size:,} bytes but its index describes "
+                     f"{described:,}; the .bin and .idx may come from different runs")
+    if vocab_size is not None:
+        lines += _vocab_lines(ds, vocab_size)
     if doc is None:
         return "\n".join(lines)
     try:
@@ -148,6 +157,15 @@ def inspect_dataset(prefix: str, doc: int | None = None, tokenizer_type: str = "
             lines.append("trained spans (label != -100):")
             lines += [f"  {tok.decode(span)!r}" for span in _trained_spans(tokens, labels[1])[:50]]
     return "\n".join(lines)
+
+
+def _vocab_lines(ds, vocab_size: int) -> list[str]:
+    from neoxt.data.token_check import range_problem, scan_token_range
+
+    span = scan_token_range(ds)
+    out = [f"token ids  min {span[0]:,} / max {span[1]:,} (vocabulary {vocab_size:,})"] if span else []
+    problem = range_problem(ds, span, vocab_size, labels=ds.prefix.endswith("_label_document"))
+    return out + ([f"warning: {problem}"] if problem else [])
 
 
 def _sibling_labels(prefix: str, doc: int):
@@ -179,9 +197,20 @@ def _trained_spans(tokens, labels) -> list[list[int]]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    vocab_size = args.vocab_size
+    if vocab_size is None and args.config:
+        from neoxt.config import load_config
+        from neoxt.tokenizer import load_tokenizer, padded_vocab_size
+
+        cfg = load_config(args.config)
+        vocab_size = cfg.model.padded_vocab_size or padded_vocab_size(
+            load_tokenizer(cfg.tokenizer).vocab_size, cfg.model.make_vocab_size_divisible_by,
+            cfg.parallelism.model_parallel_size)
+    if vocab_size is not None and vocab_size < 1:
+        raise DataError(f"--vocab-size must be positive, got {vocab_size}")
     print(inspect_dataset(args.prefix, doc=args.doc, tokenizer_type=args.tokenizer_type,
                           vocab_file=args.tokenizer or args.vocab_file, merge_file=args.merge_file,
-                          max_tokens=args.max_tokens))
+                          max_tokens=args.max_tokens, vocab_size=vocab_size))
     return 0
 
 
@@ -269,6 +298,10 @@ def register(sub) -> None:
     i.add_argument("--vocab-file", default=None)
     i.add_argument("--merge-file", default=None)
     i.add_argument("--max-tokens", type=int, default=2000, help="show at most this many tokens of a document")
+    i.add_argument("--vocab-size", type=int, default=None,
+                   help="warn about token ids outside [0, N) (what training would reject)")
+    i.add_argument("--config", nargs="+", default=None, metavar="YAML",
+                   help="take the vocabulary size from these configs (padded_vocab_size, or the tokenizer's, padded)")
     i.set_defaults(handler=_inspect)
     s = data_sub.add_parser("samples", help="the samples the trainer would draw, in global order",
                             description="Show the training (or valid/test) samples exactly as the trainer "

@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from neoxt.data.outputs import check_output_dir, claim_output
 from neoxt.errors import DataError
 
 if TYPE_CHECKING:
@@ -176,14 +177,16 @@ def prepare_corpus(opts: PrepareOptions) -> dict[str, Any]:
     corpus = get_corpus(opts.corpus)
     data_dir = Path(opts.data_dir or os.environ.get("DATA_DIR", "./data"))
     folder = data_dir / corpus.name
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer_config(opts, data_dir)
-    inputs = fetch_corpus(corpus, opts, folder)
-    if not inputs:
-        raise DataError(f"{corpus.key}: the downloaded files hold no JSONL, text or Parquet documents")
-    if opts.download_only:
-        return {"inputs": inputs}
-    workers = opts.workers or corpus.workers or max(1, (os.cpu_count() or 1))
-    result = preprocess(inputs, str(folder / corpus.name), tokenizer, keys=("text",), append_eod=True,
-                        workers=workers, num_docs=corpus.num_docs)
+    check_output_dir(folder, "data directory")  # before any download: one line, not a traceback later
+    # One prepare-data per corpus folder at a time (downloads resume from fixed .part names).
+    with claim_output(folder / f"{corpus.name}_prepare", temp_globs=()):
+        tokenizer = _tokenizer_config(opts, data_dir)
+        inputs = fetch_corpus(corpus, opts, folder)
+        if not inputs:
+            raise DataError(f"{corpus.key}: the downloaded files hold no JSONL, text or Parquet documents")
+        if opts.download_only:
+            return {"inputs": inputs}
+        workers = opts.workers or corpus.workers or max(1, (os.cpu_count() or 1))
+        result = preprocess(inputs, str(folder / corpus.name), tokenizer, keys=("text",), append_eod=True,
+                            workers=workers, num_docs=corpus.num_docs)
     return {"inputs": inputs, "result": result}

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from neoxt.data.outputs import DISK_ERRNOS, output_error
 from neoxt.data.progress import progress_bar
 from neoxt.errors import DataError
 
@@ -125,9 +126,11 @@ def download(
             raise DataError(f"{part_path}: another process is downloading this file") from None
         try:
             total = _fetch_with_retries(url, part, retries, timeout, backoff_s, dest.name)
-        except BaseException:
+        except BaseException as err:
             if part.seek(0, os.SEEK_END) == 0:  # nothing to resume: leave nothing behind
                 part_path.unlink(missing_ok=True)
+            if isinstance(err, OSError) and err.errno in DISK_ERRNOS:  # a full disk: one line, .part kept
+                raise output_error(part_path, err) from err
             raise
         size = part.seek(0, os.SEEK_END)
     if total is not None and size != total:

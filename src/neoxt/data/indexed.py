@@ -23,17 +23,19 @@ file, instead of returning garbage deep inside training.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import struct
 from array import array
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 
+from neoxt.data.outputs import check_output_prefix, claim_output, output_error, writing
 from neoxt.errors import DataError
+from neoxt.io import unique_temp_path
 
 HEADER_MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -229,12 +231,15 @@ class IndexedDataset:
 class IndexedDatasetWriter:
     """Appends items to ``<prefix>.bin``/``.idx`` exactly as upstream's MMapIndexedDatasetBuilder.
 
-    Writes go to ``<file>.tmp``; ``finalize`` writes the index and renames both into place, so an
-    interrupted run never leaves a half-written dataset under the final names. As a context manager
-    it finalizes on success and discards the temporary files on an exception.
+    The writer holds ``<prefix>.lock`` from construction to commit/discard, so a second writer of the
+    same prefix (another job) fails at once with a DataError and changes nothing. Writes go to
+    temporary names unique to this process (``<file>.tmp.<pid>.<random>``); ``finalize`` writes the
+    index and renames both into place, so an interrupted run never leaves a half-written dataset
+    under the final names. A full or read-only disk is a one-line DataError, after the temporary
+    files are removed. As a context manager it finalizes on success and discards on an exception.
 
     Memory stays flat however many items are written: item sizes and document boundaries are
-    buffered in small chunks and spilled to side files next to the ``.idx.tmp``, which ``finalize``
+    buffered in small chunks and spilled to side files next to the temporary ``.idx``, which ``finalize``
     streams into the index (the header needs the counts first, so the index is written last).
     """
 
@@ -246,22 +251,26 @@ class IndexedDatasetWriter:
         self._code = dtype_code(self.dtype)
         self._bin_path = data_file_path(self.prefix)
         self._idx_path = index_file_path(self.prefix)
-        self._bin_tmp = self._bin_path + ".tmp"
-        self._idx_tmp = self._idx_path + ".tmp"
-        self._sizes_tmp = self._idx_path + ".tmp-sizes"
-        self._docs_tmp = self._idx_path + ".tmp-docs"
-        Path(self._bin_path).parent.mkdir(parents=True, exist_ok=True)
+        # Unique per process and call: a run that fails or loses a race removes only its own files.
+        self._bin_tmp = os.fspath(unique_temp_path(self._bin_path))
+        self._idx_tmp = os.fspath(unique_temp_path(self._idx_path))
+        self._sizes_tmp = os.fspath(unique_temp_path(self._idx_path, "tmp-sizes"))
+        self._docs_tmp = os.fspath(unique_temp_path(self._idx_path, "tmp-docs"))
         self._done = False
         self._indexed = False
         self._files = []
+        check_output_prefix(self.prefix)
+        # One writer per prefix at a time (DataError for the second); released by commit/discard.
+        self._lock = claim_output(self.prefix)
         try:
-            # closed in finalize/discard
-            self._file = open(self._bin_tmp, "wb")  # noqa: SIM115
-            self._files.append(self._file)
-            self._sizes_file = open(self._sizes_tmp, "wb")  # noqa: SIM115
-            self._files.append(self._sizes_file)
-            self._docs_file = open(self._docs_tmp, "wb")  # noqa: SIM115
-            self._files.append(self._docs_file)
+            with writing(self._bin_tmp):
+                # closed in finalize/discard
+                self._file = open(self._bin_tmp, "wb")  # noqa: SIM115
+                self._files.append(self._file)
+                self._sizes_file = open(self._sizes_tmp, "wb")  # noqa: SIM115
+                self._files.append(self._sizes_file)
+                self._docs_file = open(self._docs_tmp, "wb")  # noqa: SIM115
+                self._files.append(self._docs_file)
         except BaseException:
             self.discard()
             raise
@@ -291,13 +300,21 @@ class IndexedDatasetWriter:
         if self._done or self._indexed:
             raise RuntimeError(f"writer for {self.prefix} is already finalized or discarded")
 
+    def _write(self, f: io.BufferedWriter, data: bytes) -> None:
+        """Every append goes here: a full or read-only disk discards the run and is one DataError."""
+        try:
+            f.write(data)
+        except OSError as err:
+            self.discard()
+            raise output_error(self._bin_path, err) from err
+
     def _spill(self, force: bool = False) -> None:
         if force or len(self._sizes) >= self._SPILL:
-            self._sizes_file.write(self._sizes.tobytes())
+            self._write(self._sizes_file, self._sizes.tobytes())
             self._num_items += len(self._sizes)
             self._sizes = array("i")
         if force or len(self._doc_idx) >= self._SPILL:
-            self._docs_file.write(self._doc_idx.tobytes())
+            self._write(self._docs_file, self._doc_idx.tobytes())
             self._num_docs += len(self._doc_idx)
             self._doc_idx = array("q")
 
@@ -309,7 +326,7 @@ class IndexedDatasetWriter:
             arr = arr.reshape(-1)
         if arr.size > np.iinfo(np.int32).max:
             raise DataError(f"{self._bin_path}: item of {arr.size} tokens exceeds the format's int32 size field")
-        self._file.write(arr.tobytes(order="C"))
+        self._write(self._file, arr.tobytes(order="C"))
         self._sizes.append(arr.size)
         self._spill()
 
@@ -332,7 +349,7 @@ class IndexedDatasetWriter:
         if lengths.size and lengths.max() > np.iinfo(np.int32).max:
             raise DataError(f"{self._bin_path}: an item exceeds the format's int32 size field")
         arr = self._convert(tokens)
-        self._file.write(arr.tobytes(order="C"))
+        self._write(self._file, arr.tobytes(order="C"))
         start = self.num_items
         self._sizes.frombytes(lengths.astype(np.int32).tobytes())
         self._doc_idx.frombytes(np.arange(start + 1, start + 1 + lengths.size, dtype=np.int64).tobytes())
@@ -369,6 +386,9 @@ class IndexedDatasetWriter:
                     out.write(((ends - chunk + offset) * self.dtype.itemsize).astype("<i8").tobytes())
                     offset += int(ends[-1])
                 _copy_file(self._docs_tmp, out)
+        except OSError as err:
+            self.discard()
+            raise output_error(self._idx_path, err) from err
         except BaseException:
             self.discard()
             raise
@@ -384,11 +404,15 @@ class IndexedDatasetWriter:
                 os.remove(self._idx_path)
             os.replace(self._bin_tmp, self._bin_path)
             os.replace(self._idx_tmp, self._idx_path)
+        except OSError as err:
+            self.discard()
+            raise output_error(self._idx_path, err, "cannot rename into place") from err
         except BaseException:
             self.discard()
             raise
         self._done = True
         self._remove(self._sizes_tmp, self._docs_tmp)
+        self._lock.release()
 
     def discard(self) -> None:
         """Drop everything written so far; the final names are left untouched."""
@@ -397,12 +421,16 @@ class IndexedDatasetWriter:
             if not f.closed:
                 f.close()
         self._remove(self._bin_tmp, self._idx_tmp, self._sizes_tmp, self._docs_tmp)
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     @staticmethod
     def _remove(*paths: str) -> None:
         for path in paths:
             if os.path.exists(path):
-                os.remove(path)
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
     def __enter__(self) -> IndexedDatasetWriter:
         return self

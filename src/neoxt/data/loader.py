@@ -200,11 +200,17 @@ def _pairwise_from_paths(cfg: RunConfig, split: str, num_samples: int) -> Blende
     return blend(parts, norm)
 
 
-def build_dataset(cfg: RunConfig, split: str) -> Dataset | None:
-    """The dataset the trainer draws ``split`` from, or None when the config gives it no data."""
+def build_dataset(cfg: RunConfig, split: str, vocab_size: int | None = None) -> Dataset | None:
+    """The dataset the trainer draws ``split`` from, or None when the config gives it no data. Token ids
+    are checked against ``vocab_size`` (default ``padded_vocab_size``) once per file (``token_check``)."""
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     d = cfg.data
+    vocab_size = vocab_size if vocab_size is not None else cfg.model.padded_vocab_size
+    if vocab_size is not None:
+        from neoxt.data.token_check import check_split_token_ids
+
+        check_split_token_ids(cfg, split, vocab_size)
     num_samples = split_num_samples(cfg)[split]
     if d.dataset_impl == "pairwise":
         if d.pack_impl == "packed":
@@ -463,9 +469,10 @@ def build_loader(
     dp_rank: int = 0,
     eod_id: int | None = None,
     dataset: Dataset | None = None,
+    vocab_size: int | None = None,
 ) -> BatchLoader | None:
-    """The loader the trainer uses for ``split`` (None when the config has no data for it)."""
-    dataset = build_dataset(cfg, split) if dataset is None else dataset
+    """The loader the trainer uses for ``split`` (None without data); ``vocab_size``: see ``build_dataset``."""
+    dataset = build_dataset(cfg, split, vocab_size) if dataset is None else dataset
     if dataset is None:
         return None
     d, t = cfg.data, cfg.training

@@ -24,9 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from neoxt.config.schema import TokenizerConfig
-from neoxt.data.indexed import IndexedDatasetWriter
 from neoxt.data.readers import Batch, decode_payload, expand_inputs, iter_batches
-from neoxt.data.tokenize import EncodedBatch, PreprocessResult, pack, run_pipeline, text_field
+from neoxt.data.tokenize import (
+    EncodedBatch,
+    PreprocessResult,
+    check_outputs,
+    open_writers,
+    pack,
+    run_pipeline,
+    text_field,
+)
 from neoxt.errors import DataError
 
 IGNORE = -100
@@ -145,6 +152,9 @@ def preprocess_masked(
     """Write ``<output_prefix>_<key>_document`` and ``<output_prefix>_label_document`` (int32)."""
     from neoxt.tokenizer import load_tokenizer
 
+    name = "text" if prompt_key else key
+    outputs = {"text": f"{output_prefix}_{name}_document", "label": f"{output_prefix}_label_document"}
+    check_outputs(outputs.values())  # an unwritable output fails before any work
     tok = load_tokenizer(tokenizer)
     pattern = _pattern(tok, mask_before_tokens, mask_before_text, prompt_key, completion_key)
     if append_eod and tok.eod_id is None:
@@ -155,16 +165,7 @@ def preprocess_masked(
                     completion_key=completion_key, append_eod=append_eod, ftfy=ftfy)
     columns = [prompt_key, completion_key] if prompt_key else [key]
     batches = iter_batches(expand_inputs(inputs), columns, batch_size=batch_size)  # type: ignore[arg-type]
-    name = "text" if prompt_key else key
-    outputs = {"text": f"{output_prefix}_{name}_document", "label": f"{output_prefix}_label_document"}
-    writers: dict[str, IndexedDatasetWriter] = {}
-    try:
-        for out_name, prefix in outputs.items():
-            writers[out_name] = IndexedDatasetWriter(prefix, np.int32)  # upstream forces int32 for both
-    except BaseException:
-        for w in writers.values():
-            w.discard()
-        raise
+    writers = open_writers(outputs, np.int32)  # upstream forces int32 for every file
     stats = run_pipeline(batches, MaskedEncoder, spec, writers, workers=workers, skip_bad_lines=skip_bad_lines,
                          num_docs=num_docs, label="preprocess-masked")
     return PreprocessResult(outputs=outputs, stats=stats, dtype=np.dtype(np.int32))

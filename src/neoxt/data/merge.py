@@ -9,15 +9,15 @@ Megatron-LM's later merge does); the ``.bin`` and item table are the same either
 
 Streamed: the ``.bin`` files are copied in chunks and the index is written from each shard's mapped
 sizes, so memory stays flat for any number of shards. Atomic: both files are written under names
-unique to this process and renamed into place only at the end; on any error (or Ctrl-C / SIGTERM)
-they are removed.
+unique to this process, holding ``OUT.lock`` (a concurrent merge or preprocess into OUT fails at once),
+and renamed into place only at the end; on any error (a full disk included, reported in one line),
+Ctrl-C or SIGTERM they are removed.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -31,8 +31,10 @@ from neoxt.data.indexed import (
     dtype_code,
     index_file_path,
 )
+from neoxt.data.outputs import check_output_prefix, claim_output, writing
 from neoxt.data.progress import progress_bar
 from neoxt.errors import DataError
+from neoxt.io import unique_temp_path
 
 _CHUNK_ITEMS = 1 << 22
 
@@ -102,29 +104,33 @@ def merge_datasets(output_prefix: str, prefixes: Sequence[str], keep_documents: 
     out_bin, out_idx = data_file_path(output_prefix), index_file_path(output_prefix)
     if any(os.path.abspath(p) == os.path.abspath(output_prefix) for p in prefixes):
         raise DataError(f"{output_prefix}: the output is also one of the inputs")
+    check_output_prefix(output_prefix, create=False)  # before reading any shard
     shards = _open_shards(prefixes)
-    Path(out_bin).parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin, tmp_idx = f"{out_bin}.tmp.{os.getpid()}", f"{out_idx}.tmp.{os.getpid()}"
+    check_output_prefix(output_prefix)
+    tmp_bin, tmp_idx = os.fspath(unique_temp_path(out_bin)), os.fspath(unique_temp_path(out_idx))
+    lock = claim_output(output_prefix)  # a second merge (or preprocess) into OUT fails here, touching nothing
     previous = _raise_on_sigterm()
     try:
         total = sum(os.path.getsize(data_file_path(s.prefix)) for s in shards)
-        with open(tmp_bin, "wb") as out, progress_bar(total, "merging", unit="B") as bar:
+        with writing(out_bin), open(tmp_bin, "wb") as out, progress_bar(total, "merging", unit="B") as bar:
             for s in shards:
                 with open(data_file_path(s.prefix), "rb") as f:
                     for block in iter(lambda: f.read(1 << 22), b""):  # noqa: B023 -- f is used at once
                         out.write(block)
                         bar.update(len(block))
-        _write_index(tmp_idx, shards, keep_documents)
-        if os.path.exists(out_idx):  # never a final-named .idx describing another .bin
-            os.remove(out_idx)
-        os.replace(tmp_bin, out_bin)
-        os.replace(tmp_idx, out_idx)
+        with writing(out_idx):
+            _write_index(tmp_idx, shards, keep_documents)
+            if os.path.exists(out_idx):  # never a final-named .idx describing another .bin
+                os.remove(out_idx)
+            os.replace(tmp_bin, out_bin)
+            os.replace(tmp_idx, out_idx)
     except BaseException:
         for p in (tmp_bin, tmp_idx):
             if os.path.exists(p):
                 os.remove(p)
         raise
     finally:
+        lock.release()
         if previous is not None:
             import signal
 

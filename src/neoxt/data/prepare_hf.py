@@ -5,7 +5,9 @@ name), **detect** the column (``text`` -> plain text pipeline, ``messages``/``co
 chat pipeline), **count** tokens in batches over ``num_proc`` processes, **export** the column to
 JSONL, **tokenize** the JSONL with ``preprocess`` (EOD appended) or ``preprocess-chat``. The
 summary goes to ``pipeline_results.json`` beside the outputs, and the config lines to paste are
-printed. Every file is written under a temporary name and renamed when complete.
+printed. The output directory is checked writable before any work and locked for the run
+(``<stem>.lock``); every file is written under a temporary name unique to the process and renamed
+when complete, and a full or read-only disk is a one-line error.
 
 Counts of chat data are the tokens of the whole rendered conversation plus EOS — what
 ``preprocess-chat`` writes for templates whose renders of a conversation's prefixes are prefixes
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from neoxt.config.schema import TokenizerConfig
+from neoxt.data.outputs import check_output_dir, claim_output, writing
 from neoxt.data.readers import Batch, open_hf_dataset
 from neoxt.data.tokenize import EncodedBatch, Progress, ordered_results, text_field
 from neoxt.errors import DataError
@@ -136,7 +139,7 @@ def _export_jsonl(ds: Any, column: str, path: Path, batch_size: int) -> int:
     n = 0
     progress = Progress(len(ds), "prepare-hf export")
     try:
-        with atomic_open(path, "w") as f:
+        with writing(path), atomic_open(path, "w") as f:
             for cols in ds.select_columns([column]).iter(batch_size=batch_size):
                 lines = [json.dumps({column: value}, ensure_ascii=False) + "\n" for value in cols[column]]
                 f.writelines(lines)
@@ -164,10 +167,19 @@ def prepare_hf(opts: PrepareOptions) -> dict[str, Any]:
     t0 = time.monotonic()
     out_dir = Path(opts.output_dir or os.path.join("data", _stem(opts))).resolve()
     stem = _stem(opts)
+    if not opts.count_only:
+        check_output_dir(out_dir, create=False)  # before any work: an unwritable output fails in a second, not after counting
     ds = open_hf_dataset(opts.dataset, opts.split, opts.subset)
     column, chat = detect_column(ds, opts.text_key, opts.dataset)
     tok = load_tokenizer(TokenizerConfig(tokenizer_type="HFTokenizer", vocab_file=opts.tokenizer))
-    out_dir.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to be usable
+    check_output_dir(out_dir)  # (count-only writes its pipeline_results.json there too)
+    # One prepare-hf per output at a time: the second exits at once, before counting or exporting.
+    with claim_output(out_dir / stem, temp_globs=(".jsonl.tmp*",)):
+        return _run_stages(opts, ds, column, chat, tok, out_dir, stem, timings, t0)
+
+
+def _run_stages(opts: PrepareOptions, ds: Any, column: str, chat: bool, tok: Any, out_dir: Path, stem: str,
+                timings: dict[str, float], t0: float) -> dict[str, Any]:
     timings["load"] = time.monotonic() - t0
     results: dict[str, Any] = {
         "dataset": opts.dataset, "subset": opts.subset, "split": opts.split, "column": column,
@@ -234,7 +246,8 @@ def prepare_hf(opts: PrepareOptions) -> dict[str, Any]:
     timings["total"] = time.monotonic() - t0
     results_path = out_dir / "pipeline_results.json"
     results["paths"]["pipeline_results"] = str(results_path)
-    _write_json(results_path, results)
+    with writing(results_path):
+        _write_json(results_path, results)
     print(f"wrote {results_path}")
     if "config_lines" in results:
         print("add to your config:")

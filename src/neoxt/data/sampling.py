@@ -44,13 +44,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
 
+from neoxt.data.index_cache import cache_paths, check_cache_writable, load_cached_arrays, save_cached_arrays
 from neoxt.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -385,47 +385,7 @@ def build_index_maps(
 
 
 # --------------------------------------------------------------------------------------------------
-# Cache: upstream's file names, written atomically.
-
-_PARTS = ("doc_idx", "sample_idx", "shuffle_idx")
-
-
-def cache_paths(prefix: str, spec: IndexSpec, cache_dir: str | None = None) -> dict[str, str]:
-    """The three cache files: next to the data (upstream's names), or in ``cache_dir`` under the
-    prefix's basename — so two datasets sharing a basename in different directories must not share a
-    ``cache_dir`` (the staleness check catches most, not all, such clashes)."""
-    base = prefix if cache_dir is None else os.path.join(cache_dir, os.path.basename(prefix))
-    stem = spec.stem(base)
-    return {part: f"{stem}_{part}.npy" for part in _PARTS}
-
-
-def _save_atomic(path: str, array: np.ndarray) -> str:
-    """Write to a temporary name in the same directory; the caller renames once all parts exist."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _load_cached(paths: dict[str, str]) -> IndexMaps | None:
-    if not all(os.path.isfile(p) for p in paths.values()):
-        return None
-    try:
-        arrays = {part: np.load(paths[part], mmap_mode="r", allow_pickle=False) for part in _PARTS}
-    except (OSError, ValueError) as err:
-        log.warning("ignoring unreadable index cache %s (%s); rebuilding", paths["doc_idx"], err)
-        return None
-    sample_idx = arrays["sample_idx"]
-    if sample_idx.ndim != 2 or sample_idx.shape[1] != 2 or arrays["doc_idx"].ndim != 1:
-        log.warning("ignoring malformed index cache %s; rebuilding", paths["sample_idx"])
-        return None
-    # Plain ndarray views of the maps: still memory-mapped, without np.memmap's per-index overhead.
-    return IndexMaps(np.asarray(arrays["doc_idx"]), np.asarray(sample_idx), np.asarray(arrays["shuffle_idx"]))
+# Cache (files: ``neoxt.data.index_cache``).
 
 
 def _plausible(maps: IndexMaps, documents: np.ndarray, sizes: np.ndarray, spec: IndexSpec) -> bool:
@@ -461,39 +421,25 @@ def load_or_build_index_maps(
 ) -> IndexMaps:
     """Reuse the cached maps (ours or GPT-NeoX's) or build and cache them.
 
-    Every process may call this: the files are written under temporary names and renamed into
-    place, so concurrent builders (which compute identical arrays) never expose a partial file.
+    Every process may call this: the files are written under temporary names unique to the process
+    and renamed into place, so concurrent builders (identical arrays) never expose a partial file.
     """
     paths = cache_paths(prefix, spec, cache_dir)
-    cached = _load_cached(paths)
+    arrays = load_cached_arrays(paths)
+    cached = IndexMaps(arrays["doc_idx"], arrays["sample_idx"], arrays["shuffle_idx"]) if arrays else None
     if cached is not None and _plausible(cached, np.asarray(documents), sizes, spec):
         return cached
     if cached is not None:
         log.warning("index cache %s does not match the data; rebuilding", paths["doc_idx"])
+    check_cache_writable(paths)  # before the build, which can take minutes
     log.info(
         "building %s index maps for %s (%d samples of %d tokens, %d documents)",
         spec.pack_impl, os.path.basename(prefix), spec.num_samples, spec.seq_length, len(documents),
     )
     started = time.perf_counter()
     maps = build_index_maps(documents, sizes, spec, label, pair_sizes=pair_sizes, pair_label=pair_label)
-    if cache_dir is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-    arrays = {"doc_idx": maps.doc_idx, "sample_idx": maps.sample_idx, "shuffle_idx": maps.shuffle_idx}
-    temps: dict[str, str] = {}
-    try:
-        for part in _PARTS:
-            temps[part] = _save_atomic(paths[part], arrays[part])
-        for part in _PARTS:
-            os.replace(temps.pop(part), paths[part])
-    except OSError as err:
-        raise DataError(
-            f"cannot write index cache {paths['doc_idx']}: {err.strerror or err} "
-            "(set data.index_cache_dir to a writable directory)"
-        ) from err
-    finally:
-        for tmp in temps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    save_cached_arrays(paths, {"doc_idx": maps.doc_idx, "sample_idx": maps.sample_idx,
+                               "shuffle_idx": maps.shuffle_idx})
     stem = paths["doc_idx"][: -len("_doc_idx.npy")]
     log.info("index maps cached as %s_*.npy (%.1f s)", stem, time.perf_counter() - started)
     return maps

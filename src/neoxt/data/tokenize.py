@@ -17,7 +17,8 @@ Decisions where upstream (tools/datasets/preprocess_data.py) is silent or odd:
   error, not a silent no-op.
 - Malformed JSON, a missing key or a non-text value is an error naming ``file:line``; with
   ``skip_bad_lines`` the record is skipped and counted instead.
-- Output goes to temporary names and is renamed only when every record has been written.
+- Output goes to temporary names unique to the process and is renamed only when every record has
+  been written; the outputs are checked writable first and locked for the run (see ``outputs``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import numpy as np
 
 from neoxt.config.schema import TokenizerConfig
 from neoxt.data.indexed import IndexedDatasetWriter, best_fitting_dtype
+from neoxt.data.outputs import check_output_prefix
 from neoxt.data.readers import Batch, decode_payload, expand_inputs, iter_batches
 from neoxt.errors import DataError
 
@@ -247,6 +249,25 @@ def run_pipeline(
     return stats
 
 
+def check_outputs(prefixes: Iterable[str]) -> None:
+    """Every output prefix writable (DataError otherwise): the first thing a data command does."""
+    for prefix in prefixes:
+        check_output_prefix(prefix, create=False)
+
+
+def open_writers(outputs: dict[str, str], dtype: Any) -> dict[str, IndexedDatasetWriter]:
+    """One writer (and lock) per output; if any cannot be claimed, the ones already open are dropped."""
+    writers: dict[str, IndexedDatasetWriter] = {}
+    try:
+        for name, prefix in outputs.items():
+            writers[name] = IndexedDatasetWriter(prefix, dtype)
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
+    return writers
+
+
 # --- plain text documents --------------------------------------------------------------------------
 
 
@@ -346,6 +367,8 @@ def preprocess(
     if workers < 1:
         raise DataError(f"--workers must be at least 1, got {workers}")
     paths = expand_inputs(inputs)
+    outputs = {key: output_prefix_for(output_prefix, key) for key in keys}
+    check_outputs(outputs.values())  # an unwritable output fails before the tokenizer is even loaded
     tok = load_tokenizer(tokenizer)  # fail here, in the main process, on a bad tokenizer
     dtype = best_fitting_dtype(tok.vocab_size)
     spec = TextEncodeSpec(tokenizer=tokenizer, keys=keys, append_eod=append_eod, ftfy=ftfy)
@@ -354,15 +377,7 @@ def preprocess(
     if append_eod and tok.eod_id is None:
         raise DataError(f"--append-eod: tokenizer {tok.name} has no end-of-document token")
     batches = iter_batches(paths, keys, batch_size=batch_size, split=split, subset=subset)
-    outputs = {key: output_prefix_for(output_prefix, key) for key in keys}
-    writers = {}
-    try:
-        for key, prefix in outputs.items():
-            writers[key] = IndexedDatasetWriter(prefix, dtype)
-    except BaseException:
-        for w in writers.values():
-            w.discard()
-        raise
+    writers = open_writers(outputs, dtype)
     stats = run_pipeline(batches, TextEncoder, spec, writers, workers=workers,
                          skip_bad_lines=skip_bad_lines, num_docs=num_docs, label="preprocess")
     return PreprocessResult(outputs=outputs, stats=stats, dtype=dtype)

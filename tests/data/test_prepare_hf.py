@@ -131,14 +131,14 @@ def test_disk_full_while_exporting_is_one_line_and_leaves_nothing(datasets_dir, 
     import builtins
     import errno
 
-    import neoxt.data.prepare_hf as prepare_mod
+    import neoxt.io as io_mod  # prepare-hf streams its export through neoxt.io.atomic_open
 
     def full_disk_open(path, mode="r", *args, **kwargs):
         if "w" in mode and ".jsonl.tmp." in str(path):
             raise OSError(errno.ENOSPC, "No space left on device")
         return builtins.open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(prepare_mod, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(io_mod, "open", full_disk_open, raising=False)
     out_dir = tmp_path / "out"
     rc, _, err = run(["--dataset", str(datasets_dir / "texts"), "--vocab-file", str(tiny_tokenizer_dir),
                       "--output-dir", str(out_dir), "--skip-count"], capsys)

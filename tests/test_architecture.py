@@ -46,7 +46,6 @@ SIZE_EXCEPTIONS = {
     # because of its many GPT-NeoX keys or formats, to be split when next touched:
     ("data/sampling.py", None): "GPT-NeoX's doc/sample/shuffle index builders, reproduced as upstream lays them out",
     ("data/prepare_hf.py", "prepare_hf"): "the count → export → tokenize pipeline in order, one stage per block",
-    ("distributed/launch.py", "render_sbatch"): "one #SBATCH line per option; a template in code",
 }
 
 

@@ -22,25 +22,29 @@ class Progress:
     ``postfix`` in ``update`` is shown beside the terminal bar. ``disable`` shows nothing at all.
     """
 
-    def __init__(self, total: int | None, desc: str, unit: str = "item", every_s: float = 10.0, *,
-                 disable: bool = False, describe: Callable[[int], str] | None = None):
+    def __init__(self, total: float | None, desc: str, unit: str = "item", every_s: float = 10.0, *,
+                 initial: float = 0, disable: bool = False, describe: Callable[[float], str] | None = None):
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-        self.done = 0
+        self.done = initial
         self.describe = describe or self._default_line
         self.disabled = disable
-        self.last_log = time.monotonic()
+        self.started = self.last_log = time.monotonic()
         self.logged_at = -1
         self.bar: Any = None
         if not disable and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, initial=initial, unit_scale=unit == "B",
+                            unit_divisor=1024, dynamic_ncols=True, leave=False)
 
-    def _default_line(self, done: int) -> str:
-        of = f"/{self.total}" if self.total is not None else ""
-        return f"{self.desc}: {done}{of} {self.unit}s"
+    def _default_line(self, done: float) -> str:
+        """tqdm's own meter (count, rate, ETA) without carriage returns; bytes scaled to KiB/MiB."""
+        from tqdm import tqdm
 
-    def update(self, n: int = 1, postfix: str | None = None) -> None:
+        return tqdm.format_meter(done, self.total, time.monotonic() - self.started, prefix=self.desc,
+                                 unit=self.unit, unit_scale=self.unit == "B", unit_divisor=1024, ncols=0)
+
+    def update(self, n: float = 1, postfix: str | None = None) -> None:
         self.done += n
         if self.disabled:
             return
@@ -60,6 +64,12 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def track(items: Iterable[T], desc: str, unit: str = "item", total: int | None = None,

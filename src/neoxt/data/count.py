@@ -23,8 +23,8 @@ from neoxt.data.indexed import (
     data_file_path,
     index_file_path,
 )
-from neoxt.data.progress import progress_bar
 from neoxt.errors import DataError
+from neoxt.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def count_one(prefix: str) -> Count:
 def count_datasets(paths: Sequence[str]) -> list[Count]:
     prefixes = expand_prefixes(paths)
     out = []
-    with progress_bar(len(prefixes), "counting", unit="file") as bar:
+    with Progress(len(prefixes), "counting", unit="file") as bar:
         for prefix in prefixes:
             out.append(count_one(prefix))
             bar.update(1)

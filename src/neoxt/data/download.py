@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from neoxt.data.outputs import DISK_ERRNOS, output_error
-from neoxt.data.progress import progress_bar
 from neoxt.errors import DataError
+from neoxt.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _fetch_once(url: str, part: IO[bytes], timeout: float, desc: str) -> int | N
             part.truncate()
             start = 0
         total = _expected_total(resp, start)
-        with progress_bar(total, desc, unit="B", initial=start) as bar:
+        with Progress(total, desc, unit="B", initial=start) as bar:
             for block in iter(lambda: resp.read(CHUNK), b""):
                 part.write(block)
                 bar.update(len(block))
@@ -246,8 +246,8 @@ def extract(archive: str | os.PathLike, dest_dir: str | os.PathLike) -> list[Pat
     tmp.mkdir()
     lower = archive.name.lower()
     try:
-        with progress_bar(archive.stat().st_size if lower.endswith(".zip") else None,
-                          f"extracting {archive.name}", unit="B") as bar:
+        with Progress(archive.stat().st_size if lower.endswith(".zip") else None,
+                      f"extracting {archive.name}", unit="B") as bar:
             if lower.endswith(".zip"):
                 _extract_zip(archive, tmp, bar.update)
             elif lower.endswith(ARCHIVE_SUFFIXES):

@@ -32,9 +32,9 @@ from neoxt.data.indexed import (
     index_file_path,
 )
 from neoxt.data.outputs import check_output_prefix, claim_output, writing
-from neoxt.data.progress import progress_bar
 from neoxt.errors import DataError
 from neoxt.io import unique_temp_path
+from neoxt.progress import Progress
 
 _CHUNK_ITEMS = 1 << 22
 
@@ -112,7 +112,7 @@ def merge_datasets(output_prefix: str, prefixes: Sequence[str], keep_documents: 
     previous = _raise_on_sigterm()
     try:
         total = sum(os.path.getsize(data_file_path(s.prefix)) for s in shards)
-        with writing(out_bin), open(tmp_bin, "wb") as out, progress_bar(total, "merging", unit="B") as bar:
+        with writing(out_bin), open(tmp_bin, "wb") as out, Progress(total, "merging", unit="B") as bar:
             for s in shards:
                 with open(data_file_path(s.prefix), "rb") as f:
                     for block in iter(lambda: f.read(1 << 22), b""):  # noqa: B023 -- f is used at once

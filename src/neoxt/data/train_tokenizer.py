@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neoxt.data.progress import progress_bar
 from neoxt.data.readers import decode_payload, expand_inputs, iter_batches
 from neoxt.errors import DataError
+from neoxt.progress import Progress
 
 MODELS = ("bpe", "wordpiece", "unigram", "wordlevel")
 PRE_TOKENIZERS = ("byte_level", "whitespace", "metaspace", "bert")
@@ -125,7 +125,7 @@ def iter_texts(inputs: Sequence[str], keys: Sequence[str]) -> Iterator[str]:
     """Every non-empty text under ``keys`` of every record, streamed; bad records are one-line errors."""
     from neoxt.data.tokenize import text_field
 
-    with progress_bar(None, "reading", unit="doc") as bar:
+    with Progress(None, "reading", unit="doc") as bar:
         for batch in iter_batches(expand_inputs(inputs), keys):
             for i in range(len(batch.payloads)):
                 rec = decode_payload(batch, i)

@@ -236,3 +236,35 @@ def test_inconsistent_keys_are_config_errors(sets, change, match):
         _run(_cfg(u, train_iters=2))
     with pytest.raises(ConfigError, match="train_impl: normal"):
         _run(_cfg(UnlearningConfig(ga_dataset=sets[0], ga_mode="interleaved"), train_iters=2, train_impl="dpo"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_neoxt_train_gradient_difference_two_processes_match_one(tmp_path, corpus_dataset, sets):
+    """The fork's keys through `neoxt train` (YAML), FSDP2 over 2 gloo processes == 1 process."""
+    from conftest import run_neoxt_train
+
+    tok, prefix = corpus_dataset
+    forget, retain = sets
+
+    def run(name: str, nproc: int, micro: int) -> list[dict]:
+        cfg = {
+            "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
+            "max_position_embeddings": 64, "optimizer": {"type": "Adam", "params": {"lr": 3.0e-3}},
+            "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 2, "train_iters": 6,
+            "data_path": prefix, "split": "100,0,0", "tokenizer_type": "HFTokenizer", "eval_iters": 0,
+            "vocab_file": tok.vocab_file, "save": str(tmp_path / name), "log_interval": 1, "seed": 3,
+            "index_cache_dir": str(tmp_path / f"cache-{name}"),
+            "ga_dataset": forget, "ga_dataset_impl": "mmap", "ga_mode": "interleaved", "ga_interleave_ratio": 1,
+            "gd_mode": True, "gd_retain_dataset": retain, "gd_retain_dataset_impl": "mmap", "gd_retain_weight": 2.0,
+            "gd_log_separate_losses": True, "ga_lr_scale": 2.0,
+        }
+        run_neoxt_train(cfg, tmp_path / f"{name}.yml", nproc)
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    one, two = run("one", 1, 4), run("two", 2, 2)
+    assert [r.get("batch_type") for r in one] == [0.0, 0.0, 2.0, 0.0, 2.0, 0.0]
+    for key in ("loss", "gd_forget_loss", "gd_retain_loss", "gd_combined_loss"):
+        a, b = [r.get(key) for r in one], [r.get(key) for r in two]
+        assert [x is None for x in a] == [x is None for x in b], key
+        assert [x for x in b if x is not None] == pytest.approx([x for x in a if x is not None], rel=1e-4), key

@@ -234,8 +234,11 @@ def test_inconsistent_keys_are_config_errors(sets, change, match):
     u = replace(UnlearningConfig(ga_dataset=sets[0], ga_mode="interleaved"), **change)
     with pytest.raises(ConfigError, match=match):
         _run(_cfg(u, train_iters=2))
+    ok = _cfg(UnlearningConfig(ga_dataset=sets[0], ga_mode="interleaved"), train_iters=2)
     with pytest.raises(ConfigError, match="train_impl: normal"):
-        _run(_cfg(UnlearningConfig(ga_dataset=sets[0], ga_mode="interleaved"), train_iters=2, train_impl="dpo"))
+        _run(replace(ok, training=replace(ok.training, train_impl="dpo")))
+    with pytest.raises(ConfigError, match="pipe_parallel_size"):
+        _run(replace(ok, parallelism=replace(ok.parallelism, pipe_parallel_size=2)))
 
 
 @pytest.mark.slow

@@ -225,6 +225,23 @@ def test_losses_reach_metrics_jsonl_tensorboard_and_wandb(tmp_path, sets, monkey
     assert {"train/gd_forget_loss", "train/gd_retain_loss", "train/gd_combined_loss"} <= set(events.Tags()["scalars"])
 
 
+def test_unlearning_is_one_objective_file_registered_in_one_line_and_the_loop_does_not_know_it():
+    import inspect
+
+    import neoxt.train.loop
+    import neoxt.train.setup
+    import neoxt.train.step
+    from neoxt.train import objectives
+    from neoxt.train.objectives.unlearning import UnlearningObjective, unlearning_enabled
+
+    assert (unlearning_enabled, UnlearningObjective) in objectives.COMPOSED
+    register = [line for line in inspect.getsource(objectives).splitlines() if "UnlearningObjective)" in line]
+    assert len(register) == 1
+    for module in (neoxt.train.loop, neoxt.train.step, neoxt.train.setup):
+        source = inspect.getsource(module).lower()
+        assert not any(word in source for word in ("unlearn", "ga_", "gd_", "forget", "retain")), module.__name__
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(gd_mode=True), "gd_retain_dataset"),
     (dict(ga_mode="interval"), "ga_interval"),

@@ -219,6 +219,28 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class UnlearningConfig:
+    """Gradient ascent on a forget corpus and gradient difference (the users' fork's ``ga_*`` / ``gd_*``
+    keys, same names, defaults and meaning; ``neoxt.train.objectives.unlearning`` runs them)."""
+
+    ga_dataset: str | None = None  # indexed-dataset prefix of the forget set; setting it turns unlearning on
+    ga_dataset_impl: Literal["mmap", "infer"] = "mmap"
+    ga_interval: int | None = None  # interval mode: a burst after every ga_interval-th iteration
+    ga_iters: int | None = None  # interval mode: updates per burst (they do not count toward train_iters)
+    ga_lr_scale: float = 1.0  # the learning rate of a GA/GD update is the schedule's times this
+    ga_mode: Literal["interval", "interleaved"] = "interval"
+    ga_interleave_ratio: int = 1  # interleaved mode: LM iterations per GA/GD iteration
+    ga_loss_threshold: float | None = None  # no ascent once the forget loss is at or below this
+    ga_threshold_check_mode: Literal["per_step", "per_burst", "ema"] = "per_step"
+    ga_threshold_skip_forward: bool = False  # below the threshold, skip the forward as well
+    gd_mode: bool = False  # gradient difference: minimise gd_retain_weight * L_retain - L_forget
+    gd_retain_dataset: str | None = None
+    gd_retain_dataset_impl: Literal["mmap", "infer"] = "mmap"
+    gd_retain_weight: float = 40.0
+    gd_log_separate_losses: bool = True
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     save: str | None = None
     load: str | None = None
@@ -300,6 +322,7 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)

@@ -83,7 +83,8 @@ def _step(run: Run, result: TrainResult) -> StepResult:
     fp16 = run.cfg.training.precision == "fp16"
     stats = StepStats(iteration=p.iteration, loss=r.loss, lr=lr, grad_norm=r.grad_norm, tokens=tokens,
                       seconds=time.perf_counter() - t0, skipped=r.skipped,
-                      loss_scale=run.stepper.scaler.scale if fp16 else None, extra=r.metrics)
+                      loss_scale=run.stepper.scaler.scale if fp16 else None, extra=r.metrics,
+                      in_loss=r.in_loss)
     run.metrics.record(stats, r.nan)
     return r
 

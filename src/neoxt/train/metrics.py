@@ -80,6 +80,7 @@ class StepStats:
     skipped: bool = False
     loss_scale: float | None = None
     extra: dict[str, float] = field(default_factory=dict)  # an objective's named metrics (StepOutcome.metrics)
+    in_loss: bool = True  # False: not part of the lm_loss average (StepOutcome.in_loss)
 
 
 @dataclass
@@ -138,7 +139,7 @@ class MetricsLogger:
         window, self._window = self._window, []
         secs = sum(s.seconds for s in window) or 1e-9
         tokens = sum(s.tokens for s in window)
-        good = [s.loss for s in window if math.isfinite(s.loss) and not s.skipped]
+        good = [s.loss for s in window if math.isfinite(s.loss) and not s.skipped and s.in_loss]
         loss = sum(good) / len(good) if good else float("nan")
         norms = [s.grad_norm for s in window if s.grad_norm is not None and math.isfinite(s.grad_norm)]
         last = window[-1]
@@ -202,6 +203,7 @@ class MetricsLogger:
                 "runtime/flops_per_sec_per_gpu": tflops * 1e12,
                 "runtime/mfu": mfu,
                 "train/nan_count": self.nan_count,
+                **{f"train/{name}": record[name] for name in extra_names},
             },
         )
         return record

@@ -19,6 +19,7 @@ from torch import nn
 
 from neoxt.config.schema import RunConfig
 from neoxt.errors import ConfigError
+from neoxt.train.batches import DictBatches, eod_id_for
 from neoxt.train.checkpointer import (
     Checkpointer,
     Progress,
@@ -170,6 +171,9 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
     for part in parts:
         part.train()
     data = data if data is not None else open_train_data(cfg, dp_rank, dp_size)
+    own_source = getattr(objective, "train_source", None)  # base.py (d): an objective that mixes in its own data
+    if own_source is not None:
+        data = replace(data, train=own_source(data.train))
     optimizers = [build_optimizer(part, cfg.optimizer) for part in parts]
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.train_iters)
     scaler = LossScaler.from_config(t)
@@ -196,42 +200,11 @@ def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:
     return Transformer(cfg.model).to(device)
 
 
-class _DictBatches:
-    """Adapts ``neoxt.data.loader.BatchLoader`` (``Batch`` objects) to the dict micro-batches here."""
-
-    def __init__(self, loader: Any):
-        self.loader = loader
-
-    def __iter__(self) -> _DictBatches:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        b = next(self.loader)
-        out = {"tokens": b.tokens, "labels": b.labels, "loss_mask": b.loss_mask, "position_ids": b.position_ids}
-        if b.document_ids is not None:
-            out["attention_mask"] = b.attention_mask()
-        for extra in ("ref", "reward"):
-            if getattr(b, extra, None) is not None:
-                out[extra] = getattr(b, extra)
-        return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
-
 def open_train_data(cfg: RunConfig, dp_rank: int = 0, dp_size: int = 1) -> TrainData:
     """Train/valid micro-batch sources for ``cfg`` from ``neoxt.data.loader`` (this rank's slice)."""
     from neoxt.data.loader import build_loader
 
-    eod_id = None
-    d = cfg.data
-    if d.eod_mask_loss or d.reset_position_ids or d.reset_attention_mask:
-        from neoxt.tokenizer import load_tokenizer
-
-        eod_id = load_tokenizer(cfg.tokenizer).eod_id
+    eod_id = eod_id_for(cfg)
     if dp_size != cfg.training.data_parallel_size:
         raise ConfigError(
             f"the config's data-parallel size {cfg.training.data_parallel_size} (from WORLD_SIZE when it was "
@@ -241,4 +214,4 @@ def open_train_data(cfg: RunConfig, dp_rank: int = 0, dp_size: int = 1) -> Train
     if train is None:
         raise ConfigError("no training data: set data_path or train_data_paths")
     valid = build_loader(cfg, "valid", dp_rank=dp_rank, eod_id=eod_id) if cfg.training.eval_iters > 0 else None
-    return TrainData(_DictBatches(train), _DictBatches(valid) if valid is not None else None)
+    return TrainData(DictBatches(train), DictBatches(valid) if valid is not None else None)

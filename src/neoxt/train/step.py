@@ -60,6 +60,7 @@ class StepResult:
     stop: bool = False  # on_nan: stop hit: nothing was updated, the loop saves and raises
     advance: bool = True
     metrics: dict[str, float] = field(default_factory=dict)
+    in_loss: bool = True  # the objective's StepOutcome.in_loss
 
     @property
     def skipped(self) -> bool:
@@ -117,7 +118,11 @@ class Stepper:
         loss_ok, norm_ok = math.isfinite(loss), math.isfinite(grad_norm)
         overflow = self.fp16_dynamic and loss_ok and not norm_ok
         nan = not loss_ok or (not norm_ok and not overflow)
-        result = StepResult(loss, grad_norm, nan, overflow, advance=outcome.advance, metrics=outcome.metrics)
+        result = StepResult(loss, grad_norm, nan, overflow, advance=outcome.advance, metrics=outcome.metrics,
+                            in_loss=outcome.in_loss)
+        if outcome.lr_scale != 1.0:
+            for optimizer in self.optimizers:
+                set_lr(optimizer, lr * outcome.lr_scale)
         for optimizer in self.optimizers:
             if not (nan or overflow):
                 optimizer.step()

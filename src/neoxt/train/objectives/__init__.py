@@ -11,6 +11,10 @@ names, imported by ``neoxt train`` before the config is resolved)::
 
     NEOXT_PLUGINS=my_objectives neoxt train cfg.yml    # with train_impl: my_loss in cfg.yml
 
+An objective that *composes* with ``train_impl``'s instead of replacing it (gradient ascent /
+difference on top of the LM objective, switched on by its own keys) is one line in ``COMPOSED``:
+a predicate on the config and the factory built when it holds.
+
 Only modules the user names are imported (nothing is discovered), so a config file cannot cause
 code to run.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+from collections.abc import Callable
 
 from neoxt.config.schema import RunConfig
 from neoxt.errors import ConfigError
@@ -36,9 +41,10 @@ from neoxt.train.objectives.dpo import DPOObjective
 from neoxt.train.objectives.kto import KTOObjective
 from neoxt.train.objectives.lm import LMObjective
 from neoxt.train.objectives.pipeline import PipelineObjective
+from neoxt.train.objectives.unlearning import UnlearningObjective, unlearning_enabled
 
 __all__ = [
-    "OBJECTIVES", "PIPELINED", "Objective", "ObjectiveContext", "ObjectiveFactory", "StepOutcome", "Stateless",
+    "COMPOSED", "OBJECTIVES", "PIPELINED", "Objective", "ObjectiveContext", "ObjectiveFactory", "StepOutcome", "Stateless",
     "accumulate", "forward_logits", "build_objective", "factory_for", "load_plugins", "register_objective",
 ]
 
@@ -52,6 +58,10 @@ OBJECTIVES: dict[str, ObjectiveFactory] = {
 PIPELINED: dict[str, ObjectiveFactory] = {
     "normal": PipelineObjective,
 }
+# Objectives built instead of train_impl's when their keys ask for them: (predicate on the config, factory).
+COMPOSED: list[tuple[Callable[[RunConfig], bool], ObjectiveFactory]] = [
+    (unlearning_enabled, UnlearningObjective),  # ga_dataset / gd_mode: gradient ascent / difference
+]
 
 PLUGINS_ENV = "NEOXT_PLUGINS"
 
@@ -82,6 +92,9 @@ def factory_for(cfg: RunConfig) -> ObjectiveFactory:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"train_impl: '{name}' is not a registered objective{hint}; "
                           f"registered: {', '.join(sorted(OBJECTIVES))} (more via {PLUGINS_ENV})")
+    for enabled, factory in COMPOSED:
+        if enabled(cfg):
+            return factory  # its check_config refuses the train_impl / parallelism it cannot compose with
     if cfg.parallelism.pipe_parallel_size > 1:
         if name not in PIPELINED:
             raise ConfigError(f"pipe_parallel_size > 1 supports train_impl: {', '.join(sorted(PIPELINED))}, "

@@ -42,6 +42,15 @@ Extension points later objectives need:
     evaluation triggers where they are, and draw the next global batch for the same iteration (e.g.
     a gradient-ascent burst of several updates per iteration). An objective may equally run a burst
     inside one ``train_batch`` and report it as one step.
+(d) **Its own batches in the train stream.** An objective with a ``train_source(train) -> BatchSource``
+    method is handed the run's train source once (before any resume) and returns the source the loop
+    draws from instead (e.g. one that serves forget-set batches on gradient-ascent steps and the LM
+    batches otherwise, so no LM batch is drawn and dropped). Its ``state_dict`` is the checkpoint's
+    ``data.train`` and is rewound with it (``on_nan: stop``), so a schedule kept there stays exact.
+(e) **Update-specific learning rate and loss accounting.** ``StepOutcome.lr_scale`` multiplies the
+    schedule's learning rate for this update only (e.g. ``ga_lr_scale``); ``StepOutcome.in_loss =
+    False`` keeps the step's ``loss`` out of the logged ``lm_loss`` average (its named metrics still
+    report it), as GPT-NeoX's fork drops ``lm_loss`` from its gradient-ascent iterations.
 """
 
 from __future__ import annotations
@@ -66,6 +75,8 @@ class StepOutcome:
     weight: float = 1.0  # evaluation: how much this batch counts in the validation mean
     metrics: dict[str, float] = field(default_factory=dict)  # extra named metrics for the log
     advance: bool = True  # False: an update that does not advance the iteration counter
+    lr_scale: float = 1.0  # this update's learning rate is the schedule's times this
+    in_loss: bool = True  # False: leave this step's loss out of the logged lm_loss average
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,11 @@ def _register_neox(conv: argparse._SubParsersAction) -> None:
         "--pipeline-layout", action="store_true",
         help="write layer_XX-model_YY files (pipe_parallel_size >= 1) instead of sequential mp_rank_XX files",
     )
+    p.add_argument(
+        "--te-layout", action="store_true",
+        help="Transformer Engine names (attention.qkv, mlp.fc1_weight, …) for te_mha / te_layernorm_mlp configs, "
+        "as the fork's HF converter writes by default",
+    )
     p.set_defaults(handler=run_neoxt_to_neox)
 
 
@@ -123,8 +128,9 @@ def run_neox_to_neoxt(args: argparse.Namespace) -> int:
 def run_neoxt_to_neox(args: argparse.Namespace) -> int:
     from neoxt.convert.neox import export_neox
 
-    step = export_neox(args.checkpoint, args.output_dir, args.model_parallel_size, args.pipeline_layout)
-    layout = "pipeline" if args.pipeline_layout else "sequential"
+    step = export_neox(args.checkpoint, args.output_dir, args.model_parallel_size, args.pipeline_layout,
+                       te_layout=args.te_layout)
+    layout = ("pipeline" if args.pipeline_layout else "sequential") + (", TE names" if args.te_layout else "")
     print(f"neoxt: wrote {step} ({layout}, model_parallel_size {args.model_parallel_size})", file=sys.stderr)
     return 0
 

@@ -110,3 +110,69 @@ def test_te_layout_imports_with_hf_logits_and_exports_back(tmp_path, arch, layou
         assert set(got[r]) == set(want_r), r
         for k, v in want_r.items():
             assert torch.equal(got[r][k], v), (r, k)
+
+
+def _tiny_neox_hf(vocab: int):
+    import transformers as tf
+
+    torch.manual_seed(9)
+    cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=64, intermediate_size=256, rotary_pct=0.25,
+                           use_parallel_residual=True, hidden_act="gelu", tie_word_embeddings=False)
+    return tf.GPTNeoXForCausalLM(cfg).eval()
+
+
+def _train_config(corpus_dataset, tmp_path, **extra) -> dict:
+    tok, prefix = corpus_dataset
+    d = {
+        "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 16,
+        "max_position_embeddings": 64, "pos_emb": "rotary", "rotary_pct": 0.25, "gpt_j_residual": True,
+        "norm": "layernorm", "activation": "gelu", "no_weight_tying": True, "precision": "fp32",
+        "te_mha": True, "te_layernorm_mlp": True,
+        "train_micro_batch_size_per_gpu": 2, "train_iters": 3, "data_path": prefix, "split": "100,0,0",
+        "tokenizer_type": "HFTokenizer", "vocab_file": tok.vocab_file, "log_interval": 1,
+        "index_cache_dir": str(tmp_path / "cache"),
+    }
+    d.update(extra)
+    return d
+
+
+def test_load_on_a_te_deepspeed_dir_imports_on_the_fly_and_trains(tmp_path, corpus_dataset):
+    from conftest import run_neoxt_train
+    from neoxt.config import config_from_dict
+    from neoxt.train.setup import resolve_vocab
+
+    base = _train_config(corpus_dataset, tmp_path)
+    vocab = resolve_vocab(config_from_dict(base)).model.padded_vocab_size
+    hf = _tiny_neox_hf(vocab)
+    write_neox(hf_to_te_shards(hf, "gptneox", 2), tmp_path / "neox", "sequential", iteration=5, fork_nesting=True)
+    cfg = dict(base, load=str(tmp_path / "neox"), finetune=True, save=str(tmp_path / "sft"), extra_save_iters=[0])
+    out = run_neoxt_train(cfg, tmp_path / "sft.yml").stdout
+    lines = [x for x in out.splitlines() if "imported it on the fly" in x]
+    assert len(lines) == 1 and "GPT-NeoX/DeepSpeed checkpoint (sequential, TP 2, iteration 5)" in lines[0]
+    assert "training finished at iteration 3" in out
+
+    import neoxt
+
+    step0 = neoxt.load_model(tmp_path / "sft" / "global_step0").state_dict()
+    assert torch.equal(step0["embed.weight"], hf.gpt_neox.embed_in.weight)
+    assert torch.equal(step0["layers.1.mlp_norm.weight"], hf.gpt_neox.layers[1].post_attention_layernorm.weight)
+    saved = (tmp_path / "sft" / "global_step3" / "config.yml").read_text()
+    assert str(tmp_path / "neox") in saved and "neoxt-neox-import" not in saved
+
+
+def test_load_on_a_deepspeed_dir_that_does_not_fit_says_what_to_do(tmp_path, corpus_dataset):
+    from neoxt.config import config_from_dict
+    from neoxt.convert.neox_load import import_load_on_the_fly
+    from neoxt.errors import CheckpointError
+    from neoxt.train.loop import train
+
+    hf = _tiny_neox_hf(128)
+    write_neox(hf_to_te_shards(hf, "gptneox", 1), tmp_path / "neox", "pipeline", iteration=5)
+    cfg = config_from_dict(_train_config(corpus_dataset, tmp_path, num_layers=3, load=str(tmp_path / "neox"),
+                                         finetune=True))
+    with pytest.raises(CheckpointError, match=r"GPT-NeoX/DeepSpeed checkpoint that does not fit .*`neoxt convert neox-to-neoxt"):
+        import_load_on_the_fly(cfg, tmp_path / "work", print)
+    # A direct train() call (no on-the-fly import) names the way out instead of "no checkpoint".
+    with pytest.raises(CheckpointError, match=r"not a neoxt one: train with `neoxt train`"):
+        train(cfg, "", log=lambda m: None)

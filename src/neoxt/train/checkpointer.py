@@ -368,6 +368,7 @@ def load_target(cfg: RunConfig) -> Path:
     """
     c = cfg.checkpoint
     base = Path(str(c.load))
+    _refuse_deepspeed_dir(base if c.iteration is None else base / ckpt.step_dir_name(c.iteration))
     if c.iteration is None:
         if (base / "config.json").is_file() and not ckpt.is_checkpoint_dir(base) and not (base / ckpt.LATEST_FILE).exists():
             return base  # an HF model directory (weights only)
@@ -382,6 +383,23 @@ def load_target(cfg: RunConfig) -> Path:
             + (f"{base} holds {', '.join(have)})" if have else f"{base} holds no global_step<N> checkpoint)")
         )
     return target
+
+
+def _refuse_deepspeed_dir(path: Path) -> None:
+    """A GPT-NeoX/DeepSpeed checkpoint reached here was not imported (``neoxt train`` imports it on the
+    fly before training; a direct ``train()`` call does not): say what to do instead of "no checkpoint"."""
+    step = path
+    if (path / ckpt.LATEST_FILE).is_file() and not ckpt.is_checkpoint_dir(path):
+        step = path / (path / ckpt.LATEST_FILE).read_text(encoding="utf-8").strip()
+    try:
+        names = os.listdir(step)
+    except OSError:
+        return
+    if not ckpt.is_checkpoint_dir(step) and any(n.endswith("model_states.pt") for n in names):
+        raise CheckpointError(
+            f"load: {step} is a GPT-NeoX/DeepSpeed checkpoint, not a neoxt one: train with `neoxt train` (it imports "
+            f"it on the fly) or convert it first with `neoxt convert neox-to-neoxt --input-dir {step}`"
+        )
 
 
 def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | None, Path | None]:

@@ -31,6 +31,9 @@ from neoxt.model.hf_names import (
 )
 from neoxt.progress import tracker
 
+# The model-only config snippet converters write beside config.yml (the fork's neox_config.json role).
+MODEL_ONLY_CONFIG = "neox_config.yml"
+
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -85,24 +88,36 @@ def _copy_tokenizer(hf_dir: Path, tmp_tok: Path, final_tok: Path) -> TokenizerCo
     return TokenizerConfig("HFTokenizer", None, None, chat)
 
 
+def default_output_dir(hf_model: str) -> Path:
+    """Where ``hf-to-neoxt`` writes without ``--output-dir``: ``<name>-neoxt`` beside a local model
+    directory, or in the working directory for a Hub id (``org/pythia-160m`` → ``./pythia-160m-neoxt``)."""
+    path = Path(hf_model)
+    if path.is_dir():
+        return path.absolute().with_name(path.absolute().name + "-neoxt")
+    return Path.cwd() / (str(hf_model).rstrip("/").split("/")[-1] + "-neoxt")
+
+
 def convert_hf_to_neoxt(
-    hf_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | None = None, iteration: int = 0
+    hf_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | None = None, iteration: int = 0,
+    revision: str | None = None, save_tokenizer: bool = True,
 ) -> Path:
-    """HF model directory (or Hub id) → neoxt run directory (checkpoint, config.yml, tokenizer/).
+    """HF model directory (or Hub id) → neoxt run directory (checkpoint, config.yml, the model-only
+    ``neox_config.yml`` that merges with a training config, tokenizer/ unless ``save_tokenizer`` is off).
 
     Returns the checkpoint (step) directory.
     """
     from neoxt.checkpoint import save_checkpoint, step_dir_name
     from neoxt.checkpoint.loading import read_hf_model, resolve_hf_source
-    from neoxt.config import config_to_yaml
+    from neoxt.config import config_to_yaml, model_only_yaml
     from neoxt.config.schema import DataConfig, RunConfig, TrainingConfig
 
-    hf_dir, out = resolve_hf_source(hf_dir), Path(output_dir).absolute()
+    hf_dir, out = resolve_hf_source(hf_dir, revision), Path(output_dir).absolute()
     torch_dtype = dtype_of(dtype) if dtype else None
     tmp = temp_dir_beside(out, ConversionError)
     try:
         cfg, sd, arch, _ = read_hf_model(hf_dir, torch_dtype, tracker(f"hf-to-neoxt {hf_dir.name}", "tensor"))
-        tokenizer = _copy_tokenizer(hf_dir, tmp / "tokenizer", out / "tokenizer")
+        tokenizer = _copy_tokenizer(hf_dir, tmp / "tokenizer", out / "tokenizer") if save_tokenizer \
+            else TokenizerConfig(tokenizer_type="HFTokenizer")
         precision = precision_of(sd["embed.weight"].dtype)
         run_cfg = RunConfig(
             model=cfg,
@@ -115,6 +130,7 @@ def convert_hf_to_neoxt(
                 "consumed_samples": 0}
         save_checkpoint(tmp, iteration, {"model": sd}, text, meta=meta)
         (tmp / "config.yml").write_text(text, encoding="utf-8")
+        (tmp / MODEL_ONLY_CONFIG).write_text(model_only_yaml(run_cfg), encoding="utf-8")
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

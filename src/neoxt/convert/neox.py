@@ -117,11 +117,12 @@ def write_neoxt_checkpoint(run_dir: Path, iteration: int, sd: dict[str, Any], ru
     """The one place the import writes a neoxt checkpoint: DESIGN.md layout via ``neoxt.checkpoint``,
     plus the run directory's ``config.yml`` (as ``hf-to-neoxt`` writes it)."""
     from neoxt.checkpoint import save_checkpoint
-    from neoxt.config import config_to_yaml
+    from neoxt.config import config_to_yaml, model_only_yaml
 
     text = config_to_yaml(run_cfg)
     step = save_checkpoint(run_dir, iteration, {"model": sd}, text, meta=meta)
     (run_dir / "config.yml").write_text(text, encoding="utf-8")
+    (run_dir / "neox_config.yml").write_text(model_only_yaml(run_cfg), encoding="utf-8")  # merges with an SFT config
     return step
 
 

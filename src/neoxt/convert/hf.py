@@ -15,11 +15,13 @@ import re
 import shutil
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from neoxt.config.schema import TokenizerConfig
+from neoxt.convert.hf_tokens import ID_KEYS, apply_to_tokenizer, record_source_ids, resolve_export_tokens
 from neoxt.dtypes import dtype_of, precision_of
 from neoxt.errors import ConversionError
 from neoxt.io import publish_dir, temp_dir_beside
@@ -78,6 +80,7 @@ def _copy_tokenizer(hf_dir: Path, tmp_tok: Path, final_tok: Path) -> TokenizerCo
     template = _hf_chat_template(hf_dir)
     if template is not None and not (tmp_tok / "chat_template.jinja").is_file():
         (tmp_tok / "chat_template.jinja").write_text(template, encoding="utf-8")
+    record_source_ids(hf_dir, tmp_tok)
     chat = str(final_tok / "chat_template.jinja") if template is not None else None
     if "tokenizer.json" in present:
         return TokenizerConfig("HFTokenizer", str(final_tok / "tokenizer.json"), None, chat)
@@ -211,14 +214,14 @@ def convert_neoxt_to_hf(
     arch = architecture_for(cfg)
     max_bytes = parse_size(max_shard_size)
     tokenizer = _load_tokenizer(run_cfg.tokenizer)
-    template = read_chat_template(run_cfg.tokenizer.chat_template)
-    if tokenizer is not None and template is not None:
-        tokenizer.chat_template = template
-    ids = {}
+    ids: dict = {}
     if tokenizer is not None:
-        ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if getattr(tokenizer, k, None) is not None}
-    hf_cfg = hf_config_from_model_config(cfg, arch, **ids)  # fails on unexpressible configs before any I/O
+        export = resolve_export_tokens(run_cfg.tokenizer, tokenizer)
+        config_template = read_chat_template(run_cfg.tokenizer.chat_template)
+        apply_to_tokenizer(tokenizer, replace(export, chat_template=config_template or export.chat_template))
+        ids = export.ids
+    # Fails on unexpressible configs before any I/O; unknown ids are None, not the config class's defaults.
+    hf_cfg = hf_config_from_model_config(cfg, arch, **({k: ids.get(k) for k in ID_KEYS} if ids else {}))
     tmp = temp_dir_beside(out, ConversionError)
     try:
         sd = read_checkpoint_model_state(ckpt, cfg)

@@ -17,6 +17,7 @@ from test_neox_import import SEQ, VOCAB, build_hf, hf_to_neoxt_expected, model_c
 from test_neox_roundtrip import _read_exported, run_config
 
 from neoxt.convert import neox
+from neoxt.convert.inspect import inspect_checkpoint
 
 
 def _chunks(t, tp, dim=0):
@@ -75,15 +76,22 @@ def hf_to_te_shards(model, arch: str, tp: int) -> list[dict[str, torch.Tensor]]:
         for r, (g, u) in enumerate(zip(_chunks(gate, tp), _chunks(up, tp), strict=True)):
             ranks[r][f"{n}.mlp.fc1_weight"] = torch.cat([g, u])
         row(f"{n}.mlp.fc2_weight", sd[h + "mlp.down_proj.weight"])
-        rep(f"{n}.input_layernorm.scale", sd[h + "input_layernorm.weight"])
-        rep(f"{n}.mlp.layer_norm_weight", sd[h + "post_attention_layernorm.weight"])
+        if arch == "llama":
+            rep(f"{n}.input_layernorm.scale", sd[h + "input_layernorm.weight"])
+            rep(f"{n}.mlp.layer_norm_weight", sd[h + "post_attention_layernorm.weight"])
+        else:  # OLMo-3 is post-norm: no pre-MLP norm for TE to fuse, its norms keep their names
+            col(f"{n}.attention.q_norm.scale", sd[h + "self_attn.q_norm.weight"])
+            col(f"{n}.attention.k_norm.scale", sd[h + "self_attn.k_norm.weight"])
+            rep(f"{n}.post_attention_layernorm.scale", sd[h + "post_attention_layernorm.weight"])
+            rep(f"{n}.post_feedforward_layernorm.scale", sd[h + "post_feedforward_layernorm.weight"])
     rep(f"{L + 3}.norm.scale", sd["model.norm.weight"])
     col(f"{L + 4}.final_linear.weight", sd["lm_head.weight"])
     return ranks
 
 
 CASES = [("gptneox", "sequential", 1), ("gptneox", "sequential", 2), ("gptneox", "pipeline", 2),
-         ("llama", "sequential", 2), ("llama", "pipeline", 1), ("llama", "pipeline", 2)]
+         ("llama", "sequential", 2), ("llama", "pipeline", 1), ("llama", "pipeline", 2),
+         ("olmo3_gqa", "pipeline", 2)]
 
 
 @pytest.mark.parametrize(("arch", "layout", "tp"), CASES)
@@ -92,6 +100,8 @@ def test_te_layout_imports_with_hf_logits_and_exports_back(tmp_path, arch, layou
     want = hf_to_te_shards(hf, arch, tp)
     step = write_neox(want, tmp_path / "neox", layout, iteration=11, fork_nesting=(layout == "sequential"))
     res = neox.read_neox_checkpoint(step, model_config(arch))
+    info = inspect_checkpoint(step)  # inspect knows the TE names' sharding too
+    assert info.num_params == sum(p.numel() for p in hf.parameters())
     expected = hf_to_neoxt_expected(hf, arch)
     assert set(res.state_dict) == set(expected)
     for k, v in expected.items():

@@ -179,17 +179,17 @@ def test_finetune_then_automatic_resume_without_config_edits(tmp_path):
     assert base.iteration == 3
     cfg = with_checkpoint(
         tiny_config(save=tmp_path / "ft", train_iters=10),
-        load=str(tmp_path / "base"), finetune=True, iteration=2, checkpoint_factor=2,
+        load=str(tmp_path / "base"), finetune=True, iteration=3, checkpoint_factor=2,
     )
     lines = []
     first = train_killed_after(3, cfg, "", data=TrainData(PatternSource(seed=1)), log=lines.append)
-    assert lines[0].startswith("finetuning from") and first.start_iteration == 2
-    assert latest_checkpoint(tmp_path / "ft").name == "global_step4"
+    assert lines[0].startswith("finetuning from") and first.start_iteration == 0  # GPT-NeoX: counter reset
+    assert latest_checkpoint(tmp_path / "ft").name == "global_step2"
 
     lines.clear()
     second = train(cfg, "", data=TrainData(PatternSource(seed=1)), log=lines.append)
     assert lines[0].startswith("resuming from") and "ignored" in lines[0]
-    assert second.start_iteration == 4 and second.iteration == 10
+    assert second.start_iteration == 2 and second.iteration == 10
 
     # Optimizer state was restored: a straight finetune run gives the same losses from step 5 on.
     ref = train(with_checkpoint(cfg, save=str(tmp_path / "ref")), "", data=TrainData(PatternSource(seed=1)), log=lambda m: None)

@@ -160,11 +160,14 @@ def read_hf_model(model_dir: str | os.PathLike, dtype: torch.dtype | None = None
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "merges.txt", "*.jinja"]
 
 
-def resolve_hf_source(source: str | os.PathLike) -> Path:
+def resolve_hf_source(source: str | os.PathLike, revision: str | None = None) -> Path:
     """A local HF model directory as is; an ``org/name`` Hub id downloaded into the HF cache first
-    (with ``HF_HUB_OFFLINE=1``: the cached snapshot only)."""
+    (with ``HF_HUB_OFFLINE=1``: the cached snapshot only), at ``revision`` (branch, tag or commit,
+    e.g. the fork's ``global_step1000`` branches) when given."""
     path = Path(source)
     if path.is_dir():
+        if revision is not None:
+            raise ConversionError(f"--revision {revision}: {source} is a local directory; a revision applies to Hub ids")
         return path
     text = str(source)
     if path.exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1:
@@ -172,9 +175,9 @@ def resolve_hf_source(source: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        local = Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS))
+        local = Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_PATTERNS))
         if not any(local.glob("*.safetensors")):
-            local = Path(snapshot_download(text, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
+            local = Path(snapshot_download(text, revision=revision, allow_patterns=[*_HUB_PATTERNS, "*.bin"]))
     except Exception as err:  # the hub client raises many types (offline, 404, auth, network)
         first = (str(err).strip().splitlines() or [""])[0]
         raise ConversionError(f"{source}: not a local directory and not downloadable from the Hub "

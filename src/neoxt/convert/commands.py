@@ -16,6 +16,9 @@ from pathlib import Path
 from neoxt.dtypes import PRECISIONS
 from neoxt.errors import ConversionError
 
+# --dtype: neoxt's precision names and torch's (the fork's converters take bfloat16/float16/float32).
+DTYPE_NAMES = (*PRECISIONS, "bfloat16", "float16", "float32")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("convert", help="convert checkpoints between Hugging Face, GPT-NeoX and neoxt")
@@ -31,24 +34,38 @@ def _register_hf(conv: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--hf-model", required=True, metavar="PATH",
                    help="local HF model directory, or an org/name Hub id (downloaded into the HF cache)")
-    p.add_argument("--output-dir", required=True, metavar="DIR", help="new neoxt run directory (must not exist)")
-    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="cast weights (default: keep)")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="Hub branch, tag or commit of --hf-model (e.g. global_step1000)")
+    p.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="new neoxt run directory (must not exist; default: <model name>-neoxt)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="cast weights (default: keep)")
     p.add_argument("--iteration", type=int, default=0, metavar="N", help="write global_step<N> (default 0)")
+    p.add_argument("--save-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the tokenizer files into <output-dir>/tokenizer (default: on)")
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="accepted for the fork's converter's command line; neoxt checkpoints reshard on load")
     p.set_defaults(handler=run_hf_to_neoxt)
 
     p = conv.add_parser("neoxt-to-hf", help="neoxt checkpoint → HF model dir (safetensors, config.json, tokenizer)")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory or its global_step<N>")
     p.add_argument("--output-dir", required=True, metavar="DIR", help="new HF model directory (must not exist)")
-    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="cast weights (default: keep)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="cast weights (default: keep)")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)")
     p.set_defaults(handler=run_neoxt_to_hf)
 
 
 def run_hf_to_neoxt(args: argparse.Namespace) -> int:
-    from neoxt.convert.hf import convert_hf_to_neoxt
+    from neoxt.convert.hf import MODEL_ONLY_CONFIG, convert_hf_to_neoxt, default_output_dir
 
-    step_dir = convert_hf_to_neoxt(args.hf_model, args.output_dir, args.dtype, args.iteration)
-    print(f"wrote {step_dir} (config: {step_dir.parent / 'config.yml'})", file=sys.stderr)
+    if args.tp is not None and args.tp != 1:
+        print(f"neoxt: note: --tp {args.tp} is not needed: neoxt checkpoints reshard on load "
+              "(set model_parallel_size in the training config)", file=sys.stderr)
+    out = args.output_dir or default_output_dir(args.hf_model)
+    step_dir = convert_hf_to_neoxt(args.hf_model, out, args.dtype, args.iteration, revision=args.revision,
+                                   save_tokenizer=args.save_tokenizer)
+    run = step_dir.parent
+    print(f"wrote {step_dir} (config: {run / 'config.yml'}; model-only, to merge with a training config: "
+          f"{run / MODEL_ONLY_CONFIG})", file=sys.stderr)
     return 0
 
 
@@ -71,7 +88,7 @@ def _register_neox(conv: argparse._SubParsersAction) -> None:
         help="the run's GPT-NeoX config file(s) (default: the YAML files in <input-dir>/configs/)",
     )
     p.add_argument("--output-dir", metavar="DIR", help="new neoxt run directory (default: <save dir>-neoxt beside it)")
-    p.add_argument("--dtype", choices=PRECISIONS, default=None, help="cast weights (default: keep the checkpoint's)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="cast weights (default: keep the checkpoint's)")
     p.add_argument("--iteration", type=int, default=None, metavar="N", help="write global_step<N> (default: the checkpoint's)")
     p.set_defaults(handler=run_neox_to_neoxt)
 
@@ -87,17 +104,29 @@ def _register_neox(conv: argparse._SubParsersAction) -> None:
         "--pipeline-layout", action="store_true",
         help="write layer_XX-model_YY files (pipe_parallel_size >= 1) instead of sequential mp_rank_XX files",
     )
+    p.add_argument(
+        "--te-layout", action="store_true",
+        help="Transformer Engine names (attention.qkv, mlp.fc1_weight, …) for te_mha / te_layernorm_mlp configs, "
+        "as the fork's HF converter writes by default",
+    )
     p.set_defaults(handler=run_neoxt_to_neox)
 
 
 def _default_configs(input_dir: Path) -> list[str]:
+    """The run's config: ``configs/*.yml`` inside the checkpoint (what GPT-NeoX saves), else the
+    fork's converter's ``neox_config.json`` (or a ``neox_config.yml``) in the save directory."""
     from neoxt.convert.neox_files import find_neox_files
 
     files = find_neox_files(input_dir)
     found = sorted(str(f) for f in (files.path / "configs").glob("*.y*ml"))
-    if not found:
-        raise ConversionError(f"{files.path}: no configs/*.yml inside the checkpoint; pass the run's config with --config")
-    return found
+    if found:
+        return found
+    for where in (files.path, files.path.parent):
+        for name in ("neox_config.json", "neox_config.yml"):
+            if (where / name).is_file():
+                return [str(where / name)]
+    raise ConversionError(f"{files.path}: no configs/*.yml inside the checkpoint and no neox_config.json beside it; "
+                          "pass the run's config with --config")
 
 
 def run_neox_to_neoxt(args: argparse.Namespace) -> int:
@@ -123,8 +152,9 @@ def run_neox_to_neoxt(args: argparse.Namespace) -> int:
 def run_neoxt_to_neox(args: argparse.Namespace) -> int:
     from neoxt.convert.neox import export_neox
 
-    step = export_neox(args.checkpoint, args.output_dir, args.model_parallel_size, args.pipeline_layout)
-    layout = "pipeline" if args.pipeline_layout else "sequential"
+    step = export_neox(args.checkpoint, args.output_dir, args.model_parallel_size, args.pipeline_layout,
+                       te_layout=args.te_layout)
+    layout = ("pipeline" if args.pipeline_layout else "sequential") + (", TE names" if args.te_layout else "")
     print(f"neoxt: wrote {step} ({layout}, model_parallel_size {args.model_parallel_size})", file=sys.stderr)
     return 0
 

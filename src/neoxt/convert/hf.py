@@ -15,11 +15,13 @@ import re
 import shutil
 import sys
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from neoxt.config.schema import TokenizerConfig
+from neoxt.convert.hf_tokens import ID_KEYS, apply_to_tokenizer, record_source_ids, resolve_export_tokens
 from neoxt.dtypes import dtype_of, precision_of
 from neoxt.errors import ConversionError
 from neoxt.io import publish_dir, temp_dir_beside
@@ -30,6 +32,9 @@ from neoxt.model.hf_names import (
     neoxt_to_hf_state_dict,
 )
 from neoxt.progress import tracker
+
+# The model-only config snippet converters write beside config.yml (the fork's neox_config.json role).
+MODEL_ONLY_CONFIG = "neox_config.yml"
 
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -75,6 +80,7 @@ def _copy_tokenizer(hf_dir: Path, tmp_tok: Path, final_tok: Path) -> TokenizerCo
     template = _hf_chat_template(hf_dir)
     if template is not None and not (tmp_tok / "chat_template.jinja").is_file():
         (tmp_tok / "chat_template.jinja").write_text(template, encoding="utf-8")
+    record_source_ids(hf_dir, tmp_tok)
     chat = str(final_tok / "chat_template.jinja") if template is not None else None
     if "tokenizer.json" in present:
         return TokenizerConfig("HFTokenizer", str(final_tok / "tokenizer.json"), None, chat)
@@ -85,24 +91,36 @@ def _copy_tokenizer(hf_dir: Path, tmp_tok: Path, final_tok: Path) -> TokenizerCo
     return TokenizerConfig("HFTokenizer", None, None, chat)
 
 
+def default_output_dir(hf_model: str) -> Path:
+    """Where ``hf-to-neoxt`` writes without ``--output-dir``: ``<name>-neoxt`` beside a local model
+    directory, or in the working directory for a Hub id (``org/pythia-160m`` → ``./pythia-160m-neoxt``)."""
+    path = Path(hf_model)
+    if path.is_dir():
+        return path.absolute().with_name(path.absolute().name + "-neoxt")
+    return Path.cwd() / (str(hf_model).rstrip("/").split("/")[-1] + "-neoxt")
+
+
 def convert_hf_to_neoxt(
-    hf_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | None = None, iteration: int = 0
+    hf_dir: str | os.PathLike, output_dir: str | os.PathLike, dtype: str | None = None, iteration: int = 0,
+    revision: str | None = None, save_tokenizer: bool = True,
 ) -> Path:
-    """HF model directory (or Hub id) → neoxt run directory (checkpoint, config.yml, tokenizer/).
+    """HF model directory (or Hub id) → neoxt run directory (checkpoint, config.yml, the model-only
+    ``neox_config.yml`` that merges with a training config, tokenizer/ unless ``save_tokenizer`` is off).
 
     Returns the checkpoint (step) directory.
     """
     from neoxt.checkpoint import save_checkpoint, step_dir_name
     from neoxt.checkpoint.loading import read_hf_model, resolve_hf_source
-    from neoxt.config import config_to_yaml
+    from neoxt.config import config_to_yaml, model_only_yaml
     from neoxt.config.schema import DataConfig, RunConfig, TrainingConfig
 
-    hf_dir, out = resolve_hf_source(hf_dir), Path(output_dir).absolute()
+    hf_dir, out = resolve_hf_source(hf_dir, revision), Path(output_dir).absolute()
     torch_dtype = dtype_of(dtype) if dtype else None
     tmp = temp_dir_beside(out, ConversionError)
     try:
         cfg, sd, arch, _ = read_hf_model(hf_dir, torch_dtype, tracker(f"hf-to-neoxt {hf_dir.name}", "tensor"))
-        tokenizer = _copy_tokenizer(hf_dir, tmp / "tokenizer", out / "tokenizer")
+        tokenizer = _copy_tokenizer(hf_dir, tmp / "tokenizer", out / "tokenizer") if save_tokenizer \
+            else TokenizerConfig(tokenizer_type="HFTokenizer")
         precision = precision_of(sd["embed.weight"].dtype)
         run_cfg = RunConfig(
             model=cfg,
@@ -115,6 +133,7 @@ def convert_hf_to_neoxt(
                 "consumed_samples": 0}
         save_checkpoint(tmp, iteration, {"model": sd}, text, meta=meta)
         (tmp / "config.yml").write_text(text, encoding="utf-8")
+        (tmp / MODEL_ONLY_CONFIG).write_text(model_only_yaml(run_cfg), encoding="utf-8")
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -195,14 +214,14 @@ def convert_neoxt_to_hf(
     arch = architecture_for(cfg)
     max_bytes = parse_size(max_shard_size)
     tokenizer = _load_tokenizer(run_cfg.tokenizer)
-    template = read_chat_template(run_cfg.tokenizer.chat_template)
-    if tokenizer is not None and template is not None:
-        tokenizer.chat_template = template
-    ids = {}
+    ids: dict = {}
     if tokenizer is not None:
-        ids = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if getattr(tokenizer, k, None) is not None}
-    hf_cfg = hf_config_from_model_config(cfg, arch, **ids)  # fails on unexpressible configs before any I/O
+        export = resolve_export_tokens(run_cfg.tokenizer, tokenizer)
+        config_template = read_chat_template(run_cfg.tokenizer.chat_template)
+        apply_to_tokenizer(tokenizer, replace(export, chat_template=config_template or export.chat_template))
+        ids = export.ids
+    # Fails on unexpressible configs before any I/O; unknown ids are None, not the config class's defaults.
+    hf_cfg = hf_config_from_model_config(cfg, arch, **({k: ids.get(k) for k in ID_KEYS} if ids else {}))
     tmp = temp_dir_beside(out, ConversionError)
     try:
         sd = read_checkpoint_model_state(ckpt, cfg)

@@ -79,6 +79,7 @@ from neoxt.convert.neox_tp import compact, merge_tp, split_tp
 from neoxt.errors import CheckpointError, ConversionError
 from neoxt.io import publish_dir, temp_dir_beside
 from neoxt.model.neox_names import EMBED_IDX, check_supported, neox_to_neoxt, neoxt_to_neox
+from neoxt.model.neox_te import is_te_layout, legacy_to_te, te_to_legacy
 
 if TYPE_CHECKING:
     from neoxt.config.schema import ModelConfig, RunConfig
@@ -103,6 +104,8 @@ def read_neox_checkpoint(path: str | os.PathLike, cfg: ModelConfig, expected_tp:
     vocab = sum(s[emb_key].shape[0] for s in shards)
     model = dataclasses.replace(cfg, padded_vocab_size=vocab)
     full = merge_tp(shards, model, files)
+    if is_te_layout(full):  # the fork's Transformer Engine names (te_mha / te_layernorm_mlp)
+        full = te_to_legacy(full, model)
     sd = neox_to_neoxt(full, model, files)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
@@ -114,11 +117,12 @@ def write_neoxt_checkpoint(run_dir: Path, iteration: int, sd: dict[str, Any], ru
     """The one place the import writes a neoxt checkpoint: DESIGN.md layout via ``neoxt.checkpoint``,
     plus the run directory's ``config.yml`` (as ``hf-to-neoxt`` writes it)."""
     from neoxt.checkpoint import save_checkpoint
-    from neoxt.config import config_to_yaml
+    from neoxt.config import config_to_yaml, model_only_yaml
 
     text = config_to_yaml(run_cfg)
     step = save_checkpoint(run_dir, iteration, {"model": sd}, text, meta=meta)
     (run_dir / "config.yml").write_text(text, encoding="utf-8")
+    (run_dir / "neox_config.yml").write_text(model_only_yaml(run_cfg), encoding="utf-8")  # merges with an SFT config
     return step
 
 
@@ -164,10 +168,13 @@ def export_neox(
     output_dir: str | os.PathLike,
     model_parallel_size: int = 1,
     pipeline: bool = False,
+    te_layout: bool = False,
 ) -> Path:
     """neoxt checkpoint (run dir or ``global_stepN``) -> GPT-NeoX checkpoint. Returns the step dir.
 
     Tensors keep their saved dtype, so ``neoxt-to-neox`` then ``neox-to-neoxt`` is bit-exact.
+    ``te_layout``: Transformer Engine names (the fork's converter default, for ``te_mha`` /
+    ``te_layernorm_mlp`` configs) instead of the legacy ones.
     """
     from neoxt.checkpoint import read_meta, resolve_checkpoint
     from neoxt.checkpoint.loading import read_checkpoint_config, read_checkpoint_model_state
@@ -179,6 +186,8 @@ def export_neox(
     iteration = int(read_meta(ckpt).get("iteration", 0))
     sd = read_checkpoint_model_state(ckpt, model)
     full = neoxt_to_neox(sd, model)
+    if te_layout:
+        full = legacy_to_te(full, model)
     shards = split_tp(full, model, model_parallel_size)
     out_cfg = dataclasses.replace(
         run_cfg,

@@ -38,10 +38,19 @@ _COLUMN = {
 _QKV = {"attention.query_key_value.weight", "attention.query_key_value.bias"}
 
 
-_LINEAR1 = {"mlp.linear1.weight", "mlp.linear1.bias", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias"}
+_LINEAR1 = {"mlp.linear1.weight", "mlp.linear1.bias", "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
+            "mlp.fc1_weight", "mlp.fc1_bias"}  # TE: each rank's fc1 holds its own two halves too
+
+# Transformer Engine's fused QKV (``neoxt.model.neox_te``): each rank holds whole KV groups in TE's
+# grouped layout, so ranks concatenate (GQA included).
+_TE_QKV = {"attention.qkv.weight", "attention.qkv.bias"}
+
+# TE row-parallel biases are added once after the all-reduce (``return_bias``): replicated, never summed.
+_TE_REPLICATED = {"attention.proj.bias", "mlp.fc2_bias", "mlp.layer_norm_weight", "mlp.layer_norm_bias"}
 
 
-_ROW = {"attention.dense.weight", "mlp.linear2.weight", "mlp.dense_4h_to_h.weight", "mlp.w2.weight"}
+_ROW = {"attention.dense.weight", "mlp.linear2.weight", "mlp.dense_4h_to_h.weight", "mlp.w2.weight",
+        "attention.proj.weight", "mlp.fc2_weight"}
 
 
 _ROW_BIAS = {"attention.dense.bias", "mlp.linear2.bias", "mlp.dense_4h_to_h.bias"}
@@ -50,7 +59,7 @@ _ROW_BIAS = {"attention.dense.bias", "mlp.linear2.bias", "mlp.dense_4h_to_h.bias
 _NORM_PARTS = ("input_layernorm.", "post_attention_layernorm.", "post_feedforward_layernorm.", "norm.")
 
 
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias", "_extra_state")
+_IGNORED_SUFFIXES = ("inv_freq", "attention.bias", "attention.masked_bias", "_extra_state")
 
 
 def tp_rule(name: str) -> str:
@@ -60,13 +69,13 @@ def tp_rule(name: str) -> str:
         return "qkv"
     if name in _LINEAR1:
         return "linear1"
-    if name in _COLUMN:
+    if name in _COLUMN or name in _TE_QKV:
         return "column"
     if name in _ROW:
         return "row"
     if name in _ROW_BIAS:
         return "row_bias"
-    if name == "position_embeddings.weight" or name.startswith(_NORM_PARTS):
+    if name == "position_embeddings.weight" or name.startswith(_NORM_PARTS) or name in _TE_REPLICATED:
         return "replicated"
     if name.endswith(_IGNORED_SUFFIXES):
         return "ignore"

@@ -456,6 +456,10 @@ def neoxt_to_hf_state_dict(
 
     out: dict[str, torch.Tensor] = {}
     for hf_name, ours in progress([(h, o) for h, o in _renames(cfg, arch) if o in shapes]):
+        if arch == "gpt_neox" and hf_name == "lm_head.weight":
+            # GPTNeoXForCausalLM's own attribute: transformers 4.x loads only this name (it would
+            # re-initialise a missing embed_out), 5.x renames it to lm_head on load.
+            hf_name = "embed_out.weight"
         out[hf_name] = cast(sd[ours])
     if arch == "gpt_neox":
         heads, hd = cfg.num_attention_heads, cfg.head_dim

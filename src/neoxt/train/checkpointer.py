@@ -7,8 +7,12 @@ Where a run starts (``where_to_start``, decided once, printed as the first line 
    Re-running the same command after a crash, walltime or SIGTERM continues the run; nobody edits
    the config.
 2. ``finetune: true`` and ``load`` → weights only (a neoxt checkpoint or an HF model directory), fresh
-   optimizer, iteration ``iteration`` (default 0).
+   optimizer, the counter at 0 (GPT-NeoX's ``load_checkpoint``: ``iteration`` picks
+   ``global_step<iteration>`` under ``load``, ``finetune`` then resets the counter).
 3. ``load`` alone → resume exactly from that checkpoint (``iteration`` picks ``global_step<N>``).
+
+A missing ``global_step<iteration>`` is an error naming it (GPT-NeoX refuses it too), never a silent
+fallback to ``latest``.
 4. Otherwise from scratch.
 
 The on-disk format (DCP directory, ``meta.json``, ``latest``, atomic publish, pruning) is
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -352,7 +357,52 @@ def load_weights(path: str | os.PathLike, model: nn.Module) -> Path:
     return target
 
 
-def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | None, str | None]:
+_STEP_NAME = re.compile(r"^global_step\d+$")
+
+
+def load_target(cfg: RunConfig) -> Path:
+    """The checkpoint (or HF model directory) ``load`` + ``iteration`` name, checked to exist.
+
+    As GPT-NeoX: ``iteration`` selects ``global_step<iteration>`` under ``load``; without it, ``load``'s
+    ``latest``. A named step that is missing fails naming the directory and the steps that exist.
+    """
+    c = cfg.checkpoint
+    base = Path(str(c.load))
+    _refuse_deepspeed_dir(base if c.iteration is None else base / ckpt.step_dir_name(c.iteration))
+    if c.iteration is None:
+        if (base / "config.json").is_file() and not ckpt.is_checkpoint_dir(base) and not (base / ckpt.LATEST_FILE).exists():
+            return base  # an HF model directory (weights only)
+        return ckpt.resolve_checkpoint(base)
+    if ckpt.is_checkpoint_dir(base) and _STEP_NAME.match(base.name):
+        base = base.parent  # load: names a global_step<N> directory itself
+    target = base / ckpt.step_dir_name(c.iteration)
+    if not ckpt.is_checkpoint_dir(target):
+        have = [p.name for p in ckpt.list_checkpoints(base)]
+        raise CheckpointError(
+            f"load: {target}: no such checkpoint (iteration {c.iteration}; "
+            + (f"{base} holds {', '.join(have)})" if have else f"{base} holds no global_step<N> checkpoint)")
+        )
+    return target
+
+
+def _refuse_deepspeed_dir(path: Path) -> None:
+    """A GPT-NeoX/DeepSpeed checkpoint reached here was not imported (``neoxt train`` imports it on the
+    fly before training; a direct ``train()`` call does not): say what to do instead of "no checkpoint"."""
+    step = path
+    if (path / ckpt.LATEST_FILE).is_file() and not ckpt.is_checkpoint_dir(path):
+        step = path / (path / ckpt.LATEST_FILE).read_text(encoding="utf-8").strip()
+    try:
+        names = os.listdir(step)
+    except OSError:
+        return
+    if not ckpt.is_checkpoint_dir(step) and any(n.endswith("model_states.pt") for n in names):
+        raise CheckpointError(
+            f"load: {step} is a GPT-NeoX/DeepSpeed checkpoint, not a neoxt one: train with `neoxt train` (it imports "
+            f"it on the fly) or convert it first with `neoxt convert neox-to-neoxt --input-dir {step}`"
+        )
+
+
+def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | None, Path | None]:
     """(checkpoint to resume exactly, or None; weights to finetune from, or None), announced in one line.
 
     The order is the module docstring's: a checkpoint in ``save`` wins over everything, so rerunning
@@ -365,17 +415,18 @@ def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | N
             f"'{c.save}' already holds a checkpoint; finetune/load/iteration are ignored")
         return latest, None
     if c.load and c.finetune:
-        say(f"finetuning from weights in {c.load} (fresh optimizer, iteration {c.iteration or 0})")
-        return None, c.load
+        target = load_target(cfg)
+        say(f"finetuning from weights in {target} (fresh optimizer, iteration counter at 0)")
+        return None, target
     if c.load and c.save and Path(c.load).absolute() == Path(c.save).absolute():
         # GPT-NeoX's resume idiom (load = save): nothing saved there yet means a first run.
         say(f"starting from scratch (seed {cfg.training.seed}); '{c.save}' holds no checkpoint yet")
         return None, None
     if c.load:
-        base = Path(c.load)
-        target = base / ckpt.step_dir_name(c.iteration) if c.iteration is not None else ckpt.resolve_checkpoint(base)
+        target = load_target(cfg)
         if not ckpt.is_checkpoint_dir(target):
-            raise CheckpointError(f"load: {target}: not a complete neoxt checkpoint")
+            raise CheckpointError(f"load: {target}: not a complete neoxt checkpoint (an HF model directory "
+                                  "loads with finetune: true)")
         say(f"resuming from {target} (load: {c.load})")
         return target, None
     say(f"starting from scratch (seed {cfg.training.seed})" + (f"; checkpoints go to {c.save}" if c.save else ""))

@@ -31,15 +31,37 @@ def run_train(args: argparse.Namespace) -> int:
     signals = SignalFlag().install()
     try:
         from neoxt.config import load_config
-        from neoxt.train.loop import train
         from neoxt.train.objectives import load_plugins
 
         load_plugins()  # NEOXT_PLUGINS: modules that register objectives (neoxt.train.objectives)
         cfg = load_config(args.configs, args.overrides)
-        result = train(cfg, None, signals=signals)
+        result = _train_importing_neox_load(cfg, signals)
     finally:
         signals.restore()
     return 0 if result.status in ("finished", "signal", "exit_interval") else 1
+
+
+def _train_importing_neox_load(cfg, signals):
+    """``train``, with a GPT-NeoX/DeepSpeed checkpoint named by ``load`` imported on the fly into a
+    temporary neoxt checkpoint first (``neoxt.convert.neox_load``); the run's saved config keeps the
+    user's ``load``."""
+    import tempfile
+    from pathlib import Path
+
+    from neoxt.config import config_to_yaml
+    from neoxt.convert.neox_load import import_load_on_the_fly, neox_source
+    from neoxt.distributed.mesh import dist_env
+    from neoxt.train.loop import train
+    from neoxt.train.setup import resolve_vocab
+
+    if neox_source(cfg) is None:
+        return train(cfg, None, signals=signals)
+    if cfg.model.padded_vocab_size is None:
+        cfg = resolve_vocab(cfg)  # to check the checkpoint's embedding against it
+    rank = dist_env().rank  # the process group is joined later, inside train
+    with tempfile.TemporaryDirectory(prefix="neoxt-neox-import-") as tmp:
+        run_cfg = import_load_on_the_fly(cfg, Path(tmp), lambda m: print(m, flush=True) if rank == 0 else None)
+        return train(run_cfg, config_to_yaml(cfg), signals=signals)
 
 
 def run_demo(args: argparse.Namespace) -> int:

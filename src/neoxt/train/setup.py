@@ -23,6 +23,7 @@ from neoxt.train.batches import DictBatches, eod_id_for
 from neoxt.train.checkpointer import (
     Checkpointer,
     Progress,
+    load_target,
     load_weights,
     reconcile_schedule,
     seed_everything,
@@ -139,6 +140,14 @@ def _metrics(cfg: RunConfig, device: torch.device, rank: int, counters: StepCoun
     )
 
 
+def _load_fn(finetune_from: Path | None, cfg: RunConfig) -> Callable[[nn.Module], Any] | None:
+    """What fills a module with the ``load`` weights (e.g. DPO's reference): the step ``load`` +
+    ``iteration`` select, the same one the policy started from."""
+    if not cfg.checkpoint.load:
+        return None
+    return lambda m: load_weights(finetune_from if finetune_from is not None else load_target(cfg), m)
+
+
 def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Module | None,
           say: Callable[[str], None]) -> Run:
     """Build the run ``cfg`` describes (``data`` / ``model``: a caller's, instead of the config's)."""
@@ -152,8 +161,7 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
     model = model if model is not None else build_model(cfg, device)
     progress, counters = Progress(), StepCounters()
     if finetune_from is not None:  # into the whole model, before it is copied, split or sharded
-        say(f"loaded weights from {load_weights(finetune_from, model)}")
-        progress.iteration = int(c.iteration or 0)
+        say(f"loaded weights from {load_weights(finetune_from, model)}")  # the counter stays at 0 (GPT-NeoX)
 
     def parallelize(module: nn.Module) -> nn.Module:
         from neoxt.distributed.parallelize import parallelize as apply
@@ -162,7 +170,7 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
 
     objective = build_objective(ObjectiveContext(
         cfg=cfg, model=model, mesh=mesh, group=group, dp_size=dp_size, device=device,
-        fresh_start=resume_from is None, load_weights=(lambda m: load_weights(c.load, m)) if c.load else None,
+        fresh_start=resume_from is None, load_weights=_load_fn(finetune_from, cfg),
         parallelize=parallelize, say=say,
     ))
     parts = objective.parts

@@ -45,7 +45,6 @@ SIZE_EXCEPTIONS = {
     # Older debt outside this split (other engineers own these files); each is one job, long
     # because of its many GPT-NeoX keys or formats, to be split when next touched:
     ("data/sampling.py", None): "GPT-NeoX's doc/sample/shuffle index builders, reproduced as upstream lays them out",
-    ("data/prepare_hf.py", "prepare_hf"): "the count → export → tokenize pipeline in order, one stage per block",
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -71,12 +72,13 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, mode: int | None = 
     return Path(path)
 
 
-def temp_dir_beside(out: Path, error: type[Exception] = OSError) -> Path:
+def temp_dir_beside(out: Path, error: type[Exception] = OSError, *, replace: bool = False) -> Path:
     """A fresh hidden directory next to ``out`` (same filesystem, so the final rename is atomic).
 
-    ``out`` must be absent or an empty directory; otherwise ``error`` (a NeoxtError subclass from the
-    caller) names it. Fill the directory, then ``publish_dir`` it; on failure remove it."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    ``out`` must be absent or an empty directory (or any directory when ``replace``); otherwise ``error``
+    (a NeoxtError subclass from the caller) names it. Fill the directory, then ``publish_dir`` it; on
+    failure remove it."""
+    if out.exists() and (not out.is_dir() or (not replace and any(out.iterdir()))):
         raise error(f"{out}: output path already exists and is not empty; remove it or pick another")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = unique_temp_path(out.with_name(f".{out.name}"))
@@ -85,14 +87,24 @@ def temp_dir_beside(out: Path, error: type[Exception] = OSError) -> Path:
 
 
 def publish_dir(tmp: Path, out: Path) -> None:
-    """Give ``tmp``'s files the usual permissions and rename it to ``out`` (empty or absent)."""
+    """Give ``tmp``'s files the usual permissions and rename it to ``out``.
+
+    An existing non-empty ``out`` (allowed by ``temp_dir_beside(..., replace=True)``) is first renamed
+    aside and removed after, so a reader sees the old directory or the new one, never a mixture."""
     umask = os.umask(0)
     os.umask(umask)
     for f in tmp.rglob("*"):  # safetensors writes 0600 files; give them the usual permissions
         if f.is_file():
             f.chmod(0o666 & ~umask)
     tmp.chmod(0o777 & ~umask)
+    old = None
     if out.is_dir():
-        out.rmdir()  # empty (checked in temp_dir_beside)
+        if any(out.iterdir()):
+            old = unique_temp_path(out.with_name(f".{out.name}"), "old")
+            os.replace(out, old)
+        else:
+            out.rmdir()
     os.replace(tmp, out)
     fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

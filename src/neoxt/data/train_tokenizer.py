@@ -15,7 +15,6 @@ asked, the other tokens keeping their order in the remaining ids.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 from neoxt.data.readers import decode_payload, expand_inputs, iter_batches
 from neoxt.errors import DataError
+from neoxt.io import publish_dir, temp_dir_beside, write_text_atomic
 from neoxt.progress import Progress
 
 MODELS = ("bpe", "wordpiece", "unigram", "wordlevel")
@@ -187,7 +187,6 @@ def train_tokenizer(inputs: Sequence[str], spec: TokenizerSpec, keys: Sequence[s
 
 def save_tokenizer(tok: Any, output: str, hf_dir: str | None = None, chat_template: str | None = None) -> list[str]:
     """Write ``tokenizer.json`` (atomically) and, when asked, an HF tokenizer directory; returns the paths."""
-    from neoxt.io import write_text_atomic
 
     out = Path(output)
     if out.is_dir() or not out.suffix:
@@ -206,13 +205,10 @@ def _save_hf_dir(tok: Any, target: Path, chat_template: str | None) -> str:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in roles.items() if v in vocab})
     if chat_template:
         fast.chat_template = chat_template
-    tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_dir_beside(target, DataError, replace=True)
     try:
         fast.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        publish_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)

@@ -8,13 +8,13 @@ iterations since the previous record): the metrics file does not store a running
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neoxt.errors import NeoxtError
+from neoxt.io import atomic_open
 from neoxt.ops.status import EVAL, METRICS, smooth
 
 
@@ -130,14 +130,11 @@ def plot_runs(series: Sequence[Series], output: Path, smoothing: float = 0.9, dp
             ax.legend(fontsize=7)
     fig.tight_layout()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp.{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, output)
+        with atomic_open(output, "wb") as f:
+            fig.savefig(f, dpi=dpi, format="png")
     except OSError as err:
         raise PlotError(f"{output}: cannot write the plot: {err.strerror or err}") from None
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return output

@@ -40,6 +40,20 @@ def test_hf_to_neoxt_fork_flags_default_output_and_model_only_snippet(tmp_path, 
     assert not (tmp_path / "nt" / "tokenizer").exists() and (tmp_path / "nt" / "neox_config.yml").is_file()
 
 
+def test_hf_to_neoxt_dtype_float16(tmp_path, tiny_tokenizer_dir):
+    import neoxt
+
+    hf = hf_model("gpt_neox")
+    src = save_hf_dir(hf, tiny_tokenizer_dir, tmp_path / "src")
+    out = tmp_path / "fp16"
+    assert run_cli(["convert", "hf-to-neoxt", "--hf-model", str(src), "--output-dir", str(out), "--dtype", "float16",
+                    "--no-save-tokenizer"]) == 0
+    sd = neoxt.load_model(out).state_dict()
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float16}
+    assert torch.equal(sd["embed.weight"], hf.gpt_neox.embed_in.weight.half())  # cast once, from the source
+    assert load_config([str(out / "config.yml")]).training.precision == "fp16"  # the run trains in what it holds
+
+
 def test_hf_to_neoxt_revision(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
     import huggingface_hub
 

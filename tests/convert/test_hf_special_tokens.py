@@ -61,17 +61,28 @@ def test_bare_tokenizer_json_run_exports_eos_chat_template_and_stops(tmp_path, t
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "llama", "olmo3"])
 def test_source_special_ids_survive_hf_neoxt_hf(tmp_path, tiny_tokenizer_dir, arch):
+    from transformers import AutoTokenizer
+
     model = hf_model(arch)
     model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 5, 6, 7
     src = save_hf_dir(model, tiny_tokenizer_dir, tmp_path / "src")
+    source_tok = AutoTokenizer.from_pretrained(src)  # a consistent source: its tokenizer names ids 5, 6, 7 too
+    bos, eos, pad = source_tok.convert_ids_to_tokens([5, 6, 7])
+    source_tok.add_special_tokens({"bos_token": bos, "eos_token": eos, "pad_token": pad})
+    source_tok.save_pretrained(src)
+    assert (source_tok.bos_token_id, source_tok.eos_token_id, source_tok.pad_token_id) == (5, 6, 7)
     assert run_cli(["convert", "hf-to-neoxt", "--hf-model", str(src), "--output-dir", str(tmp_path / "run")]) == 0
     assert run_cli(["convert", "neoxt-to-hf", "--checkpoint", str(tmp_path / "run"),
                     "--output-dir", str(tmp_path / "back")]) == 0
     for name in ("config.json", "generation_config.json"):
         got = json.loads((tmp_path / "back" / name).read_text())
         assert (got["bos_token_id"], got["eos_token_id"], got["pad_token_id"]) == (5, 6, 7), name
+    tok = AutoTokenizer.from_pretrained(tmp_path / "back")  # the exported tokenizer names the same tokens
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (5, 6, 7)
     again = tmp_path / "again"  # a second round trip keeps them too
     assert run_cli(["convert", "hf-to-neoxt", "--hf-model", str(tmp_path / "back"), "--output-dir", str(again)]) == 0
     assert run_cli(["convert", "neoxt-to-hf", "--checkpoint", str(again), "--output-dir", str(tmp_path / "b2")]) == 0
     got = json.loads((tmp_path / "b2" / "config.json").read_text())
     assert (got["bos_token_id"], got["eos_token_id"], got["pad_token_id"]) == (5, 6, 7)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "b2")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (5, 6, 7)

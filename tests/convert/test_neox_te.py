@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_neox_import import SEQ, VOCAB, build_hf, hf_to_neoxt_expected, model_config, our_logits, write_neox
+from test_neox_import import (
+    SEQ,
+    VOCAB,
+    build_hf,
+    hf_to_neox_shards,
+    hf_to_neoxt_expected,
+    model_config,
+    our_logits,
+    write_neox,
+)
 from test_neox_roundtrip import _read_exported, run_config
 
 from neoxt.convert import neox
@@ -132,6 +141,26 @@ def _tiny_neox_hf(vocab: int):
     return tf.GPTNeoXForCausalLM(cfg).eval()
 
 
+def _tiny_llama_hf(vocab: int):
+    import transformers as tf
+
+    torch.manual_seed(10)
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, intermediate_size=96, rms_norm_eps=1e-6,
+                         rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    model = tf.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # random norms, so a swapped or dropped norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.2 + 1.0)
+    return model.eval()
+
+
+_LLAMA_KEYS = {"norm": "rmsnorm", "rms_norm_epsilon": 1e-6, "use_bias_in_norms": False, "activation": "swiglu",
+               "use_bias_in_attn_linear": False, "use_bias_in_mlp": False, "num_kv_heads": 2,
+               "intermediate_size": 96, "rotary_pct": 1.0, "gpt_j_residual": False}
+
+
 def _train_config(corpus_dataset, tmp_path, **extra) -> dict:
     tok, prefix = corpus_dataset
     d = {
@@ -147,27 +176,51 @@ def _train_config(corpus_dataset, tmp_path, **extra) -> dict:
     return d
 
 
-def test_load_on_a_te_deepspeed_dir_imports_on_the_fly_and_trains(tmp_path, corpus_dataset):
-    from conftest import run_neoxt_train
+# (arch, key layout, file layout, TP): the fork's TE names, upstream's names (``linear1``/``query_key_value``),
+# and the older legacy names (``dense_h_to_4h`` / ``w1``,``w3``), in sequential and pipeline files.
+LOAD_CASES = [("gptneox", "te", "sequential", 2), ("gptneox", "names", "pipeline", 2),
+              ("gptneox", "legacy", "sequential", 1), ("llama", "te", "pipeline", 2),
+              ("llama", "legacy", "sequential", 2)]
+
+
+@pytest.mark.parametrize(("arch", "keys", "layout", "tp"), LOAD_CASES)
+def test_load_on_a_deepspeed_dir_imports_on_the_fly_and_trains(tmp_path, corpus_dataset, capsys, arch, keys,
+                                                                layout, tp):
+    import yaml
+
+    import neoxt
+    from neoxt.cli import main
     from neoxt.config import config_from_dict
     from neoxt.train.setup import resolve_vocab
 
-    base = _train_config(corpus_dataset, tmp_path)
+    extra = dict(_LLAMA_KEYS) if arch == "llama" else {}
+    if keys != "te":
+        extra.update(te_mha=False, te_layernorm_mlp=False)
+    base = _train_config(corpus_dataset, tmp_path, train_iters=2, **extra)
     vocab = resolve_vocab(config_from_dict(base)).model.padded_vocab_size
-    hf = _tiny_neox_hf(vocab)
-    write_neox(hf_to_te_shards(hf, "gptneox", 2), tmp_path / "neox", "sequential", iteration=5, fork_nesting=True)
+    hf = _tiny_llama_hf(vocab) if arch == "llama" else _tiny_neox_hf(vocab)
+    if keys == "te":
+        shards = hf_to_te_shards(hf, arch, tp)
+    else:
+        shards = hf_to_neox_shards(hf, arch, tp, legacy=(keys == "legacy"))
+    write_neox(shards, tmp_path / "neox", layout, iteration=5, fork_nesting=(layout == "sequential"))
     cfg = dict(base, load=str(tmp_path / "neox"), finetune=True, save=str(tmp_path / "sft"), extra_save_iters=[0])
-    out = run_neoxt_train(cfg, tmp_path / "sft.yml").stdout
+    (tmp_path / "sft.yml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "sft.yml")]) == 0  # in this process: no second torch start-up
+    out = capsys.readouterr().out
     lines = [x for x in out.splitlines() if "imported it on the fly" in x]
-    assert len(lines) == 1 and "GPT-NeoX/DeepSpeed checkpoint (sequential, TP 2, iteration 5)" in lines[0]
-    assert "training finished at iteration 3" in out
-
-    import neoxt
+    assert len(lines) == 1 and f"GPT-NeoX/DeepSpeed checkpoint ({layout}, TP {tp}, iteration 5)" in lines[0]
+    assert "training finished at iteration 2" in out
 
     step0 = neoxt.load_model(tmp_path / "sft" / "global_step0").state_dict()
-    assert torch.equal(step0["embed.weight"], hf.gpt_neox.embed_in.weight)
-    assert torch.equal(step0["layers.1.mlp_norm.weight"], hf.gpt_neox.layers[1].post_attention_layernorm.weight)
-    saved = (tmp_path / "sft" / "global_step3" / "config.yml").read_text()
+    expected = hf_to_neoxt_expected(hf, arch)
+    assert set(step0) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(step0[k], v), k
+    step2 = neoxt.load_model(tmp_path / "sft" / "global_step2").state_dict()
+    assert not torch.equal(step2["embed.weight"], step0["embed.weight"])  # it trained
+    saved = (tmp_path / "sft" / "global_step2" / "config.yml").read_text()
     assert str(tmp_path / "neox") in saved and "neoxt-neox-import" not in saved
 
 

@@ -75,6 +75,21 @@ def test_enwik8_from_mirror_equals_preprocess(tmp_path, http_server, tiny_tokeni
     assert http_server.requests == [("/mirror/enwik8.zip", None)]
 
 
+def test_enwik8_from_url_equals_the_mirror_path(tmp_path, http_server, tiny_tokenizer_dir, capsys):
+    tok = ["--tokenizer-type", "HFTokenizer", "--vocab-file", str(tiny_tokenizer_dir / "tokenizer.json")]
+    data = enwik8_zip()
+    http_server.files.update({"/mirror/enwik8.zip": data, "/elsewhere/v2/enwik8.zip": data})
+    assert main(["prepare-data", "enwik8", "-d", str(tmp_path / "m"), "--mirror", f"{http_server.url}/mirror/",
+                 *tok]) == 0
+    rc = main(["prepare-data", "enwik8", "-d", str(tmp_path / "u"), "--url", f"{http_server.url}/elsewhere/v2/enwik8.zip",
+               "--sha256", hashlib.sha256(data).hexdigest(), *tok])
+    assert rc == 0, capsys.readouterr().err
+    got = read_pair(tmp_path / "u" / "enwik8" / "enwik8_text_document")
+    assert got == read_pair(tmp_path / "m" / "enwik8" / "enwik8_text_document")
+    assert got == preprocess_reference(tmp_path, tok)
+    assert http_server.requests == [("/mirror/enwik8.zip", None), ("/elsewhere/v2/enwik8.zip", None)]
+
+
 def gpt2_files(tokenizer_json) -> tuple[bytes, bytes]:
     """The tiny tokenizer as GPT-2's vocab.json + merges.txt."""
     model = json.loads(tokenizer_json.read_text())["model"]

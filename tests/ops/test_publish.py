@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -109,9 +110,18 @@ def test_every_checkpoint_reaches_its_branch_through_429s_and_a_500(trained_run,
     assert hub.files(repo, "main")["model.safetensors"] == hub.files(repo, "global_step4")["model.safetensors"]
     assert hub.files(repo, "main")["model.safetensors"] != hub.files(repo, "global_step2")["model.safetensors"]
 
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "snap" / "main")
-    tokens = torch.tensor([[5, 60, 61, 62]])
-    assert model(tokens).logits.shape == (1, 4, model.config.vocab_size)
+    import neoxt
+
+    # What the Hub serves computes what the run's own final checkpoint computes.
+    tokens = torch.tensor([[5, 60, 61, 62, 7, 100, 3]])
+    with torch.no_grad():
+        ours = neoxt.load_model(run / "global_step4")(tokens)
+        for branch in ("main", "global_step2"):
+            model = AutoModelForCausalLM.from_pretrained(tmp_path / "snap" / branch).eval()
+            hf_logits = model(tokens).logits
+            assert hf_logits.shape == (1, 7, model.config.vocab_size)
+            want = ours if branch == "main" else neoxt.load_model(run / "global_step2")(tokens)
+            assert (hf_logits - want).abs().max().item() <= 1e-5, branch
     # The record names each revision's commit, which is what the branch points at.
     record = json.loads((run / "hub_uploads.json").read_text())[repo]
     assert {rev: r["commit"] for rev, r in record.items()} == hub.branches(repo)
@@ -247,7 +257,10 @@ def test_upload_checkpoint_sends_the_neoxt_checkpoint_to_its_own_repo(trained_ru
     hub = hub_env(rate_limit=7, limit_only={"me/neoxt-ckpt-ck@main"})
     run = _copy_run(trained_run, tmp_path / "ck")
     assert main(["publish", str(run), "--org", "me", "--steps", "last", "--upload-checkpoint", *FAST_RETRY]) == 0
-    assert "upload global_step4 to me/neoxt-ckpt-ck@main: 429; retry 1/20" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "upload global_step4 to me/neoxt-ckpt-ck@main: 429; retry 1/20" in err
+    # Off a terminal the checkpoint's progress bar is a log line: convert + 4 uploads (2 repos x branch, main).
+    assert re.search(r"^publish: \[1/1\] global_step4: 100% 5/5 \[.*stage.*\]$", err, re.M), err
     assert set(hub.branches("me/ck")) == set(hub.branches("me/neoxt-ckpt-ck")) == {"main", "global_step4"}
     files = hub.files("me/neoxt-ckpt-ck", "global_step4")
     assert {".metadata", "meta.json", "config.yml"} <= set(files) and "model.safetensors" not in files

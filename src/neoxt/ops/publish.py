@@ -382,31 +382,40 @@ def publish(
             if not todo:
                 echo(f"{prefix}: already on the Hub")
                 continue
-            results += _publish_one(opts, p, ckpt, todo, hub, record, work, lambda m, pre=prefix: echo(f"{pre}: {m}"))
+            results += _publish_one(opts, p, ckpt, todo, hub, record, work, prefix,
+                                    lambda m, pre=prefix: echo(f"{pre}: {m}"))
     return results
 
 
 def _publish_one(opts: PublishOptions, p: PublishPlan, ckpt: Checkpoint, todo: list[tuple[str, str]], hub: Hub,
-                 record: UploadRecord, work: Path, echo: Callable[[str], None]) -> list[Upload]:
+                 record: UploadRecord, work: Path, desc: str, echo: Callable[[str], None]) -> list[Upload]:
+    """One checkpoint: export (when the model repo needs it), then each upload; a progress bar over
+    these stages (neoxt.progress: a bar on a terminal, a line in a log)."""
+    from neoxt.progress import Progress
+
     began = time.time()
     export = work / ckpt.revision
-    if any(repo == p.repo_id for repo, _ in todo):
-        shutil.rmtree(export, ignore_errors=True)
-        echo("converting to Hugging Face format")
-        export_hf(ckpt.path, export, opts.dtype)
-        ensure_chat_template(export, opts.chat_template)
+    converts = any(repo == p.repo_id for repo, _ in todo)
     done = []
-    try:
-        for repo, revision in todo:
-            folder = export if repo == p.repo_id else ckpt.path
-            echo(f"uploading to {repo}@{revision}")
-            hub.ensure_branch(repo, revision)
-            commit = hub.upload(folder, repo, revision, f"neoxt publish: {ckpt.path.parent.name} {ckpt.revision}")
-            record.mark(repo, revision, commit, ckpt.step)  # only now: the commit exists on the Hub
-            done.append(Upload(repo, revision, ckpt.step, commit))
-    finally:
-        if not opts.keep_export:
+    with Progress(len(todo) + converts, desc, unit="stage") as bar:
+        if converts:
             shutil.rmtree(export, ignore_errors=True)
+            echo("converting to Hugging Face format")
+            export_hf(ckpt.path, export, opts.dtype)
+            ensure_chat_template(export, opts.chat_template)
+            bar.update(postfix="converted")
+        try:
+            for repo, revision in todo:
+                folder = export if repo == p.repo_id else ckpt.path
+                echo(f"uploading to {repo}@{revision}")
+                hub.ensure_branch(repo, revision)
+                commit = hub.upload(folder, repo, revision, f"neoxt publish: {ckpt.path.parent.name} {ckpt.revision}")
+                record.mark(repo, revision, commit, ckpt.step)  # only now: the commit exists on the Hub
+                done.append(Upload(repo, revision, ckpt.step, commit))
+                bar.update(postfix=f"uploaded {repo}@{revision}")
+        finally:
+            if not opts.keep_export:
+                shutil.rmtree(export, ignore_errors=True)
     echo(f"done in {time.time() - began:.1f} s ({', '.join(f'{u.revision}@{u.commit[:8]}' for u in done)})")
     return done
 

@@ -262,6 +262,8 @@ def _resolve_model(r: _Resolver) -> None:
     heads = m.get("num_attention_heads", 4)
     layers = m.get("num_layers", 2)
     m["attention_types"] = _attention_types(r, layers)
+    if r.values["training"].get("train_impl") == "rm" and not r.has("value_head"):
+        m["value_head"] = True  # GPT-NeoX's is_rm: the reward model's output layer is one scalar
     if hidden % heads:
         raise ConfigError(
             f"hidden_size = {hidden} ({r.src('hidden_size')}) is not divisible by "

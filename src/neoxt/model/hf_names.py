@@ -39,6 +39,15 @@ ARCHITECTURES = {
     "Olmo3ForCausalLM": "olmo3",
 }
 HF_CLASS = {arch: cls for cls, arch in ARCHITECTURES.items()}
+# A reward model (``value_head``) is exported as the sequence-classification class (one label,
+# scored at the last non-padding token); its value head is HF's ``score``.
+SEQUENCE_CLASSIFICATION_CLASS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification")
+                                 for arch, cls in HF_CLASS.items()}
+
+
+def hf_class_for(cfg: ModelConfig, arch: str) -> str:
+    """The HF class name ``cfg`` exports as: ``*ForCausalLM``, or ``*ForSequenceClassification``."""
+    return SEQUENCE_CLASSIFICATION_CLASS[arch] if cfg.value_head else HF_CLASS[arch]
 
 # Tensors older HF GPTNeoX checkpoints carry that are buffers, not weights.
 _IGNORABLE = re.compile(r"(^|\.)(attention\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
@@ -277,8 +286,10 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
         attention_bias=cfg.use_bias_in_attn_linear,
         attention_dropout=cfg.attention_dropout,
         initializer_range=cfg.init_method_std,
-        architectures=[HF_CLASS[arch]],
+        architectures=[hf_class_for(cfg, arch)],
     )
+    if cfg.value_head:
+        common.update(num_labels=1, tie_word_embeddings=False)
     rope = _hf_rope_parameters(cfg)
     checks = {
         "pos_emb must be 'rotary'": cfg.pos_emb == "rotary",
@@ -371,7 +382,7 @@ def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
                 yield layer.format(i=i) + f"{hf_part}.{leaf}", f"layers.{i}.{our_part}.{leaf}"
     for leaf in ("weight", "bias"):
         yield f"{final}.{leaf}", f"final_norm.{leaf}"
-    yield "lm_head.weight", "lm_head.weight"
+    yield ("score.weight" if cfg.value_head else "lm_head.weight"), "lm_head.weight"
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: torch.Size, source: str, hf_name: str) -> None:

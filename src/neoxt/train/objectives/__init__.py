@@ -36,6 +36,7 @@ from neoxt.train.objectives.dpo import DPOObjective
 from neoxt.train.objectives.kto import KTOObjective
 from neoxt.train.objectives.lm import LMObjective
 from neoxt.train.objectives.pipeline import PipelineObjective
+from neoxt.train.objectives.rm import RewardModelObjective
 
 __all__ = [
     "OBJECTIVES", "PIPELINED", "Objective", "ObjectiveContext", "ObjectiveFactory", "StepOutcome", "Stateless",
@@ -47,6 +48,7 @@ OBJECTIVES: dict[str, ObjectiveFactory] = {
     "normal": LMObjective,  # pretraining and SFT (label files)
     "dpo": DPOObjective,
     "kto": KTOObjective,
+    "rm": RewardModelObjective,
 }
 # train_impl -> factory when pipe_parallel_size > 1 (the objectives that run under a pipeline schedule).
 PIPELINED: dict[str, ObjectiveFactory] = {

@@ -169,7 +169,10 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
         raise RuntimeError("data-parallel training needs a model parallelized with FSDP2 (neoxt.distributed.parallelize)")
     for part in parts:
         part.train()
-    data = data if data is not None else open_train_data(cfg, dp_rank, dp_size)
+    if data is None:  # an objective may bring its own data (REINFORCE's JSONL prompts), else the config's
+        own = getattr(factory_for(cfg), "open_data", None)
+        source = own(cfg, dp_rank, dp_size) if own is not None else None
+        data = TrainData(source) if source is not None else open_train_data(cfg, dp_rank, dp_size)
     optimizers = [build_optimizer(part, cfg.optimizer) for part in parts]
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.train_iters)
     scaler = LossScaler.from_config(t)

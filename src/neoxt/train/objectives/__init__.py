@@ -36,6 +36,7 @@ from neoxt.train.objectives.dpo import DPOObjective
 from neoxt.train.objectives.kto import KTOObjective
 from neoxt.train.objectives.lm import LMObjective
 from neoxt.train.objectives.pipeline import PipelineObjective
+from neoxt.train.objectives.reinforce import ReinforceObjective
 from neoxt.train.objectives.rm import RewardModelObjective
 
 __all__ = [
@@ -49,6 +50,7 @@ OBJECTIVES: dict[str, ObjectiveFactory] = {
     "dpo": DPOObjective,
     "kto": KTOObjective,
     "rm": RewardModelObjective,
+    "reinforce": ReinforceObjective,
 }
 # train_impl -> factory when pipe_parallel_size > 1 (the objectives that run under a pipeline schedule).
 PIPELINED: dict[str, ObjectiveFactory] = {

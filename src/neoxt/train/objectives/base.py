@@ -8,6 +8,7 @@ surface::
 
     factory(ctx: ObjectiveContext) -> Objective          # setup hook, once, before any resume
     factory.check_config(cfg) -> None                     # optional: config checks before anything is built
+    factory.open_data(cfg, dp_rank, dp_size) -> BatchSource | None   # optional: its own training data
 
     objective.parts: list[nn.Module]                      # what the optimizers step and checkpoints hold
     objective.model: nn.Module | None                     # the whole model for eval tasks (None: pipeline)
@@ -42,6 +43,8 @@ Extension points later objectives need:
     evaluation triggers where they are, and draw the next global batch for the same iteration (e.g.
     a gradient-ascent burst of several updates per iteration). An objective may equally run a burst
     inside one ``train_batch`` and report it as one step.
+(d) **Own training data.** ``factory.open_data`` may return the batch source the loop draws from
+    instead of the config's datasets (REINFORCE's JSONL prompts); None keeps the config's.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from neoxt.config.schema import RunConfig
 from neoxt.distributed.mesh import all_reduce_sum
 from neoxt.errors import ConfigError
-from neoxt.generate import SamplingParams, generate_tokens
+from neoxt.generate import SamplingParams, generate_tokens_no_grad
 from neoxt.train.objectives.base import ObjectiveContext, StepOutcome, forward_logits
 from neoxt.train.objectives.reference import frozen_reference
 from neoxt.train.prompts import prompt_lengths
@@ -112,7 +112,7 @@ class ReinforceObjective:
     def _complete(self, prompt: list[int], step: int) -> list[list[int]]:
         """``reinforce_samples`` completions of one prompt, each cut after its first EOD (kept)."""
         gen = torch.Generator(device=self.device).manual_seed(_seed(self.t.seed, step, prompt))
-        rows = generate_tokens(self.model, [prompt] * self.t.reinforce_samples, self.params, generator=gen,
+        rows = generate_tokens_no_grad(self.model, [prompt] * self.t.reinforce_samples, self.params, generator=gen,
                                vocab_limit=self.vocab_limit)
         out = []
         for row in rows:

@@ -572,6 +572,9 @@ def _decay_lr_to(r: _Resolver, lr: float) -> float:
 
 
 def _check_consistency(r: _Resolver) -> None:
+    impl = r.values["training"].get("train_impl", "normal")
+    if r.values["data"].get("dataset_impl") == "online" and impl != "reinforce":
+        raise ConfigError(f"dataset_impl: online ({r.src('dataset_impl')}) is for train_impl: reinforce, not '{impl}'")
     c = r.values["checkpoint"]
     if c.get("finetune") and not c.get("load"):
         # Not an error at config time: a job may give the checkpoint on its command line.

@@ -155,7 +155,8 @@ class DataConfig:
     weighted_sampler_alpha: float = 1.0
     pack_impl: Literal["packed", "pack_until_overflow", "unpacked"] = "packed"
     allow_chopped: bool = True
-    dataset_impl: Literal["gpt2", "pairwise"] = "gpt2"
+    # "online": the fork's REINFORCE data server; here train_data_paths give prompts, sampled in process.
+    dataset_impl: Literal["gpt2", "pairwise", "online"] = "gpt2"
     num_workers: int = 2
     eod_mask_loss: bool = False
     reset_attention_mask: bool = False

@@ -172,7 +172,13 @@ def test_prompts_from_an_indexed_dataset_are_the_documents_prompt_parts(tmp_path
             lab.add_document(np.array([-100] * len(ids) + answer + [0], dtype=np.int32))
     cfg = _cfg(rl, tmp_path / "run", train_iters=2, reinforce_prompts=None, pack_impl="unpacked",
                train_data_paths=[f"{prefix}_text_document"], train_label_data_paths=[f"{prefix}_label_document"],
-               split="100,0,0")
+               valid_data_paths=[f"{prefix}_text_document"], valid_label_data_paths=[f"{prefix}_label_document"],
+               eval_interval=1, eval_iters=1)
     train(cfg, None, log=lambda m: None)
-    logged = [json.loads(x) for x in (tmp_path / "run" / "samples" / "samples_0000005.jsonl").read_text().splitlines()]
-    assert {x["prompt"] for x in logged} == set(prompts)
+    valid = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [v["iteration"] for v in valid] == [1, 2] and all(math.isfinite(v["valid_loss"]) for v in valid)
+    logged = [json.loads(x) for n in (1, 2)
+              for x in (tmp_path / "run" / "samples" / f"samples_{n:07d}.jsonl").read_text().splitlines()]
+    # Each completion follows exactly a document's prompt part; validation's samples are not logged.
+    assert len(logged) == 2 * 4 * 4 and {x["prompt"] for x in logged} <= set(prompts)
+    assert len({x["prompt"] for x in logged}) >= 3

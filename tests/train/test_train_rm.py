@@ -56,8 +56,10 @@ def _cfg(rm_data, save, **extra):
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_iters": 40,
         "dataset_impl": "pairwise", "pack_impl": "unpacked", "train_impl": "rm",
         "pos_train_data_paths": [p[0]], "neg_train_data_paths": [n[0]],
-        "pos_train_label_data_paths": [p[1]], "neg_train_label_data_paths": [n[1]], "split": "100,0,0",
-        "tokenizer_type": "HFTokenizer", "vocab_file": rm_data["vocab_file"], "eval_iters": 0,
+        "pos_train_label_data_paths": [p[1]], "neg_train_label_data_paths": [n[1]],
+        "pos_valid_data_paths": [p[0]], "neg_valid_data_paths": [n[0]],
+        "pos_valid_label_data_paths": [p[1]], "neg_valid_label_data_paths": [n[1]],
+        "tokenizer_type": "HFTokenizer", "vocab_file": rm_data["vocab_file"], "eval_iters": 1, "eval_interval": 20,
         "log_interval": 1, "seed": 3, "index_cache_dir": str(rm_data["root"] / "cache"),
         "save": str(save), "checkpoint_factor": 40,
     }
@@ -86,6 +88,8 @@ def test_rm_learns_the_preference_on_held_out_pairs(trained_rm, rm_data):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"accuracy", "margin", "chosen_reward", "rejected_reward"} <= set(rows[-1])
     assert rows[-1]["margin"] == pytest.approx(rows[-1]["chosen_reward"] - rows[-1]["rejected_reward"], abs=1e-5)
+    valid = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [v["iteration"] for v in valid] == [20, 40] and valid[-1]["valid_loss"] < valid[0]["valid_loss"]
     model = neoxt.load_model(run)
     assert model.cfg.value_head and model.lm_head.weight.shape[0] == 1
     chosen, rejected = _held_out(rm_data)
@@ -142,6 +146,12 @@ def test_rm_from_a_language_model_keeps_its_body_and_refuses_non_pairwise_data(t
     assert tuned.lm_head.weight.shape == (1, 32) and base.lm_head is None  # tied LM head -> a new value head
     # One small step from the LM: the body moved only a little (it was loaded, not re-initialised).
     assert torch.allclose(base.embed.weight, tuned.embed.weight, atol=5e-3)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"nope": 1}\n')
+    from neoxt.cli import main
+
+    assert main(["score", "--model", str(tmp_path / "rm"), str(bad), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert not (tmp_path / "o.jsonl").exists()
     with pytest.raises(ConfigError, match="pairwise"):
         train(_cfg(rm_data, tmp_path / "x", dataset_impl="gpt2", pack_impl="packed",
                    train_data_paths=[rm_data["pos"][0]]), None, log=lambda m: None)

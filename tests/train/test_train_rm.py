@@ -117,6 +117,8 @@ def test_rm_hf_export_and_score_command_give_our_scores(trained_rm, rm_data, tmp
     with torch.no_grad():
         theirs = [float(hf(torch.tensor([s])).logits[0, 0]) for s in seqs]
     assert theirs == pytest.approx(score_sequences(ours, seqs), abs=1e-5)
+    back = neoxt.load_model(out)  # and the HF reward model reads back as ours (e.g. as a REINFORCE reward)
+    assert back.cfg.value_head and score_sequences(back, seqs) == pytest.approx(theirs, abs=1e-5)
 
     tok = load_tokenizer(tokenizer_type="HFTokenizer", vocab_file=rm_data["vocab_file"])
     records = [{"messages": [{"role": "user", "content": "Hello world!"}, {"role": "assistant", "content": a}]}

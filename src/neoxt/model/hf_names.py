@@ -60,8 +60,9 @@ def detect_architecture(config_json: Mapping[str, Any], source: str) -> str:
     """Our architecture key for an HF config.json, from ``architectures`` (else ``model_type``)."""
     names = list(config_json.get("architectures") or [])
     for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
+        base = str(name).replace("ForSequenceClassification", "ForCausalLM")  # a reward model: same body
+        if base in ARCHITECTURES:
+            return ARCHITECTURES[base]
     model_type = config_json.get("model_type")
     if not names and model_type in HF_CLASS:
         return model_type
@@ -186,6 +187,10 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
             f"{source}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size {hf.hidden_size}; "
             "neoxt needs head_dim = hidden_size / num_attention_heads"
         )
+    value_head = any(str(n).endswith("ForSequenceClassification") for n in (getattr(hf, "architectures", None) or []))
+    if value_head and getattr(hf, "num_labels", 1) != 1:
+        raise ConversionError(f"{source}: a sequence classifier with {hf.num_labels} labels; neoxt reads reward "
+                              "models (one label)")
     rope = _rope(hf, arch, source)
     pct = rope["rotary_pct"]
     if int(head_dim * pct) % 2:
@@ -202,6 +207,7 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
         no_weight_tying=not hf.tie_word_embeddings,
         attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(getattr(hf, "initializer_range", 0.02)),
+        value_head=value_head,
     )
     if arch == "gpt_neox":
         if hf.hidden_act != "gelu":
@@ -415,7 +421,7 @@ def hf_to_neoxt_state_dict(
         return t if dtype is None else t.to(dtype)
 
     todo = [(h, o) for h, o in _renames(cfg, arch) if o in shapes]
-    if arch == "gpt_neox" and "lm_head.weight" in shapes and "lm_head.weight" not in hf_names:
+    if arch == "gpt_neox" and not cfg.value_head and "lm_head.weight" in shapes and "lm_head.weight" not in hf_names:
         todo = [("embed_out.weight" if o == "lm_head.weight" else h, o) for h, o in todo]  # Pythia-era name
     fused = [(f"gpt_neox.layers.{i}.attention.query_key_value.{leaf}", i, leaf)
              for i in range(cfg.num_layers) for leaf in ("weight", "bias")

@@ -86,6 +86,8 @@ def test_toy_reward_rises_with_the_kl_term_logged_and_the_run_resumes_exactly(tm
     assert second.start_iteration == 10
     assert first.losses[:10] + second.losses == ref.losses  # sampling, rewards and updates all identical
     assert [r["reward"] for r in _metrics(tmp_path / "cut")][-10:] == rewards[-10:]
+    for name in samples:  # the killed run's samples after the checkpoint were dropped, then rewritten alike
+        assert (tmp_path / "cut" / "samples" / name).read_text() == (tmp_path / "straight" / "samples" / name).read_text()
 
 
 @pytest.mark.parametrize("kl_impl", ["abs", "kl", "full"])

@@ -45,6 +45,7 @@ from neoxt.errors import ConfigError
 from neoxt.generate import SamplingParams, generate_tokens_no_grad
 from neoxt.train.objectives.base import ObjectiveContext, StepOutcome, forward_logits
 from neoxt.train.objectives.reference import frozen_reference
+from neoxt.train.precision import autocast
 from neoxt.train.prompts import prompt_lengths
 from neoxt.train.rewards import Samples, build_reward, decode_all, leave_one_out
 
@@ -102,7 +103,9 @@ class ReinforceObjective:
         self.params = SamplingParams(temperature=t.reinforce_temperature, top_k=t.reinforce_top_k,
                                      top_p=t.reinforce_top_p, maximum_tokens=t.reinforce_max_new_tokens)
         self.vocab_limit = min(self.tokenizer.vocab_size, ctx.cfg.model.padded_vocab_size or self.tokenizer.vocab_size)
+        self.max_prompt = ctx.cfg.data.seq_length - t.reinforce_max_new_tokens  # prompts keep their last tokens
         self.steps = 0
+        self.resumed_at: int | None = None  # samples logged after this step by a killed run are dropped
         self.rank = dp_rank_size(ctx.mesh)[0] if ctx.mesh is not None else 0
         run_dir = ctx.cfg.checkpoint.save or ctx.cfg.logging.log_dir
         self.samples_dir = Path(run_dir) / "samples" if run_dir else None
@@ -112,8 +115,9 @@ class ReinforceObjective:
     def _complete(self, prompt: list[int], step: int) -> list[list[int]]:
         """``reinforce_samples`` completions of one prompt, each cut after its first EOD (kept)."""
         gen = torch.Generator(device=self.device).manual_seed(_seed(self.t.seed, step, prompt))
-        rows = generate_tokens_no_grad(self.model, [prompt] * self.t.reinforce_samples, self.params, generator=gen,
-                               vocab_limit=self.vocab_limit)
+        with autocast(self.t.precision, self.device.type):
+            rows = generate_tokens_no_grad(self.model, [prompt] * self.t.reinforce_samples, self.params,
+                                           generator=gen, vocab_limit=self.vocab_limit)
         out = []
         for row in rows:
             ids = list(row.tokens)
@@ -124,7 +128,7 @@ class ReinforceObjective:
 
     def _sample(self, b: dict[str, torch.Tensor], step: int) -> dict[str, Any]:
         """One micro-batch's sequences (prompt + completion), completion mask and rewards."""
-        prompts = [b["tokens"][i, :n].tolist() for i, n in enumerate(prompt_lengths(b))]
+        prompts = [b["tokens"][i, max(n - self.max_prompt, 0):n].tolist() for i, n in enumerate(prompt_lengths(b))]
         was_training = self.model.training
         self.model.eval()
         try:
@@ -192,6 +196,9 @@ class ReinforceObjective:
     def _log_samples(self, iteration: int, batches: list[dict[str, Any]]) -> None:
         if self.samples_dir is None or self.rank != 0:
             return
+        if self.resumed_at is not None:
+            _trim_samples(self.samples_dir, self.resumed_at)
+            self.resumed_at = None
         interval = max(self.eval_interval, 1)
         path = self.samples_dir / f"samples_{math.ceil(iteration / interval) * interval:07d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,4 +222,18 @@ class ReinforceObjective:
         return {"steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
+        self.steps = self.resumed_at = int(state["steps"])
+
+
+def _trim_samples(directory: Path, last: int) -> None:
+    """Drop the samples of iterations after ``last`` (written by a run that was killed after the
+    checkpoint this run resumed from), so the log reads as if the run had never stopped."""
+    from neoxt.io import write_text_atomic
+
+    for path in sorted(directory.glob("samples_*.jsonl")) if directory.is_dir() else []:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [x for x in lines if json.loads(x)["iteration"] <= last]
+        if not kept:
+            path.unlink()
+        elif len(kept) < len(lines):
+            write_text_atomic(path, "".join(kept))

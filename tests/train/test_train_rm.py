@@ -157,3 +157,20 @@ def test_rm_from_a_language_model_keeps_its_body_and_refuses_non_pairwise_data(t
     with pytest.raises(ConfigError, match="pairwise"):
         train(_cfg(rm_data, tmp_path / "x", dataset_impl="gpt2", pack_impl="packed",
                    train_data_paths=[rm_data["pos"][0]]), None, log=lambda m: None)
+
+
+def test_rm_round_trips_through_gpt_neox_with_a_row_parallel_head(trained_rm, tmp_path):
+    import neoxt
+    from neoxt.cli import main
+
+    run, _ = trained_rm
+    back = tmp_path / "neox"
+    assert main(["convert", "neoxt-to-neox", "--checkpoint", str(run), "--output-dir", str(back),
+                 "--model-parallel-size", "2"]) == 0
+    shards = [torch.load(back / "global_step40" / f"mp_rank_{r:02d}_model_states.pt", weights_only=False)["module"]
+              for r in (0, 1)]
+    heads = [next(v for k, v in s.items() if k.endswith("final_linear.weight")) for s in shards]
+    assert [tuple(h.shape) for h in heads] == [(1, 16), (1, 16)]  # the fork's is_rm head splits the hidden dim
+    assert main(["convert", "neox-to-neoxt", "--input-dir", str(back), "--output-dir", str(tmp_path / "again")]) == 0
+    a, b = neoxt.load_model(run).state_dict(), neoxt.load_model(tmp_path / "again").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -179,6 +179,7 @@ def test_prompts_from_an_indexed_dataset_are_the_documents_prompt_parts(tmp_path
     train(cfg, None, log=lambda m: None)
     valid = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [v["iteration"] for v in valid] == [1, 2] and all(math.isfinite(v["valid_loss"]) for v in valid)
+    assert all(0.0 <= v["valid_reward"] <= 8.0 and "valid_kl" in v for v in valid)
     logged = [json.loads(x) for n in (1, 2)
               for x in (tmp_path / "run" / "samples" / f"samples_{n:07d}.jsonl").read_text().splitlines()]
     # Each completion follows exactly a document's prompt part; validation's samples are not logged.

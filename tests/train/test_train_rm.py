@@ -90,6 +90,7 @@ def test_rm_learns_the_preference_on_held_out_pairs(trained_rm, rm_data):
     assert rows[-1]["margin"] == pytest.approx(rows[-1]["chosen_reward"] - rows[-1]["rejected_reward"], abs=1e-5)
     valid = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
     assert [v["iteration"] for v in valid] == [20, 40] and valid[-1]["valid_loss"] < valid[0]["valid_loss"]
+    assert valid[-1]["valid_accuracy"] > 0.9 and valid[-1]["valid_margin"] > 0  # validation pairs, weighted per batch
     model = neoxt.load_model(run)
     assert model.cfg.value_head and model.lm_head.weight.shape[0] == 1
     chosen, rejected = _held_out(rm_data)

@@ -56,7 +56,10 @@ def test_reinforce_two_data_parallel_processes_match_one(tmp_path, tiny_tokenize
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_rm_two_data_parallel_processes_match_one(tmp_path, tiny_tokenizer_dir):
+@pytest.mark.parametrize("layout", ["dp", "tp"])
+def test_rm_two_processes_match_one(tmp_path, tiny_tokenizer_dir, layout):
+    """Two data-parallel ranks, or two tensor-parallel ranks (the one-output head stays whole), from
+    the same starting weights (a TP run initialises its shards differently from one process)."""
     rng = np.random.default_rng(0)
     paths = {}
     for side, token in (("pos", 150), ("neg", 151)):
@@ -73,10 +76,17 @@ def test_rm_two_data_parallel_processes_match_one(tmp_path, tiny_tokenizer_dir):
     def run(name: str, nproc: int, micro: int) -> list[dict]:
         cfg = _common(tmp_path, tiny_tokenizer_dir, name, micro)
         cfg.update({"train_impl": "rm", "dataset_impl": "pairwise", "pack_impl": "unpacked", "split": "100,0,0",
-                    **paths})
+                    "make_vocab_size_divisible_by": 1, **paths})  # the same vocabulary rows under TP 2
+        if nproc > 1 and layout == "tp":
+            cfg.update({"model_parallel_size": 2, "train_micro_batch_size_per_gpu": 2})
+        if name != "base":
+            cfg.update({"load": str(tmp_path / "base"), "finetune": True})
+        else:
+            cfg.update({"train_iters": 1, "checkpoint_factor": 1})
         run_neoxt_train(cfg, tmp_path / f"{name}.yml", nproc)
         return _metrics(tmp_path / name)
 
+    run("base", 1, 2)
     one, two = run("one", 1, 2), run("two", 2, 1)
     assert len(one) == len(two) == 4
     for key in ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward"):

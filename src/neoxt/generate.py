@@ -238,6 +238,15 @@ def generate_tokens(
     return out
 
 
+def generate_tokens_no_grad(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                            **kwargs: Any) -> list[Completion]:
+    """``generate_tokens`` under ``torch.no_grad`` instead of inference mode, for a policy that trains
+    right after (online RL): FSDP2's all-gather buffers made in inference mode could not be written
+    again by the training forward."""
+    with torch.no_grad():
+        return generate_tokens.__wrapped__(model, prompts, params, **kwargs)
+
+
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
     """Text before the earliest stop string, and whether one occurred."""
     cut = len(text)

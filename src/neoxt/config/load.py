@@ -262,6 +262,8 @@ def _resolve_model(r: _Resolver) -> None:
     heads = m.get("num_attention_heads", 4)
     layers = m.get("num_layers", 2)
     m["attention_types"] = _attention_types(r, layers)
+    if r.values["training"].get("train_impl") == "rm" and not r.has("value_head"):
+        m["value_head"] = True  # GPT-NeoX's is_rm: the reward model's output layer is one scalar
     if hidden % heads:
         raise ConfigError(
             f"hidden_size = {hidden} ({r.src('hidden_size')}) is not divisible by "
@@ -570,6 +572,9 @@ def _decay_lr_to(r: _Resolver, lr: float) -> float:
 
 
 def _check_consistency(r: _Resolver) -> None:
+    impl = r.values["training"].get("train_impl", "normal")
+    if r.values["data"].get("dataset_impl") == "online" and impl != "reinforce":
+        raise ConfigError(f"dataset_impl: online ({r.src('dataset_impl')}) is for train_impl: reinforce, not '{impl}'")
     c = r.values["checkpoint"]
     if c.get("finetune") and not c.get("load"):
         # Not an error at config time: a job may give the checkpoint on its command line.

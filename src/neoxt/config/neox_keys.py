@@ -5,8 +5,9 @@ dataclasses in ``schema.py``. This module lists only the exceptions:
 
 * ``ALIASES``: a GPT-NeoX (or fork) spelling that lands in a field of another name;
 * ``STRUCTURED``: keys whose value is a block resolved by ``load.py`` (optimizer, fp16, ...);
-* ``IGNORED``: keys that only tune DeepSpeed, fused kernels, profilers or launchers. torch does that
-  work differently here, so they are accepted with one warning line listing them;
+* ``IGNORED``: keys that only tune DeepSpeed, fused kernels, profilers or launchers (and the fork's
+  external REINFORCE sampler: neoxt samples in process). torch does that work differently here, so
+  they are accepted with one warning line listing them;
 * ``UNSUPPORTED``: GPT-NeoX features neoxt does not implement. The key is accepted at its default
   (so users' files load unchanged) and any other value is an error naming the key.
 """
@@ -81,6 +82,7 @@ IGNORED: frozenset[str] = frozenset(
     gradient_noise_scale_n_batches gradient_noise_scale_cpu_offload wandb_init_all_ranks use_comet
     comet_workspace comet_project comet_experiment_name comet_tags comet_others comet_experiment
     char_level_ppl short_seq_prob attention_type dynamic_loss_scale scheduler sparse_attention return_logits
+    serve_model_weights weight_server_port online_dataserver_ips online_dataserver_ports
     """.split()
 )
 
@@ -119,14 +121,6 @@ UNSUPPORTED: dict[str, Any] = {
     "head_size": None,
     "ffn_dim": None,
     "train_epochs": None,
-    "kl_impl": "mse",
-    "kl_div_beta": 0.1,
-    "fp32_reinforce": True,
-    "reinforce_leave_one_out": False,
-    "serve_model_weights": False,
-    "weight_server_port": 6000,
-    "online_dataserver_ips": "localhost",
-    "online_dataserver_ports": 10000,
 }
 
 # Attention layer types from GPT-NeoX's attention_config that are plain causal attention here.

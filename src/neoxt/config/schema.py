@@ -84,6 +84,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
+    # A scalar value head (one output) instead of the vocabulary head: a reward model. Set by
+    # ``train_impl: rm`` (GPT-NeoX's is_rm output layer); exported as ``*ForSequenceClassification``.
+    value_head: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -152,7 +155,8 @@ class DataConfig:
     weighted_sampler_alpha: float = 1.0
     pack_impl: Literal["packed", "pack_until_overflow", "unpacked"] = "packed"
     allow_chopped: bool = True
-    dataset_impl: Literal["gpt2", "pairwise"] = "gpt2"
+    # "online": the fork's REINFORCE data server; here train_data_paths give prompts, sampled in process.
+    dataset_impl: Literal["gpt2", "pairwise", "online"] = "gpt2"
     num_workers: int = 2
     eod_mask_loss: bool = False
     reset_attention_mask: bool = False
@@ -216,6 +220,24 @@ class TrainingConfig:
     kto_undesirable_weight: float = 1.0
     z_loss: float = 0.0
     precompute_model_name: str | None = None
+    # REINFORCE (train_impl: reinforce), the fork's keys: per-token KL penalty against the frozen
+    # reference (abs / mse / kl of the sampled token's log-ratio, or the full-vocabulary KL), its
+    # coefficient, log-probs in fp32, and the leave-one-out baseline over each prompt's samples.
+    kl_impl: Literal["abs", "mse", "kl", "full"] = "mse"
+    kl_div_beta: float = 0.1
+    fp32_reinforce: bool = True
+    reinforce_leave_one_out: bool = False
+    # neoxt's own keys for the in-process sampler (the fork takes samples from an online data server):
+    # the reward ("module:function", a reward-model checkpoint directory, or an http(s):// endpoint),
+    # a JSONL of prompts (else the prompt part of each train_data_paths document), completions per
+    # prompt, and their sampling.
+    reinforce_reward: str | None = None
+    reinforce_prompts: str | None = None
+    reinforce_samples: int = 4
+    reinforce_max_new_tokens: int = 16
+    reinforce_temperature: float = 1.0
+    reinforce_top_k: int = 0
+    reinforce_top_p: float = 0.0
 
 
 @dataclass(frozen=True)

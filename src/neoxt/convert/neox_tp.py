@@ -62,9 +62,12 @@ _NORM_PARTS = ("input_layernorm.", "post_attention_layernorm.", "post_feedforwar
 _IGNORED_SUFFIXES = ("inv_freq", "attention.bias", "attention.masked_bias", "_extra_state")
 
 
-def tp_rule(name: str) -> str:
+def tp_rule(name: str, cfg: ModelConfig | None = None) -> str:
     """How a tensor (by its name inside a layer) is sharded: qkv, linear1, column, row, row_bias,
-    replicated, ignore (derived buffers) or unknown."""
+    replicated, ignore (derived buffers) or unknown. A reward model's one-output final linear is
+    row-parallel (the fork's is_rm output layer splits the hidden dimension)."""
+    if cfg is not None and cfg.value_head and name == "final_linear.weight":
+        return "row"
     if name in _QKV:
         return "qkv"
     if name in _LINEAR1:
@@ -102,7 +105,7 @@ def merge_tp(
         idx_s, name = key.split(".", 1)
         idx = int(idx_s)
         parts = [s[key] for s in shards]
-        rule = tp_rule(name)
+        rule = tp_rule(name, cfg)
         if rule == "unknown":
             raise ConversionError(f"{files.file_for(idx)}: unknown GPT-NeoX tensor '{key}' (layer {idx}); not converted")
         if rule == "ignore":
@@ -195,7 +198,7 @@ def split_tp(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int) -> list[d
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for key, t in full.items():
         name = key.split(".", 1)[1]
-        rule = tp_rule(name)
+        rule = tp_rule(name, cfg)
         if rule == "column" or (rule == "linear1" and not cfg.gated) or (rule == "qkv" and not is_gqa(cfg)):
             pieces = list(t.chunk(tp, dim=0))
         elif rule == "row":

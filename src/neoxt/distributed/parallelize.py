@@ -357,7 +357,7 @@ def apply_tp(
             top_plan["embed"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq_out)
         elif sp:
             embed.register_forward_hook(_to_seq_shard_hook(tp_mesh))
-    if head is not None and vocab_split:
+    if head is not None and vocab_split and not cfg.value_head:  # a reward model's one-output head stays whole
         top_plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())
     final_norm = getattr(model, "final_norm", None)
     if sp and final_norm is not None:

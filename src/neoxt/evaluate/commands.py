@@ -57,6 +57,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--offline", action="store_true", help="set HF_HUB_OFFLINE/HF_DATASETS_OFFLINE")
     s.set_defaults(handler=run_suite_command)
 
+    r = sub.add_parser("score", help="score a JSONL of conversations with a reward model (train_impl: rm)")
+    add_model_arguments(r)
+    r.add_argument("input", metavar="JSONL", help="one record a line: {'messages': [...]} or {'text': ...}")
+    r.add_argument("--output", required=True, metavar="JSONL", help="the records, each with its 'score' added")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.set_defaults(handler=run_score_command)
+
+
+def run_score_command(args: argparse.Namespace) -> int:
+    from neoxt.evaluate.reward import read_records, score_records
+    from neoxt.generate import write_jsonl_atomic
+    from neoxt.generate_commands import load_for_inference
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    records = read_records(args.input)
+    inf = load_for_inference(args)
+    scores = score_records(inf.model, inf.tokenizer, records, args.batch_size)
+    write_jsonl_atomic(args.output, [{**r, "score": s} for r, s in zip(records, scores)])
+    mean = sum(scores) / len(scores) if scores else float("nan")
+    print(f"scored {len(scores)} records (mean {mean:.4f}) -> {args.output}")
+    return 0
+
 
 def eval_tokenizer(inf: Any, chat_template: str | None) -> Any:
     """HF's own tokenizer for an HF directory (so encoding equals lm-eval's hf backend), else a view

@@ -39,6 +39,15 @@ ARCHITECTURES = {
     "Olmo3ForCausalLM": "olmo3",
 }
 HF_CLASS = {arch: cls for cls, arch in ARCHITECTURES.items()}
+# A reward model (``value_head``) is exported as the sequence-classification class (one label,
+# scored at the last non-padding token); its value head is HF's ``score``.
+SEQUENCE_CLASSIFICATION_CLASS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification")
+                                 for arch, cls in HF_CLASS.items()}
+
+
+def hf_class_for(cfg: ModelConfig, arch: str) -> str:
+    """The HF class name ``cfg`` exports as: ``*ForCausalLM``, or ``*ForSequenceClassification``."""
+    return SEQUENCE_CLASSIFICATION_CLASS[arch] if cfg.value_head else HF_CLASS[arch]
 
 # Tensors older HF GPTNeoX checkpoints carry that are buffers, not weights.
 _IGNORABLE = re.compile(r"(^|\.)(attention\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
@@ -51,8 +60,9 @@ def detect_architecture(config_json: Mapping[str, Any], source: str) -> str:
     """Our architecture key for an HF config.json, from ``architectures`` (else ``model_type``)."""
     names = list(config_json.get("architectures") or [])
     for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
+        base = str(name).replace("ForSequenceClassification", "ForCausalLM")  # a reward model: same body
+        if base in ARCHITECTURES:
+            return ARCHITECTURES[base]
     model_type = config_json.get("model_type")
     if not names and model_type in HF_CLASS:
         return model_type
@@ -177,6 +187,10 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
             f"{source}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size {hf.hidden_size}; "
             "neoxt needs head_dim = hidden_size / num_attention_heads"
         )
+    value_head = any(str(n).endswith("ForSequenceClassification") for n in (getattr(hf, "architectures", None) or []))
+    if value_head and getattr(hf, "num_labels", 1) != 1:
+        raise ConversionError(f"{source}: a sequence classifier with {hf.num_labels} labels; neoxt reads reward "
+                              "models (one label)")
     rope = _rope(hf, arch, source)
     pct = rope["rotary_pct"]
     if int(head_dim * pct) % 2:
@@ -193,6 +207,7 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
         no_weight_tying=not hf.tie_word_embeddings,
         attention_dropout=float(getattr(hf, "attention_dropout", 0.0) or 0.0),
         init_method_std=float(getattr(hf, "initializer_range", 0.02)),
+        value_head=value_head,
     )
     if arch == "gpt_neox":
         if hf.hidden_act != "gelu":
@@ -277,8 +292,10 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
         attention_bias=cfg.use_bias_in_attn_linear,
         attention_dropout=cfg.attention_dropout,
         initializer_range=cfg.init_method_std,
-        architectures=[HF_CLASS[arch]],
+        architectures=[hf_class_for(cfg, arch)],
     )
+    if cfg.value_head:
+        common.update(num_labels=1, tie_word_embeddings=False)
     rope = _hf_rope_parameters(cfg)
     checks = {
         "pos_emb must be 'rotary'": cfg.pos_emb == "rotary",
@@ -371,7 +388,7 @@ def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
                 yield layer.format(i=i) + f"{hf_part}.{leaf}", f"layers.{i}.{our_part}.{leaf}"
     for leaf in ("weight", "bias"):
         yield f"{final}.{leaf}", f"final_norm.{leaf}"
-    yield "lm_head.weight", "lm_head.weight"
+    yield ("score.weight" if cfg.value_head else "lm_head.weight"), "lm_head.weight"
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: torch.Size, source: str, hf_name: str) -> None:
@@ -404,7 +421,7 @@ def hf_to_neoxt_state_dict(
         return t if dtype is None else t.to(dtype)
 
     todo = [(h, o) for h, o in _renames(cfg, arch) if o in shapes]
-    if arch == "gpt_neox" and "lm_head.weight" in shapes and "lm_head.weight" not in hf_names:
+    if arch == "gpt_neox" and not cfg.value_head and "lm_head.weight" in shapes and "lm_head.weight" not in hf_names:
         todo = [("embed_out.weight" if o == "lm_head.weight" else h, o) for h, o in todo]  # Pythia-era name
     fused = [(f"gpt_neox.layers.{i}.attention.query_key_value.{leaf}", i, leaf)
              for i in range(cfg.num_layers) for leaf in ("weight", "bias")

@@ -209,7 +209,7 @@ def neox_to_neoxt(
     m.move("final_norm.weight", final_norm_idx, f"norm.{m.g}")
     if _uses_norm_bias(cfg) or m.maybe(final_norm_idx, f"norm.{m.b}"):
         m.move("final_norm.bias", final_norm_idx, f"norm.{m.b}")
-    if cfg.no_weight_tying:
+    if cfg.no_weight_tying or cfg.value_head:  # a reward model always has its own (scalar) final linear
         m.move("lm_head.weight", cfg.num_layers + 4, "final_linear.weight")
     if m.remaining:
         key = sorted(m.remaining)[0]
@@ -299,7 +299,7 @@ def neoxt_to_neox(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     out[f"{final_idx}.norm.{g}"] = sd["final_norm.weight"]
     if "final_norm.bias" in sd:
         out[f"{final_idx}.norm.{b}"] = sd["final_norm.bias"]
-    if cfg.no_weight_tying:
+    if cfg.no_weight_tying or cfg.value_head:  # a reward model always has its own (scalar) final linear
         out[f"{cfg.num_layers + 4}.final_linear.weight"] = sd["lm_head.weight"]
     return out
 

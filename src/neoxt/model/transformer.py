@@ -19,7 +19,8 @@ Read top to bottom, this file is the model's definition:
    full or sliding-window masks. MLP: ``down(act(up(x)))``, or for gated activations
    ``down(act(gate(x)) * up(x))`` with ``intermediate_size`` the width of each branch.
 3. **Final norm** ``final_norm``.
-4. **Output head** ``lm_head`` (hidden → padded vocabulary), or the embedding matrix when tied.
+4. **Output head** ``lm_head`` (hidden → padded vocabulary), or the embedding matrix when tied; one
+   scalar per position with ``value_head`` (a reward model).
 
 Parameter names are a contract (converters and the GPT-NeoX importer map onto them):
 ``embed.weight``, ``pos_embed.weight``, ``layers.{i}.attn_norm.*``, ``layers.{i}.mlp_norm.*``,
@@ -115,7 +116,10 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = make_norm(cfg, H)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(H, V, bias=False)
+        if cfg.value_head:  # a reward model: one scalar per position (never tied to the embedding)
+            self.lm_head: nn.Linear | None = nn.Linear(H, 1, bias=False)
+        else:
+            self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(H, V, bias=False)
         init_weights(self, cfg)
 
     def forward(
@@ -126,7 +130,7 @@ class Transformer(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, padded_vocab] for tokens [B, T].
+        """Logits [B, T, padded_vocab] for tokens [B, T] (values [B, T, 1] with ``value_head``).
 
         positions [B, T]: rotary / learned positions (default: ``arange`` continuing after the cache).
         kv_cache: see ``kv_cache.py``; it is written and advanced by T.

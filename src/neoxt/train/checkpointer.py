@@ -338,6 +338,8 @@ def load_weights(path: str | os.PathLike, model: nn.Module) -> Path:
 
         src_sd = neoxt.load_model(p, device="cpu").state_dict()
         own = model.state_dict()
+        if _fresh_value_head(model, src_sd.get("lm_head.weight")):
+            own.pop("lm_head.weight")
         for name, tensor in own.items():
             if name not in src_sd:
                 raise CheckpointError(f"{p}: converted model has no tensor '{name}'")
@@ -346,14 +348,24 @@ def load_weights(path: str | os.PathLike, model: nn.Module) -> Path:
                     f"{p}: tensor '{name}' has shape {tuple(src_sd[name].shape)}, the configured model "
                     f"expects {tuple(tensor.shape)}"
                 )
-        model.load_state_dict({k: src_sd[k] for k in own}, strict=True)
+        model.load_state_dict({k: src_sd[k] for k in own}, strict="lm_head.weight" in own)
         return p
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    from neoxt.checkpoint.loading import saved_model_tensors
 
     target = ckpt.resolve_checkpoint(p)
     msd = get_model_state_dict(model)
+    saved = saved_model_tensors(target).get("lm_head.weight")
+    fresh = _fresh_value_head(model, torch.empty(saved[0], device="meta") if saved else None)
+    if fresh:
+        msd.pop("lm_head.weight")
     ckpt.load_state(target, {"model": msd})
-    set_model_state_dict(model, msd)
+    set_model_state_dict(model, msd, options=StateDictOptions(strict=not fresh))
     return target
 
 
@@ -400,6 +412,13 @@ def _refuse_deepspeed_dir(path: Path) -> None:
             f"load: {step} is a GPT-NeoX/DeepSpeed checkpoint, not a neoxt one: train with `neoxt train` (it imports "
             f"it on the fly) or convert it first with `neoxt convert neox-to-neoxt --input-dir {step}`"
         )
+
+
+def _fresh_value_head(model: nn.Module, source_head: torch.Tensor | None) -> bool:
+    """True when ``model`` is a reward model starting from a language model (a vocabulary head or
+    a tied one): every weight but the new value head is loaded, the head keeps its initialisation."""
+    cfg = getattr(model, "cfg", None)
+    return bool(cfg is not None and cfg.value_head and (source_head is None or source_head.shape[0] != 1))
 
 
 def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | None, Path | None]:

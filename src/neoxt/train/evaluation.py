@@ -39,12 +39,15 @@ class _EvalMode:
 
 
 @torch.no_grad()
-def validate(objective: Objective, source: Any, iters: int, cfg: RunConfig, device: torch.device) -> tuple[float, int]:
-    """(validation loss, counted tokens) over ``iters`` global batches: the mean of the batches' losses
-    weighted by their ``StepOutcome.weight`` (counted tokens for the LM loss: the mean over every
-    counted token; one per batch for DPO/KTO)."""
+def validate(objective: Objective, source: Any, iters: int, cfg: RunConfig,
+             device: torch.device) -> tuple[float, int, dict[str, float]]:
+    """(validation loss, counted tokens, extra metrics) over ``iters`` global batches: the mean of the
+    batches' losses weighted by their ``StepOutcome.weight`` (counted tokens for the LM loss: the mean
+    over every counted token; one per batch for DPO/KTO), and each ``StepOutcome.metrics`` entry
+    (e.g. a reward model's accuracy) averaged with the same weights."""
     total = torch.zeros((), dtype=torch.float64, device=device)
     weight, tokens = 0.0, 0
+    sums: dict[str, float] = {}
     acc = cfg.training.gradient_accumulation_steps
     with _EvalMode(objective.parts), torch.random.fork_rng(devices=[]):
         for _ in range(iters):
@@ -52,7 +55,10 @@ def validate(objective: Objective, source: Any, iters: int, cfg: RunConfig, devi
             total += outcome.loss.double() * outcome.weight
             weight += outcome.weight
             tokens += outcome.tokens
-    return ((total / weight).item() if weight else 0.0), tokens
+            for name, value in outcome.metrics.items():
+                sums[name] = sums.get(name, 0.0) + value * outcome.weight
+    metrics = {name: value / weight for name, value in sums.items()} if weight else {}
+    return ((total / weight).item() if weight else 0.0), tokens, metrics
 
 
 def eval_tasks(model: nn.Module, cfg: RunConfig, iteration: int, rank: int) -> dict[str, float]:
@@ -79,7 +85,7 @@ class Evaluator:
         if not t.eval_interval or iteration % t.eval_interval:
             return
         if self.valid is not None:
-            loss, tokens = validate(self.objective, self.valid, t.eval_iters, self.cfg, self.device)
-            self.metrics.record_eval(iteration, loss, tokens)
+            loss, tokens, extra = validate(self.objective, self.valid, t.eval_iters, self.cfg, self.device)
+            self.metrics.record_eval(iteration, loss, tokens, extra)
         if self.cfg.evaluation.eval_tasks and self.objective.model is not None:
             self.metrics.record_task_scores(iteration, eval_tasks(self.objective.model, self.cfg, iteration, self.rank))

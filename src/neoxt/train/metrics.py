@@ -208,9 +208,12 @@ class MetricsLogger:
         )
         return record
 
-    def record_eval(self, iteration: int, loss: float, tokens: int) -> dict[str, Any]:
+    def record_eval(self, iteration: int, loss: float, tokens: int,
+                    extra: dict[str, float] | None = None) -> dict[str, Any]:
+        """One validation result; ``extra`` (an objective's metrics, e.g. accuracy) as ``valid_<name>``."""
         ppl = math.exp(min(loss, 80.0)) if math.isfinite(loss) else float("nan")
         record = {"iteration": iteration, "valid_loss": _num(loss), "valid_ppl": _num(ppl), "tokens": tokens, "time": time.time()}
+        record.update({f"valid_{name}": _num(value) for name, value in (extra or {}).items()})
         if not self.enabled:
             return record
         if self.run_dir is not None:
@@ -218,7 +221,8 @@ class MetricsLogger:
                 f.write(json.dumps(record) + "\n")
         print(f" validation results at iteration {iteration} | lm_loss value: {loss:.6E} | lm_loss_ppl value: {ppl:.6E} |",
               flush=True)
-        self._emit(iteration, {"validation/lm_loss": record["valid_loss"], "validation/lm_loss_ppl": record["valid_ppl"]})
+        self._emit(iteration, {"validation/lm_loss": record["valid_loss"], "validation/lm_loss_ppl": record["valid_ppl"],
+                               **{f"validation/{name}": record[f"valid_{name}"] for name in extra or {}}})
         return record
 
     def record_task_scores(self, iteration: int, scores: dict[str, float]) -> None:

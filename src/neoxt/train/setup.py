@@ -178,7 +178,10 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
         raise RuntimeError("data-parallel training needs a model parallelized with FSDP2 (neoxt.distributed.parallelize)")
     for part in parts:
         part.train()
-    data = data if data is not None else open_train_data(cfg, dp_rank, dp_size)
+    if data is None:  # an objective may bring its own data (REINFORCE's JSONL prompts), else the config's
+        own = getattr(factory_for(cfg), "open_data", None)
+        source = own(cfg, dp_rank, dp_size) if own is not None else None
+        data = TrainData(source) if source is not None else open_train_data(cfg, dp_rank, dp_size)
     own_source = getattr(objective, "train_source", None)  # base.py (d): an objective that mixes in its own data
     if own_source is not None:
         data = replace(data, train=own_source(data.train))

@@ -41,6 +41,8 @@ from neoxt.train.objectives.dpo import DPOObjective
 from neoxt.train.objectives.kto import KTOObjective
 from neoxt.train.objectives.lm import LMObjective
 from neoxt.train.objectives.pipeline import PipelineObjective
+from neoxt.train.objectives.reinforce import ReinforceObjective
+from neoxt.train.objectives.rm import RewardModelObjective
 from neoxt.train.objectives.unlearning import UnlearningObjective, unlearning_enabled
 
 __all__ = [
@@ -53,6 +55,8 @@ OBJECTIVES: dict[str, ObjectiveFactory] = {
     "normal": LMObjective,  # pretraining and SFT (label files)
     "dpo": DPOObjective,
     "kto": KTOObjective,
+    "rm": RewardModelObjective,
+    "reinforce": ReinforceObjective,
 }
 # train_impl -> factory when pipe_parallel_size > 1 (the objectives that run under a pipeline schedule).
 PIPELINED: dict[str, ObjectiveFactory] = {

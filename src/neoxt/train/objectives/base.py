@@ -8,6 +8,7 @@ surface::
 
     factory(ctx: ObjectiveContext) -> Objective          # setup hook, once, before any resume
     factory.check_config(cfg) -> None                     # optional: config checks before anything is built
+    factory.open_data(cfg, dp_rank, dp_size) -> BatchSource | None   # optional: its own training data
 
     objective.parts: list[nn.Module]                      # what the optimizers step and checkpoints hold
     objective.model: nn.Module | None                     # the whole model for eval tasks (None: pipeline)
@@ -51,6 +52,8 @@ Extension points later objectives need:
     schedule's learning rate for this update only (e.g. ``ga_lr_scale``); ``StepOutcome.in_loss =
     False`` keeps the step's ``loss`` out of the logged ``lm_loss`` average (its named metrics still
     report it), as GPT-NeoX's fork drops ``lm_loss`` from its gradient-ascent iterations.
+(f) **Own training data.** ``factory.open_data`` may return the batch source the loop draws from
+    instead of the config's datasets (REINFORCE's JSONL prompts); None keeps the config's.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 The fixture holds copies of each file's keys and values (``scripts/snapshot_fork_configs.py`` writes
 it from a checkout; the commit is recorded in it). The fork runs each file alone (its
 ``pretrain_neox.sbatch`` passes one config to ``deepy.py``; no file there has a companion), so each
-is resolved alone. Refused on purpose, with the reason, in ``REFUSED``.
+is resolved alone; none is refused (REINFORCE's ``dataset_impl: online`` reads prompts from the data).
 """
 
 from __future__ import annotations
@@ -18,21 +18,12 @@ import yaml
 
 from neoxt.cli import main
 from neoxt.config import config_to_yaml, load_config
-from neoxt.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "fork_configs.json.gz"
 DATA = json.loads(gzip.decompress(FIXTURE.read_bytes()))
 
 # file -> (why it is refused, the error it must give). REINFORCE (train_impl: reinforce, its
 # dataset_impl: online and its kl_* / reinforce_* keys) is being built by another engineer.
-REFUSED = {
-    "post-training/configs/llama3-8b-reinforce.yml": (
-        "train_impl: reinforce reads prompts from an online data server (dataset_impl: online); not built yet",
-        "dataset_impl",
-    ),
-}
-
-
 def _doc(name: str) -> dict:
     return {DATA["pairs"][i][0]: DATA["pairs"][i][1] for i in DATA["configs"][name]}
 
@@ -49,7 +40,7 @@ def test_fixture_covers_the_fork():
     assert len(unlearning) == 64 and sum(_doc(n).get("gd_mode") is True for n in unlearning) == 36
 
 
-@pytest.mark.parametrize("name", sorted(set(DATA["configs"]) - set(REFUSED)))
+@pytest.mark.parametrize("name", sorted(DATA["configs"]))
 def test_each_fork_config_resolves(tmp_path, name):
     path = _write(tmp_path, name)
     cfg = load_config([str(path)])
@@ -67,9 +58,3 @@ def test_neoxt_config_prints_an_unlearning_config(tmp_path, capsys):
     assert main(["config", str(_write(tmp_path, name))]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["gd_mode"] is True and out["ga_mode"] == "interleaved" and out["ga_dataset"] == _doc(name)["ga_dataset"]
-
-
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_refused_on_purpose(tmp_path, name):
-    with pytest.raises(ConfigError, match=REFUSED[name][1]):
-        load_config([str(_write(tmp_path, name))])

@@ -40,11 +40,13 @@ import torch
 
 from neoxt.config.schema import ModelConfig, TokenizerConfig
 from neoxt.errors import ConversionError
+from neoxt.model import hf_moe
 
 ARCHITECTURES = {
     "GPTNeoXForCausalLM": "gpt_neox",
     "LlamaForCausalLM": "llama",
     "Olmo3ForCausalLM": "olmo3",
+    **hf_moe.ARCHITECTURES,
 }
 HF_CLASS = {arch: cls for cls, arch in ARCHITECTURES.items()}
 
@@ -74,7 +76,7 @@ def hf_config_object(config_json: Mapping[str, Any], arch: str):
     """transformers' config object for a config.json dict (normalises old and new rope fields)."""
     from transformers import GPTNeoXConfig, LlamaConfig, Olmo3Config
 
-    cls = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "olmo3": Olmo3Config}[arch]
+    cls = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "olmo3": Olmo3Config}.get(arch) or hf_moe.config_class(arch)
     raw = dict(config_json)
     if arch == "olmo3" and "rope_theta" in raw and not raw.get("rope_parameters"):
         # transformers-4 OLMo-3 configs have one rope_theta for every layer; transformers 5 folds a
@@ -227,8 +229,10 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
         rms_norm_epsilon=hf.rms_norm_eps,
         use_bias_in_norms=False,
         activation=_GATED_ACT[hf.hidden_act],
-        use_bias_in_attn_linear=bool(hf.attention_bias),
+        use_bias_in_attn_linear=bool(getattr(hf, "attention_bias", False)),  # Mixtral has none
     )
+    if arch in hf_moe.ARCHITECTURES.values():
+        return hf_moe.model_config(hf, arch, source, {**common, **gated})
     if arch == "llama":
         return ModelConfig(
             **common, **gated,
@@ -252,6 +256,8 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
 
 def architecture_for(cfg: ModelConfig) -> str:
     """The HF architecture that can hold ``cfg`` exactly, or a ConversionError naming what does not fit."""
+    if cfg.moe_num_experts > 1:
+        return hf_moe.architecture_for(cfg)
     if cfg.norm_placement == "olmo3":
         return "olmo3"
     if cfg.norm == "layernorm":
@@ -320,6 +326,8 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
     }
     common.update(num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_epsilon,
                   hidden_act=_HF_ACT.get(cfg.activation, "silu"))
+    if arch in hf_moe.ARCHITECTURES.values():
+        return hf_moe.hf_config(cfg, arch, common, gated_checks, rope, extra)
     if arch == "llama":
         _require(cfg, arch, {
             **gated_checks,
@@ -350,6 +358,9 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
 
 def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
     """(hf_name, our_name) for every tensor that maps one to one (GPTNeoX's fused QKV excluded)."""
+    if arch in hf_moe.ARCHITECTURES.values():
+        yield from hf_moe.renames(cfg, arch)
+        return
     if arch == "gpt_neox":
         p = "gpt_neox."
         yield p + "embed_in.weight", "embed.weight"
@@ -432,6 +443,9 @@ def hf_to_neoxt_state_dict(
         t = fetch(hf_name)
         _check_shape(ours, t, shapes[ours], source, hf_name)
         out[ours] = t
+    for ours, names in hf_moe.stacked(cfg, arch):  # per-expert tensors → our [E, ...] stacks
+        out[ours] = torch.stack([fetch(n) for n in names])
+        _check_shape(ours, out[ours], shapes[ours], source, names[0].replace(".experts.0.", ".experts.*."))
     heads, hd = cfg.num_attention_heads, cfg.head_dim
     for hf_name, i, leaf in fused:
         t = fetch(hf_name)
@@ -475,6 +489,8 @@ def neoxt_to_hf_state_dict(
     out: dict[str, torch.Tensor] = {}
     for hf_name, ours in progress([(h, o) for h, o in _renames(cfg, arch) if o in shapes]):
         out[hf_name] = cast(sd[ours])
+    for ours, names in hf_moe.stacked(cfg, arch):
+        out.update(zip(names, (cast(t.clone()) for t in sd[ours].unbind(0)), strict=True))
     if arch == "gpt_neox":
         heads, hd = cfg.num_attention_heads, cfg.head_dim
         for i in range(cfg.num_layers):

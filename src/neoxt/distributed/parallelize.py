@@ -325,6 +325,9 @@ def check_tp(model: nn.Module, tp: int, sequence_parallel: bool) -> None:
     ):
         if value % tp:
             raise ConfigError(f"{key}={value} is not divisible by model_parallel_size={tp}")
+    if cfg.moe_num_experts > 1:
+        raise ConfigError("model_parallel_size > 1 is not supported with MoE (moe_num_experts > 1); "
+                          "use moe_expert_parallel_size")
     if sequence_parallel and cfg.pos_emb == "learned":
         raise ConfigError("sequence_parallel is not supported with pos_emb: learned")
 
@@ -396,7 +399,7 @@ def apply_tp(
         attn.kv_heads //= tp
         for name, reduce_dims in (("q_norm", 1), ("k_norm", 1), ("qk_norm", None)):
             norm = getattr(attn, name, None)
-            if norm is None:
+            if norm is None or attn.head_qk_norms:  # per-head gains (Qwen3) see whole heads: no change
                 continue
             kind, eps = _norm_kind(norm)
             if reduce_dims is None:  # [heads, head_dim] gain: LayerNorm reduces both, RMSNorm head_dim

@@ -11,7 +11,7 @@ sigma = init_method_std):
 
 As upstream, ``init_method`` initialises the embeddings, the output head and every projection that
 *reads* the residual stream (q, k, v, MLP up/gate); ``output_layer_init_method`` initialises the two
-projections that *write* it (attention ``o`` and MLP ``down``). Biases start at zero, norm gains at one.
+projections that *write* it (attention ``o``, MLP ``down``, MoE ``experts.down``). Biases start at zero, norm gains at one.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig, generator: torch.Generator 
             nn.init.zeros_(param)
         elif "norm" in leaf[-2]:
             nn.init.ones_(param)
-        elif leaf[-2] in ("o", "down"):
+        elif leaf[-2] in ("o", "down") or leaf[-1] == "down":  # ``mlp.experts.down`` (MoE)
             out(param)
         else:
             base(param)

@@ -551,8 +551,13 @@ def accumulate_gradients(
     loss_scale: float = 1.0,
     z_loss: float = 0.0,
     group: Any = None,
+    aux: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """Backward over one global batch; returns the loss (mean over every counted token, float64).
+
+    MoE models: each micro-batch's weighted auxiliary loss (``model.aux_loss()``) joins the backward
+    divided by micro-batches x data-parallel ranks (a mean over them, as the LM loss); the returned
+    loss stays the LM loss and ``aux`` (when given) receives this rank's unweighted aux losses.
 
     Gradients left in ``.grad`` are those of that mean, unscaled. With a data-parallel ``group`` the
     model must be parallelized (``neoxt.distributed.parallelize``): FSDP2 sums the ranks' gradients,
@@ -571,11 +576,26 @@ def accumulate_gradients(
     for b in micro:
         loss_sum, _ = _forward_loss(model, b, precision, device.type, z_loss)
         loss = loss_sum / denom.to(loss_sum.dtype)
-        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+        total = loss + _moe_aux(model, len(micro), group, aux)
+        (total * loss_scale if loss_scale != 1.0 else total).backward()
         loss_total += loss.detach().double()
     _all_reduce_sum(loss_total, group)  # every rank's share of the global mean
     unscale_gradients(model, loss_scale)
     return loss_total
+
+
+def _moe_aux(model: nn.Module, n_micro: int, group: Any, out: dict[str, float] | None) -> torch.Tensor | float:
+    """This micro-batch's share of the MoE auxiliary loss (0.0 for dense models); logs into ``out``."""
+    if not hasattr(model, "aux_loss"):
+        return 0.0
+    if out is not None:
+        for key, value in model.aux_losses().items():
+            out[key] = out.get(key, 0.0) + value.item() / n_micro
+    weighted = model.aux_loss()
+    if weighted is None:
+        return 0.0
+    dp = torch.distributed.get_world_size(group) if group is not None else 1
+    return weighted / (n_micro * dp)
 
 
 def unscale_gradients(model: nn.Module, loss_scale: float) -> None:
@@ -677,6 +697,9 @@ def _check_pipeline_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: true is not supported with pipe_parallel_size > 1")
     if cfg.evaluation.eval_tasks:
         raise ConfigError("eval_tasks is not supported with pipe_parallel_size > 1 (validation loss is)")
+    if cfg.model.moe_num_experts > 1:
+        raise ConfigError("moe_num_experts > 1 is not supported with pipe_parallel_size > 1 (MoE aux losses "
+                          "do not cross stages)")
 
 
 def where_to_start(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Path | None, str | None]:
@@ -879,6 +902,7 @@ def train(
                 lr = schedule.lr_at(st.iteration)
                 for optimizer in optimizers:
                     set_lr(optimizer, lr)
+                aux: dict[str, float] = {}  # MoE auxiliary losses for the log
                 if objective is not None:
                     loss_total = objective(micro, scaler.scale)
                 elif pipe is not None:
@@ -887,7 +911,7 @@ def train(
                     )
                 else:
                     loss_total = accumulate_gradients(
-                        model, micro, t_cfg.precision, scaler.scale, t_cfg.z_loss, group
+                        model, micro, t_cfg.precision, scaler.scale, t_cfg.z_loss, group, aux
                     )
                 max_norm = clip if clip and clip > 0 else float("inf")
                 if sharded:
@@ -940,6 +964,7 @@ def train(
                     seconds=time.perf_counter() - t0,
                     skipped=nan or overflow,
                     loss_scale=scaler.scale if t_cfg.precision == "fp16" else None,
+                    extra=aux,
                 )
                 metrics.record(stats, nan)
 

@@ -77,6 +77,8 @@ class StepStats:
     seconds: float
     skipped: bool = False
     loss_scale: float | None = None
+    # Extra per-step values logged as their window mean (MoE: moe_aux_loss, moe_z_loss).
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -156,6 +158,9 @@ class MetricsLogger:
         }
         if last.loss_scale is not None:
             record["loss_scale"] = last.loss_scale
+        for key in last.extra:
+            values = [s.extra[key] for s in window if key in s.extra and math.isfinite(s.extra[key])]
+            record[key] = _num(sum(values) / len(values)) if values else None
         if self.run_dir is not None:
             with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -187,6 +192,7 @@ class MetricsLogger:
                 "runtime/flops_per_sec_per_gpu": tflops * 1e12,
                 "runtime/mfu": mfu,
                 "train/nan_count": self.nan_count,
+                **{f"train/{k}": record[k] for k in last.extra},
             },
         )
         return record

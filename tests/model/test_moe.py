@@ -159,3 +159,26 @@ def test_param_count_and_active_flops():
     # MoE layers 0 and 2: router + (top-2 + 1 shared) experts active instead of one dense MLP
     extra_active = 2 * (64 * 4 + 3 * per_expert - per_expert)
     assert flops_per_token(cfg, 32) == flops_per_token(dense, 32) + 6 * extra_active
+
+
+def test_grouped_gemm_equals_the_expert_loop_forward_and_backward():
+    from neoxt.model.moe import expert_mlp, grouped_gemm_ok
+
+    torch.manual_seed(0)
+    counts = [3, 0, 5, 2]
+    weights = [torch.randn(4, 12, 8, requires_grad=True), torch.randn(4, 12, 8, requires_grad=True),
+               torch.randn(4, 8, 12, requires_grad=True)]
+    # torch 2.13 has a CPU kernel (the default path there) for rows of whole 16-byte multiples
+    assert grouped_gemm_ok(torch.zeros(1, 8), weights[1])
+    assert not grouped_gemm_ok(torch.zeros(1, 8), torch.zeros(4, 6, 8))
+    x = torch.randn(10, 8, requires_grad=True)
+    g = torch.randn(10, 8)
+    results = []
+    for grouped in (True, False):
+        for t in (x, *weights):
+            t.grad = None
+        y = expert_mlp(x, counts, *weights, F.silu, grouped=grouped)
+        y.backward(g)
+        results.append((y.detach(), x.grad.clone(), *(w.grad.clone() for w in weights)))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

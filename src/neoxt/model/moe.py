@@ -13,7 +13,8 @@ One MoE sublayer, read top to bottom:
    ones, earlier tokens first (GShard's order); a dropped assignment contributes nothing (the
    residual stream carries the token on).
 4. **Experts.** Assignments are sorted by expert and run as one grouped GEMM per projection
-   (``torch._grouped_mm`` on CUDA) or a loop over experts elsewhere; expert weights are stacked
+   (torch's ``grouped_mm``: CUDA bf16 on SM80+, and CPU) or a loop over experts elsewhere (the
+   reference the tests compare it with); expert weights are stacked
    ``experts.{gate,up,down}`` [E, F, H] / [E, H, F] (HF's per-expert ``gate_proj``/``up_proj``/
    ``down_proj`` stacked). Outputs are scaled by their routing weight and summed per token, plus
    the shared experts' dense MLP when ``moe_num_shared_experts`` > 0. Experts and shared experts
@@ -96,26 +97,46 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
+def _grouped_mm():
+    """torch's grouped GEMM (public ``F.grouped_mm`` from torch 2.10, else ``torch._grouped_mm``), or None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_gemm_ok(x: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether the grouped GEMM runs here: CPU (torch 2.13 has a kernel, forward and backward), or
+    CUDA in bf16 on SM80+ (the kernels torch ships); both need rows of whole 16-byte multiples."""
+    if _grouped_mm() is None or up.dtype != x.dtype:
+        return False
+    if any(d * x.element_size() % 16 for d in up.shape[1:]):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
 def expert_mlp(
-    x: torch.Tensor, counts: list[int], gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor, act: Activation
+    x: torch.Tensor, counts: list[int], gate: torch.Tensor | None, up: torch.Tensor, down: torch.Tensor,
+    act: Activation, grouped: bool | None = None,
 ) -> torch.Tensor:
     """Run tokens x [M, H], sorted by expert with ``counts[e]`` rows for expert e, through the experts.
 
-    CUDA + bf16: ``torch._grouped_mm`` (one kernel per projection for all experts). Elsewhere a loop of
-    plain matmuls: torch 2.13's CPU grouped GEMM runs forward but its backward fails.
+    One grouped GEMM per projection for all experts where torch has one (``grouped_gemm_ok``), else
+    a loop of plain matmuls over the experts (the reference; ``grouped=False`` forces it).
     """
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         dt = torch.get_autocast_dtype("cuda")
         x, up, down = x.to(dt), up.to(dt), down.to(dt)
         gate = gate.to(dt) if gate is not None else None
-    if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    if x.shape[0] == 0:  # no token reached these experts (possible on an expert-parallel rank)
+        return x.new_zeros(0, down.shape[1]) + 0.0 * (up.sum() + down.sum())  # keep the weights in the graph
+    if grouped is None:
+        grouped = grouped_gemm_ok(x, up)
+    if grouped:
+        mm = _grouped_mm()
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(x, up.transpose(-2, -1), offs=offs)
-        if gate is not None:
-            h = act(torch._grouped_mm(x, gate.transpose(-2, -1), offs=offs)) * h
-        else:
-            h = act(h)
-        return torch._grouped_mm(h, down.transpose(-2, -1), offs=offs)
+        h = mm(x, up.transpose(-2, -1), offs=offs)
+        h = act(mm(x, gate.transpose(-2, -1), offs=offs)) * h if gate is not None else act(h)
+        return mm(h, down.transpose(-2, -1), offs=offs)
     outs = []
     for e, part in enumerate(torch.split(x, counts)):
         if part.shape[0] == 0:

@@ -128,7 +128,9 @@ def expert_mlp(
         x, up, down = x.to(dt), up.to(dt), down.to(dt)
         gate = gate.to(dt) if gate is not None else None
     if x.shape[0] == 0:  # no token reached these experts (possible on an expert-parallel rank)
-        return x.new_zeros(0, down.shape[1]) + 0.0 * (up.sum() + down.sum())  # keep the weights in the graph
+        # Keep the weights in the graph: FSDP expects a gradient (zero here) on every rank.
+        touch = up.sum() + down.sum() + (gate.sum() if gate is not None else 0.0)
+        return x.new_zeros(0, down.shape[1]) + 0.0 * touch
     if grouped is None:
         grouped = grouped_gemm_ok(x, up)
     if grouped:

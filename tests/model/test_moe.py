@@ -182,3 +182,19 @@ def test_grouped_gemm_equals_the_expert_loop_forward_and_backward():
         results.append((y.detach(), x.grad.clone(), *(w.grad.clone() for w in weights)))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_keeps_the_aux_loss_gradient():
+    from neoxt.distributed.parallelize import apply_activation_checkpointing
+
+    tokens = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ac in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(_moe_cfg(moe_aux_loss_coeff=1.0, moe_z_loss_coeff=0.1)).train()
+        if ac:
+            apply_activation_checkpointing(model, "full")
+        (model(tokens).pow(2).mean() + model.aux_loss()).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

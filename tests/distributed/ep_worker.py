@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from neoxt.config.schema import ParallelismConfig, RunConfig
 from neoxt.distributed.mesh import build_mesh, init_distributed
-from neoxt.distributed.parallelize import parallelize
+from neoxt.distributed.parallelize import build_parallel_model, parallelize
 from neoxt.model import Transformer, preset
 from neoxt.train.losses import lm_loss_sum
 
@@ -50,10 +50,15 @@ def main(out: str) -> None:
         grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         diff = max(diff, (grad - ref_grads[name].grad).abs().max().item())
     up = model.layers[0].mlp.experts.up
+    # Built on the meta device and initialised shard by shard (large models): trains too.
+    meta_built = build_parallel_model(run, build_mesh(run.parallelism), "cpu")
+    meta_loss = _loss(meta_built, tokens[mine], labels[mine], labels.numel(), 2)
+    meta_loss.backward()
     if rank == 0:
         with open(out, "w") as f:
             json.dump({"max_grad_diff": diff, "local_experts": up.to_local().shape[0],
-                       "global_experts": up.shape[0], "ep_group": model.layers[0].mlp.experts.ep_group is not None}, f)
+                       "global_experts": up.shape[0], "ep_group": model.layers[0].mlp.experts.ep_group is not None,
+                       "meta_loss": meta_loss.item()}, f)
     dist.destroy_process_group()
 
 

@@ -35,3 +35,4 @@ def test_expert_parallel_gradients_equal_one_process(tmp_path):
     result = json.loads(out.read_text())
     assert result["ep_group"] and (result["local_experts"], result["global_experts"]) == (2, 4)
     assert result["max_grad_diff"] < 1e-6
+    assert 0 < result["meta_loss"] < 100

@@ -198,3 +198,22 @@ def test_activation_checkpointing_keeps_the_aux_loss_gradient():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_loss_aux_and_gradients():
+    from neoxt.distributed.parallelize import apply_compile
+
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(_moe_cfg(moe_aux_loss_coeff=1.0)).train()
+        if compiled:
+            apply_compile(model)
+        loss = model(tokens).pow(2).mean() + model.aux_loss()
+        loss.backward()
+        results.append((loss.detach(), model.aux_losses()["moe_aux_loss"].detach(),
+                        model.layers[0].mlp.router.weight.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -104,8 +104,11 @@ def _grouped_mm():
 
 def grouped_gemm_ok(x: torch.Tensor, up: torch.Tensor) -> bool:
     """Whether the grouped GEMM runs here: CPU (torch 2.13 has a kernel, forward and backward), or
-    CUDA in bf16 on SM80+ (the kernels torch ships); both need rows of whole 16-byte multiples."""
+    CUDA in bf16 on SM80+ (the kernels torch ships); both need rows of whole 16-byte multiples, and
+    under ``torch.compile`` bf16."""
     if _grouped_mm() is None or up.dtype != x.dtype:
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # torch 2.13's meta kernel: bf16 only
         return False
     if any(d * x.element_size() % 16 for d in up.shape[1:]):
         return False

@@ -100,3 +100,11 @@ def test_moe_batched_generation_equals_hf_generate(converted):
                           pad_token_id=1, eos_token_id=None)[:, width:]
     out = generate_tokens(ours, prompts, SamplingParams(maximum_tokens=16), pad_id=1)
     assert [list(d.tokens) for d in out] == ref.tolist()
+
+
+def test_dense_model_with_head_qk_norms_is_refused_not_silently_dropped():
+    from neoxt.convert.hf import hf_config_from_model_config
+    from neoxt.model import preset
+
+    with pytest.raises(ConversionError, match="use_head_qk_norms is supported for Qwen3-MoE only"):
+        hf_config_from_model_config(preset("llama-tiny", padded_vocab_size=320, use_head_qk_norms=True))

@@ -297,6 +297,7 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
     checks = {
         "pos_emb must be 'rotary'": cfg.pos_emb == "rotary",
         "use_qk_layernorm is not supported": not cfg.use_qk_layernorm,
+        "use_head_qk_norms is supported for Qwen3-MoE only": not cfg.use_head_qk_norms or cfg.moe_num_experts > 1,
     }
     if arch == "gpt_neox":
         _require(cfg, arch, {

@@ -298,6 +298,7 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
         "pos_emb must be 'rotary'": cfg.pos_emb == "rotary",
         "use_qk_layernorm is not supported": not cfg.use_qk_layernorm,
         "use_head_qk_norms is supported for Qwen3-MoE only": not cfg.use_head_qk_norms or cfg.moe_num_experts > 1,
+        "moe_num_experts > 1 needs an MoE architecture": cfg.moe_num_experts == 1 or arch in hf_moe.ARCHITECTURES.values(),
     }
     if arch == "gpt_neox":
         _require(cfg, arch, {

@@ -217,3 +217,18 @@ def test_compiled_blocks_give_the_same_loss_aux_and_gradients():
                         model.layers[0].mlp.router.weight.grad))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_xavier_init_uses_one_experts_fans_and_matches_torch_on_matrices():
+    from torch import nn
+
+    from neoxt.model.init import init_fn
+
+    cfg = _moe_cfg(init_method="xavier_normal", moe_num_experts=16)
+    fn = init_fn("xavier_normal", cfg, torch.Generator().manual_seed(0))
+    matrix, expected = torch.empty(64, 32), torch.empty(64, 32)
+    fn(matrix)
+    nn.init.xavier_normal_(expected, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(matrix, expected)  # dense weights: unchanged from torch's initialiser
+    experts = Transformer(cfg).layers[0].mlp.experts.up  # [16, 172, 64]
+    assert experts.std().item() == pytest.approx((2 / (172 + 64)) ** 0.5, rel=0.05)

@@ -23,6 +23,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "batch_size": ("training", "train_micro_batch_size_per_gpu"),
     # The fork's converters write the HF model's vocab_size (its embedding rows) into neox_config.json.
     "vocab_size": ("model", "padded_vocab_size"),
+    "moe_loss_coeff": ("model", "moe_aux_loss_coeff"),  # GPT-NeoX 2.x DeepSpeed-MoE spelling
+    "expert_interval": ("model", "moe_expert_interval"),
 }
 
 # Keys resolved by load.py because their value is a block or derives several fields.
@@ -81,17 +83,15 @@ IGNORED: frozenset[str] = frozenset(
     gradient_noise_scale_n_batches gradient_noise_scale_cpu_offload wandb_init_all_ranks use_comet
     comet_workspace comet_project comet_experiment_name comet_tags comet_others comet_experiment
     char_level_ppl short_seq_prob attention_type dynamic_loss_scale scheduler sparse_attention return_logits
+    moe_type moe_lbl_in_fp32 create_moe_param_group enable_expert_tensor_parallelism use_tutel
     """.split()
 )
 
 # key -> the default value under which the key is harmless (anything else is an unsupported feature).
 UNSUPPORTED: dict[str, Any] = {
-    "moe_num_experts": 1,
-    "moe_top_k": 1,
-    "moe_expert_interval": 1,
-    "moe_router_type": "sinkhorn",
-    "moe_lbl_in_fp32": False,
-    "moe_jitter_eps": None,
+    # GPT-NeoX 2.x DeepSpeed-MoE: residual (PR-MoE) experts and a separate GLU switch.
+    "moe_use_residual": False,
+    "moe_glu": False,
     "use_mup": False,
     "coord_check": False,
     "save_base_shapes": False,

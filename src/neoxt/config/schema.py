@@ -52,6 +52,8 @@ class ModelConfig:
     # use_separate_qk_norms; GPT-NeoX's use_qk_layernorm normalises per head with a shared norm.
     use_qk_layernorm: bool = False
     use_separate_qk_norms: bool = False
+    # Qwen3 / Qwen3-MoE: a q norm and a k norm over head_dim, each one gain shared by all heads.
+    use_head_qk_norms: bool = False
 
     pos_emb: Literal["rotary", "learned", "none"] = "rotary"
     rotary_pct: float = 1.0
@@ -79,6 +81,35 @@ class ModelConfig:
     attention_types: tuple[AttentionType, ...] = ("global", "global")
     sliding_window_width: int | None = None
 
+    # Mixture of experts (``neoxt.model.moe``; GPT-NeoX's moe_* keys). moe_num_experts 1 = dense MLPs.
+    moe_num_experts: int = 1
+    moe_top_k: int = 1
+    # MoE layers: those listed in moe_layers, else every layer i with i % moe_expert_interval == 0
+    # (upstream GPT-NeoX's rule, 0-based).
+    moe_expert_interval: int = 1
+    moe_layers: tuple[int, ...] | None = None
+    # "sinkhorn" (upstream's default): experts chosen by Sinkhorn-balanced scores while training,
+    # plain top-k in eval. "topk": top-k of the router scores always (Mixtral, OLMoE, Qwen3-MoE).
+    moe_router_type: Literal["sinkhorn", "topk"] = "sinkhorn"
+    moe_score_func: Literal["softmax", "sigmoid"] = "softmax"
+    # Renormalise the k chosen scores to sum to one (Mixtral; Qwen3-MoE's norm_topk_prob).
+    moe_norm_topk_prob: bool = False
+    # Width of each expert (HF moe_intermediate_size); None means intermediate_size.
+    moe_intermediate_size: int | None = None
+    # Always-on shared experts (DeepSeek style): one dense MLP of num_shared x the expert width.
+    moe_num_shared_experts: int = 0
+    # Load-balancing (Switch/HF formula) and router z-loss coefficients, added to the LM loss.
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float = 0.0
+    # Token dropping: each expert takes at most max(min_capacity, factor * tokens * top_k / experts)
+    # tokens per micro-batch (first come, first served); off means dropless.
+    moe_token_dropping: bool = False
+    moe_train_capacity_factor: float = 1.0
+    moe_eval_capacity_factor: float = 1.0
+    moe_min_capacity: int = 4
+    # Multiplicative uniform noise (1 +- eps) on the router input while training.
+    moe_jitter_eps: float | None = None
+
     init_method: str = "normal"
     output_layer_init_method: str = "scaled_normal"
     init_method_std: float = 0.02
@@ -100,6 +131,18 @@ class ModelConfig:
     @property
     def tie_word_embeddings(self) -> bool:
         return not self.no_weight_tying
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` has a mixture-of-experts MLP (see the moe_* fields)."""
+        if self.moe_num_experts <= 1:
+            return False
+        if self.moe_layers is not None:
+            return i in self.moe_layers
+        return i % self.moe_expert_interval == 0
+
+    @property
+    def moe_width(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def rotary_dim(self) -> int:
@@ -265,6 +308,8 @@ class ParallelismConfig:
     # Number of data-parallel replica groups for HSDP (shard within, replicate across).
     data_parallel_replicate: int = 1
     dist_timeout_s: float = 1800.0  # collective timeout of the process group (neoxt.distributed.mesh)
+    # Expert parallelism: MoE experts split over this many data-parallel ranks (tokens all-to-all).
+    moe_expert_parallel_size: int = 1
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -20,12 +20,15 @@ from neoxt.data.outputs import check_output_dir
 from neoxt.errors import DataError
 from neoxt.io import unique_temp_path
 
-if TYPE_CHECKING:
-    from neoxt.data.sampling import IndexSpec
-
 log = logging.getLogger(__name__)
 
 PARTS = ("doc_idx", "sample_idx", "shuffle_idx")
+
+
+class IndexSpec(Protocol):
+    """What names a cache (``neoxt.data.sampling.IndexSpec``; a protocol so sampling → cache stays one-way)."""
+
+    def stem(self, prefix: str) -> str: ...
 
 
 def cache_paths(prefix: str, spec: IndexSpec, cache_dir: str | None = None) -> dict[str, str]:

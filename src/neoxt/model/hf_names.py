@@ -1,9 +1,12 @@
-"""Hugging Face ↔ neoxt names and configs for the three families (GPTNeoX, LLaMA, OLMo-3).
+"""Hugging Face ↔ neoxt names and configs for the dense families (GPTNeoX, LLaMA, OLMo-3).
+
+The MoE families (Mixtral, OLMoE, Qwen3-MoE) are registered here too; their specifics live in
+``neoxt.model.hf_moe``.
 
 Model knowledge, kept with the model (torchtitan's ``state_dict_adapter`` role): ``load_model`` reads
 an HF directory through it, and ``convert/hf.py`` writes HF directories through it.
 
-- ``detect_architecture(config_json, source)`` → ``"gpt_neox" | "llama" | "olmo3"``
+- ``detect_architecture(config_json, source)`` → ``"gpt_neox" | "llama" | "olmo3"`` (or an MoE key)
 - ``model_config_from_hf(hf_config)`` → our ``ModelConfig`` (reads transformers' normalised config
   object, so both the transformers-4 form of config.json — ``rope_theta``, ``rotary_pct``,
   ``rotary_emb_base``, ``rope_scaling`` — and the transformers-5 ``rope_parameters`` form, per layer
@@ -31,12 +34,14 @@ import torch
 
 from neoxt.config.schema import ModelConfig
 from neoxt.errors import ConversionError
+from neoxt.model import hf_moe
 from neoxt.model.shapes import parameter_shapes
 
 ARCHITECTURES = {
     "GPTNeoXForCausalLM": "gpt_neox",
     "LlamaForCausalLM": "llama",
     "Olmo3ForCausalLM": "olmo3",
+    **hf_moe.ARCHITECTURES,
 }
 HF_CLASS = {arch: cls for cls, arch in ARCHITECTURES.items()}
 
@@ -66,7 +71,7 @@ def hf_config_object(config_json: Mapping[str, Any], arch: str):
     """transformers' config object for a config.json dict (normalises old and new rope fields)."""
     from transformers import GPTNeoXConfig, LlamaConfig, Olmo3Config
 
-    cls = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "olmo3": Olmo3Config}[arch]
+    cls = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "olmo3": Olmo3Config}.get(arch) or hf_moe.config_class(arch)
     raw = dict(config_json)
     if arch == "olmo3" and "rope_theta" in raw and not raw.get("rope_parameters"):
         # transformers-4 OLMo-3 configs have one rope_theta for every layer; transformers 5 folds a
@@ -219,8 +224,10 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
         rms_norm_epsilon=hf.rms_norm_eps,
         use_bias_in_norms=False,
         activation=_GATED_ACT[hf.hidden_act],
-        use_bias_in_attn_linear=bool(hf.attention_bias),
+        use_bias_in_attn_linear=bool(getattr(hf, "attention_bias", False)),  # Mixtral has none
     )
+    if arch in hf_moe.ARCHITECTURES.values():
+        return hf_moe.model_config(hf, arch, source, {**common, **gated})
     if arch == "llama":
         return ModelConfig(
             **common, **gated,
@@ -244,6 +251,8 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
 
 def architecture_for(cfg: ModelConfig) -> str:
     """The HF architecture that can hold ``cfg`` exactly, or a ConversionError naming what does not fit."""
+    if cfg.moe_num_experts > 1:
+        return hf_moe.architecture_for(cfg)
     if cfg.norm_placement == "olmo3":
         return "olmo3"
     if cfg.norm == "layernorm":
@@ -283,6 +292,8 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
     checks = {
         "pos_emb must be 'rotary'": cfg.pos_emb == "rotary",
         "use_qk_layernorm is not supported": not cfg.use_qk_layernorm,
+        "use_head_qk_norms is supported for Qwen3-MoE only": not cfg.use_head_qk_norms or cfg.moe_num_experts > 1,
+        "moe_num_experts > 1 needs an MoE architecture": cfg.moe_num_experts == 1 or arch in hf_moe.ARCHITECTURES.values(),
     }
     if arch == "gpt_neox":
         _require(cfg, arch, {
@@ -312,6 +323,8 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
     }
     common.update(num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_epsilon,
                   hidden_act=_HF_ACT.get(cfg.activation, "silu"))
+    if arch in hf_moe.ARCHITECTURES.values():
+        return hf_moe.hf_config(cfg, arch, common, gated_checks, rope, extra)
     if arch == "llama":
         _require(cfg, arch, {
             **gated_checks,
@@ -342,6 +355,9 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
 
 def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
     """(hf_name, our_name) for every tensor that maps one to one (GPTNeoX's fused QKV excluded)."""
+    if arch in hf_moe.ARCHITECTURES.values():
+        yield from hf_moe.renames(cfg, arch)
+        return
     if arch == "gpt_neox":
         p = "gpt_neox."
         yield p + "embed_in.weight", "embed.weight"
@@ -414,6 +430,9 @@ def hf_to_neoxt_state_dict(
         t = fetch(hf_name)
         _check_shape(ours, t, shapes[ours], source, hf_name)
         out[ours] = t
+    for ours, names in hf_moe.stacked(cfg, arch):  # per-expert tensors → our [E, ...] stacks
+        out[ours] = torch.stack([fetch(n) for n in names])
+        _check_shape(ours, out[ours], shapes[ours], source, names[0].replace(".experts.0.", ".experts.*."))
     heads, hd = cfg.num_attention_heads, cfg.head_dim
     for hf_name, i, leaf in fused:
         t = fetch(hf_name)
@@ -457,6 +476,8 @@ def neoxt_to_hf_state_dict(
     out: dict[str, torch.Tensor] = {}
     for hf_name, ours in progress([(h, o) for h, o in _renames(cfg, arch) if o in shapes]):
         out[hf_name] = cast(sd[ours])
+    for ours, names in hf_moe.stacked(cfg, arch):
+        out.update(zip(names, (cast(t.clone()) for t in sd[ours].unbind(0)), strict=True))
     if arch == "gpt_neox":
         heads, hd = cfg.num_attention_heads, cfg.head_dim
         for i in range(cfg.num_layers):

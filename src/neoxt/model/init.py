@@ -11,7 +11,7 @@ sigma = init_method_std):
 
 As upstream, ``init_method`` initialises the embeddings, the output head and every projection that
 *reads* the residual stream (q, k, v, MLP up/gate); ``output_layer_init_method`` initialises the two
-projections that *write* it (attention ``o`` and MLP ``down``). Biases start at zero, norm gains at one.
+projections that *write* it (attention ``o``, MLP ``down``, MoE ``experts.down``). Biases start at zero, norm gains at one.
 """
 
 from __future__ import annotations
@@ -42,12 +42,21 @@ def init_fn(name: str, cfg: ModelConfig, generator: torch.Generator | None = Non
     if name in stds:
         std = stds[name]
         return lambda t: nn.init.normal_(t, mean=0.0, std=std, generator=generator)
-    if name == "xavier_uniform":
-        return lambda t: nn.init.xavier_uniform_(t, generator=generator)
-    if name == "xavier_normal":
-        return lambda t: nn.init.xavier_normal_(t, generator=generator)
+    if name in ("xavier_uniform", "xavier_normal"):
+        return lambda t: _xavier(t, name == "xavier_uniform", generator)
     raise ConfigError(f"unknown init method {name!r} (init_method / output_layer_init_method); "
                       f"supported: {', '.join(INIT_METHODS)}")
+
+
+def _xavier(t: torch.Tensor, uniform: bool, generator: torch.Generator | None) -> None:
+    """Glorot init; stacked MoE experts [E, out, in] use one expert's fans (torch's would count E)."""
+    fan_out, fan_in = t.shape[-2], t.shape[-1]
+    std = math.sqrt(2.0 / (fan_in + fan_out))
+    if uniform:
+        bound = math.sqrt(3.0) * std
+        nn.init.uniform_(t, -bound, bound, generator=generator)
+    else:
+        nn.init.normal_(t, 0.0, std, generator=generator)
 
 
 @torch.no_grad()
@@ -61,7 +70,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig, generator: torch.Generator 
             nn.init.zeros_(param)
         elif "norm" in leaf[-2]:
             nn.init.ones_(param)
-        elif leaf[-2] in ("o", "down"):
+        elif leaf[-2] in ("o", "down") or leaf[-1] == "down":  # ``mlp.experts.down`` (MoE)
             out(param)
         else:
             base(param)

@@ -17,17 +17,21 @@ Read top to bottom, this file is the model's definition:
    on the first ``rotary_dim`` dims of each head (optionally scaled for long context, on all layers
    or only the full-attention ones: ``rope.py``), causal SDPA with grouped-query heads, per-layer
    full or sliding-window masks. MLP: ``down(act(up(x)))``, or for gated activations
-   ``down(act(gate(x)) * up(x))`` with ``intermediate_size`` the width of each branch.
+   ``down(act(gate(x)) * up(x))`` with ``intermediate_size`` the width of each branch; on the
+   layers ``cfg.is_moe_layer(i)`` picks, a mixture of experts instead (``moe.py``).
 3. **Final norm** ``final_norm``.
 4. **Output head** ``lm_head`` (hidden → padded vocabulary), or the embedding matrix when tied.
 
 Parameter names are a contract (converters and the GPT-NeoX importer map onto them):
 ``embed.weight``, ``pos_embed.weight``, ``layers.{i}.attn_norm.*``, ``layers.{i}.mlp_norm.*``,
 ``layers.{i}.attn.{q,k,v,o}.{weight,bias}``, ``layers.{i}.attn.{q_norm,k_norm,qk_norm}.*``,
-``layers.{i}.mlp.{up,gate,down}.{weight,bias}``, ``final_norm.*``, ``lm_head.weight``.
+``layers.{i}.mlp.{up,gate,down}.{weight,bias}``, ``final_norm.*``, ``lm_head.weight``; MoE layers
+``layers.{i}.mlp.router.weight``, ``layers.{i}.mlp.experts.{gate,up,down}``, ``layers.{i}.mlp.shared.*``.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +42,7 @@ from neoxt.errors import ConfigError
 from neoxt.model.attention import Attention, build_mask, check_attention_config
 from neoxt.model.init import init_weights
 from neoxt.model.kv_cache import KVCache
+from neoxt.model.moe import MoE, check_moe_config, moe_aux_loss, moe_aux_losses
 from neoxt.model.norms import make_norm
 from neoxt.model.rope import check_rope_config, rope_tables
 
@@ -68,6 +73,14 @@ class MLP(nn.Module):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
+def _moe(cfg: ModelConfig) -> MoE:
+    shared = None
+    if cfg.moe_num_shared_experts:
+        width = cfg.moe_num_shared_experts * cfg.moe_width
+        shared = MLP(replace(cfg, intermediate_size=width, use_bias_in_mlp=False))
+    return MoE(cfg, _ACTIVATIONS[cfg.activation], shared)
+
+
 class Block(nn.Module):
     """Attention + MLP joined to the residual stream as ``norm_placement`` / ``gpt_j_residual`` say."""
 
@@ -79,7 +92,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg, cfg.hidden_size)
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = None if tied else make_norm(cfg, cfg.hidden_size)
-        self.mlp = MLP(cfg)
+        self.mlp = _moe(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x, cos, sin, mask_for, kv_cache, plain) -> torch.Tensor:
@@ -183,6 +196,14 @@ class Transformer(nn.Module):
             return ((int(key), layer) for key, layer in self.layers.items())
         return enumerate(self.layers)
 
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """MoE auxiliary losses of the last training forward, unweighted, mean over MoE layers."""
+        return moe_aux_losses(self)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """What the trainer adds to the LM loss for the last training forward (None: nothing)."""
+        return moe_aux_loss(self, self.cfg)
+
     def set_attention_backend(self, backend: str) -> None:
         """Force "sdpa" or "flex" for sliding-window layers ("auto": flex on CUDA when it pays)."""
         if backend not in ("auto", "sdpa", "flex"):
@@ -201,3 +222,4 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"gpt_j_residual needs norm_placement 'pre', got {cfg.norm_placement!r}")
     check_attention_config(cfg)
     check_rope_config(cfg)
+    check_moe_config(cfg)

@@ -429,13 +429,15 @@ def _resolve_model(r: _Resolver) -> None:
     heads = m.get("num_attention_heads", 4)
     layers = m.get("num_layers", 2)
     m["attention_types"] = _attention_types(r, layers)
-    if hidden % heads:
+    attention = any(t not in neox_keys.MAMBA_ATTENTION_NAMES for t in m["attention_types"])
+    _resolve_mamba(r, hidden, attention)
+    if attention and hidden % heads:
         raise ConfigError(
             f"hidden_size = {hidden} ({r.src('hidden_size')}) is not divisible by "
             f"num_attention_heads = {heads} ({r.src('num_attention_heads')})"
         )
     kv = r.get("num_kv_heads", int, heads)
-    if heads % kv:
+    if attention and heads % kv:
         raise ConfigError(
             f"num_attention_heads = {heads} ({r.src('num_attention_heads')}) is not divisible by "
             f"num_kv_heads = {kv} ({r.src('num_kv_heads')})"
@@ -467,6 +469,20 @@ def _resolve_model(r: _Resolver) -> None:
     if m.get("use_qk_layernorm") and m.get("use_separate_qk_norms"):
         # The OLMo-3 fork's configs set both (its docs require it): separate norms take precedence.
         m["use_qk_layernorm"] = False
+
+
+def _resolve_mamba(r: _Resolver, hidden: int, attention: bool) -> None:
+    """Mamba block width. Upstream GPT-NeoX sizes its Mamba blocks (it has no MLPs in a pure Mamba
+    stack) from ``intermediate_size``, else ``expansion_factor`` x hidden (default 2): a stack with no
+    attention layers keeps that reading; with attention layers those keys size the MLP, and Mamba
+    blocks use ``mamba_d_inner`` / ``mamba_expand``."""
+    m = r.values["model"]
+    if attention or m.get("mamba_d_inner") is not None:
+        return
+    if r.has("intermediate_size"):
+        m["mamba_d_inner"] = r.get("intermediate_size", int)
+    elif r.has("expansion_factor"):
+        m["mamba_d_inner"] = int(r.get("expansion_factor", float) * hidden)
 
 
 def _mlp_width(r: _Resolver, hidden: int) -> int:
@@ -544,9 +560,11 @@ def _attention_name(r: _Resolver, key: str, name: Any) -> str:
             return "global"
         if low in neox_keys.SLIDING_ATTENTION_NAMES:
             return "sliding"
+        if low in neox_keys.MAMBA_ATTENTION_NAMES:
+            return low
     raise ConfigError(
         f"{_where(r.entries[key], key)}: attention type {name!r} is not supported "
-        "(supported: global, flash, sliding/local)"
+        "(supported: global, flash, sliding/local, mamba, mamba2)"
     )
 
 

@@ -40,11 +40,13 @@ import torch
 
 from neoxt.config.schema import ModelConfig, TokenizerConfig
 from neoxt.errors import ConversionError
+from neoxt.model import hf_mamba  # MambaForCausalLM / Mamba2ForCausalLM: config translation and names
 
 ARCHITECTURES = {
     "GPTNeoXForCausalLM": "gpt_neox",
     "LlamaForCausalLM": "llama",
     "Olmo3ForCausalLM": "olmo3",
+    **hf_mamba.ARCHITECTURES,
 }
 HF_CLASS = {arch: cls for cls, arch in ARCHITECTURES.items()}
 
@@ -74,6 +76,8 @@ def hf_config_object(config_json: Mapping[str, Any], arch: str):
     """transformers' config object for a config.json dict (normalises old and new rope fields)."""
     from transformers import GPTNeoXConfig, LlamaConfig, Olmo3Config
 
+    if arch in hf_mamba.ARCHITECTURES.values():
+        return hf_mamba.hf_config_object(config_json, arch)
     cls = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "olmo3": Olmo3Config}[arch]
     raw = dict(config_json)
     if arch == "olmo3" and "rope_theta" in raw and not raw.get("rope_parameters"):
@@ -178,6 +182,8 @@ def _hf_rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
 
 def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a transformers config object of architecture ``arch``."""
+    if arch in hf_mamba.ARCHITECTURES.values():
+        return hf_mamba.model_config_from_hf(hf, arch, source)
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     if head_dim * heads != hf.hidden_size:
@@ -252,6 +258,8 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
 
 def architecture_for(cfg: ModelConfig) -> str:
     """The HF architecture that can hold ``cfg`` exactly, or a ConversionError naming what does not fit."""
+    if set(cfg.attention_types) & {"mamba", "mamba2"}:
+        return hf_mamba.architecture_for(cfg)
     if cfg.norm_placement == "olmo3":
         return "olmo3"
     if cfg.norm == "layernorm":
@@ -274,6 +282,8 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
     from neoxt.model.rope import is_scaled
 
     arch = arch or architecture_for(cfg)
+    if arch in hf_mamba.ARCHITECTURES.values():
+        return hf_mamba.hf_config_from_model_config(cfg, arch, **extra)
     common = dict(
         vocab_size=cfg.padded_vocab_size,
         hidden_size=cfg.hidden_size,
@@ -350,6 +360,9 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
 
 def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
     """(hf_name, our_name) for every tensor that maps one to one (GPTNeoX's fused QKV excluded)."""
+    if arch in hf_mamba.ARCHITECTURES.values():
+        yield from hf_mamba.renames(cfg)
+        return
     if arch == "gpt_neox":
         p = "gpt_neox."
         yield p + "embed_in.weight", "embed.weight"

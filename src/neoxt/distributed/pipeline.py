@@ -63,6 +63,7 @@ def _stage_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Training path only (no KV cache or padding masks), mirroring ``Transformer.forward``.
     """
     from neoxt.model.attention import build_mask
+    from neoxt.model.mamba import PADDING
     from neoxt.model.rope import rope_tables
 
     cfg = self.cfg
@@ -78,7 +79,9 @@ def _stage_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rope = rope_tables(cfg, positions, x.dtype) if cfg.pos_emb == "rotary" else {}
     masks: dict[int | None, torch.Tensor | None] = {}
 
-    def mask_for(window: int | None) -> torch.Tensor | None:
+    def mask_for(window: int | str | None) -> torch.Tensor | None:
+        if window == PADDING:  # Mamba blocks: no padding in training batches
+            return None
         if window not in masks:
             masks[window] = build_mask(T, T, window, None, None, x.device)
         return masks[window]

@@ -11,7 +11,9 @@ sigma = init_method_std):
 
 As upstream, ``init_method`` initialises the embeddings, the output head and every projection that
 *reads* the residual stream (q, k, v, MLP up/gate); ``output_layer_init_method`` initialises the two
-projections that *write* it (attention ``o`` and MLP ``down``). Biases start at zero, norm gains at one.
+projections that *write* it (attention ``o``, MLP ``down``, Mamba ``out_proj``). Biases start at zero,
+norm gains at one. A Mamba mixer's own parameters (``A_log``, ``D``, ``dt_proj``/``dt_bias``, ``conv1d``)
+get state-spaces' initialisation (``init_ssm_``).
 """
 
 from __future__ import annotations
@@ -57,11 +59,16 @@ def init_weights(model: nn.Module, cfg: ModelConfig, generator: torch.Generator 
     out = init_fn(cfg.output_layer_init_method, cfg, generator)
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 2)
+        if leaf[-2] in ("mixer", "dt_proj", "conv1d"):
+            continue  # Mamba's own parameters: init_ssm_ below
         if name.endswith(".bias"):
             nn.init.zeros_(param)
         elif "norm" in leaf[-2]:
             nn.init.ones_(param)
-        elif leaf[-2] in ("o", "down"):
+        elif leaf[-2] in ("o", "down", "out_proj"):
             out(param)
         else:
             base(param)
+    for module in model.modules():
+        if hasattr(module, "init_ssm_"):
+            module.init_ssm_(generator)

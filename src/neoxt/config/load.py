@@ -477,12 +477,14 @@ def _resolve_mamba(r: _Resolver, hidden: int, attention: bool) -> None:
     attention layers keeps that reading; with attention layers those keys size the MLP, and Mamba
     blocks use ``mamba_d_inner`` / ``mamba_expand``."""
     m = r.values["model"]
-    if attention or m.get("mamba_d_inner") is not None:
+    if m.get("mamba_d_inner") is not None or not set(m["attention_types"]) & neox_keys.MAMBA_ATTENTION_NAMES:
         return
-    if r.has("intermediate_size"):
+    if not attention and r.has("intermediate_size"):
         m["mamba_d_inner"] = r.get("intermediate_size", int)
-    elif r.has("expansion_factor"):
+    elif not attention and r.has("expansion_factor"):
         m["mamba_d_inner"] = int(r.get("expansion_factor", float) * hidden)
+    else:
+        m["mamba_d_inner"] = m.get("mamba_expand", 2) * hidden
 
 
 def _mlp_width(r: _Resolver, hidden: int) -> int:

@@ -5,6 +5,7 @@ sigma = init_method_std):
 
 - ``normal``: N(0, sigma)
 - ``scaled_normal``: N(0, sigma / sqrt(2 L))  (two residual branches per layer)
+- ``single_residual_scaled_normal``: N(0, sigma / sqrt(L))  (Mamba: one residual branch per layer)
 - ``small_init``: N(0, sqrt(2 / (5 H)))  (Nguyen & Salazar 2019)
 - ``wang_init``: N(0, 2 / (L sqrt(H)))
 - ``xavier_uniform`` / ``xavier_normal``: torch's Glorot initialisers.
@@ -29,7 +30,7 @@ from neoxt.errors import ConfigError
 
 InitFn = Callable[[torch.Tensor], None]
 
-INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "xavier_uniform", "xavier_normal")
+INIT_METHODS = ("normal", "scaled_normal", "single_residual_scaled_normal", "small_init", "wang_init", "xavier_uniform", "xavier_normal")
 
 
 def init_fn(name: str, cfg: ModelConfig, generator: torch.Generator | None = None) -> InitFn:
@@ -38,6 +39,7 @@ def init_fn(name: str, cfg: ModelConfig, generator: torch.Generator | None = Non
     stds = {
         "normal": cfg.init_method_std,
         "scaled_normal": cfg.init_method_std / math.sqrt(2 * L),
+        "single_residual_scaled_normal": cfg.init_method_std / math.sqrt(L),
         "small_init": math.sqrt(2 / (5 * H)),
         "wang_init": 2 / L / math.sqrt(H),
     }

@@ -19,13 +19,19 @@ chunks of ``chunk_size``; inside a chunk all positions are computed at once (Mam
 Hillis-Steele doubling scan over (decay, input) pairs, which only ever multiplies decays ≤ 1, so it is
 stable; Mamba-2: the SSD quadratic form with a segment-sum decay matrix), and one short loop over
 chunks carries the state. They equal the sequential recurrence to rounding, forward and backward
-(autograd runs through plain torch ops). All arithmetic is fp32; ``y`` is returned in ``x``'s dtype.
+(autograd runs through plain torch ops). Arithmetic is fp32 (fp64 for fp64 inputs); ``y`` is returned
+in ``x``'s dtype.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def _wide(x: torch.Tensor) -> torch.dtype:
+    """The dtype the scans compute in: fp32, or fp64 when given fp64 (for exactness checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _chunks(t: torch.Tensor, chunk: int, fill: float) -> torch.Tensor:
@@ -56,15 +62,16 @@ def selective_scan_sequential(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Mamba-1 recurrence one step at a time (the reference the chunked scan is checked against)."""
     b, length, d = x.shape
-    xf, dtf, Af, Bf, Cf = x.float(), dt.float(), A.float(), B.float(), C.float()
-    h = torch.zeros(b, d, A.shape[-1], device=x.device) if h0 is None else h0.float()
+    w = _wide(x)
+    xf, dtf, Af, Bf, Cf = x.to(w), dt.to(w), A.to(w), B.to(w), C.to(w)
+    h = torch.zeros(b, d, A.shape[-1], device=x.device, dtype=w) if h0 is None else h0.to(w)
     ys = []
     for t in range(length):
         h = torch.exp(dtf[:, t, :, None] * Af) * h + (dtf[:, t] * xf[:, t])[..., None] * Bf[:, t, None, :]
         ys.append((h * Cf[:, t, None, :]).sum(-1))
     y = torch.stack(ys, dim=1) if ys else xf.new_zeros(b, 0, d)
     if D is not None:
-        y = y + xf * D.float()
+        y = y + xf * D.to(w)
     return y.to(x.dtype), h
 
 
@@ -74,10 +81,11 @@ def selective_scan_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Mamba-1 recurrence, chunk-parallel (same contract as ``selective_scan_sequential``)."""
     b, length, d = x.shape
-    xf, dtf = x.float(), dt.float()
+    w = _wide(x)
+    xf, dtf = x.to(w), dt.to(w)
     chunk = max(1, min(chunk_size, length))
-    decay = _chunks(torch.exp(dtf[..., None] * A.float()), chunk, 1.0)  # [b, c, q, d, n]
-    state = _chunks((dtf * xf)[..., None] * B.float()[:, :, None, :], chunk, 0.0)
+    decay = _chunks(torch.exp(dtf[..., None] * A.to(w)), chunk, 1.0)  # [b, c, q, d, n]
+    state = _chunks((dtf * xf)[..., None] * B.to(w)[:, :, None, :], chunk, 0.0)
     step = 1
     while step < chunk:  # Hillis-Steele: after k rounds each slot holds the product/sum of 2^k slots
         prev_decay = F.pad(decay[:, :, :-step], [0, 0, 0, 0, step, 0], value=1.0)
@@ -85,13 +93,13 @@ def selective_scan_chunked(
         state = decay * prev_state + state
         decay = decay * prev_decay
         step *= 2
-    start = torch.zeros(b, d, A.shape[-1], device=x.device) if h0 is None else h0.float()
+    start = torch.zeros(b, d, A.shape[-1], device=x.device, dtype=w) if h0 is None else h0.to(w)
     starts, h = _carry(decay[:, :, -1], state[:, :, -1], start)
     states = state + decay * starts[:, :, None]
-    y = (states * _chunks(C.float(), chunk, 0.0)[:, :, :, None, :]).sum(-1)
+    y = (states * _chunks(C.to(w), chunk, 0.0)[:, :, :, None, :]).sum(-1)
     y = y.reshape(b, -1, d)[:, :length]
     if D is not None:
-        y = y + xf * D.float()
+        y = y + xf * D.to(w)
     return y.to(x.dtype), h
 
 
@@ -101,7 +109,7 @@ def selective_scan_chunked(
 
 def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
     """[b, l, groups, n] → [b, l, heads, n] (each group serves heads / groups consecutive heads)."""
-    return t.float().repeat_interleave(heads // t.shape[2], dim=2)
+    return t.to(_wide(t)).repeat_interleave(heads // t.shape[2], dim=2)
 
 
 def ssd_sequential(
@@ -110,17 +118,18 @@ def ssd_sequential(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Mamba-2 recurrence one step at a time."""
     b, length, heads, p = x.shape
-    xf, dtf = x.float(), dt.float()
+    w = _wide(x)
+    xf, dtf = x.to(w), dt.to(w)
     Bh, Ch = _per_head(B, heads), _per_head(C, heads)
-    h = torch.zeros(b, heads, p, B.shape[-1], device=x.device) if h0 is None else h0.float()
+    h = torch.zeros(b, heads, p, B.shape[-1], device=x.device, dtype=w) if h0 is None else h0.to(w)
     ys = []
     for t in range(length):
-        decay = torch.exp(dtf[:, t] * A.float())[..., None, None]
+        decay = torch.exp(dtf[:, t] * A.to(w))[..., None, None]
         h = decay * h + (dtf[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]
         ys.append((h * Ch[:, t, :, None, :]).sum(-1))
     y = torch.stack(ys, dim=1) if ys else xf.new_zeros(b, 0, heads, p)
     if D is not None:
-        y = y + xf * D.float()[:, None]
+        y = y + xf * D.to(w)[:, None]
     return y.to(x.dtype), h
 
 
@@ -144,12 +153,13 @@ def ssd_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Mamba-2 recurrence in SSD chunked form (same contract as ``ssd_sequential``)."""
     b, length, heads, p = x.shape
+    w = _wide(x)
     chunk = max(1, min(chunk_size, length))
-    xf, dtf = x.float(), dt.float()
+    xf, dtf = x.to(w), dt.to(w)
     xdt = _chunks(xf * dtf[..., None], chunk, 0.0)  # [b, c, q, h, p]
     Bc = _chunks(_per_head(B, heads), chunk, 0.0)  # [b, c, q, h, n]
     Cc = _chunks(_per_head(C, heads), chunk, 0.0)
-    a = _chunks(dtf * A.float(), chunk, 0.0).permute(0, 1, 3, 2)  # [b, c, h, q]
+    a = _chunks(dtf * A.to(w), chunk, 0.0).permute(0, 1, 3, 2)  # [b, c, h, q]
     cum = torch.cumsum(a, dim=-1)
     # Inside each chunk: y_t = sum_{s<=t} (C_t . B_s) exp(a_{s+1} + ... + a_t) dt_s x_s.
     weights = torch.einsum("bcthn,bcshn->bchts", Cc, Bc) * torch.exp(_segment_sum(a))
@@ -157,11 +167,11 @@ def ssd_chunked(
     # Each chunk's own contribution to the state at its end, then the carry across chunks.
     to_end = torch.exp(cum[..., -1:] - cum)  # [b, c, h, q]
     local = torch.einsum("bchs,bcshn,bcshp->bchpn", to_end, Bc, xdt)
-    start = torch.zeros(b, heads, p, B.shape[-1], device=x.device) if h0 is None else h0.float()
+    start = torch.zeros(b, heads, p, B.shape[-1], device=x.device, dtype=w) if h0 is None else h0.to(w)
     starts, h = _carry(torch.exp(cum[..., -1])[..., None, None], local, start)
     # What the state entering a chunk adds at each position of it.
     y = y + torch.einsum("bcthn,bchpn->bcthp", Cc, starts) * torch.exp(cum).permute(0, 1, 3, 2)[..., None]
     y = y.reshape(b, -1, heads, p)[:, :length]
     if D is not None:
-        y = y + xf * D.float()[:, None]
+        y = y + xf * D.to(w)[:, None]
     return y.to(x.dtype), h

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from trainkit import PatternSource, tiny_config, with_checkpoint
 
-from conftest import REPO
+from conftest import REPO, run_neoxt_train
 from neoxt.train.loop import TrainData, train
 
 HYBRID = ("mamba", "global", "mamba2")
@@ -72,3 +72,41 @@ def test_hybrid_trains_and_resumes_with_neoxt_train_on_the_demo_corpus(tmp_path)
     _demo_run(tmp_path, tmp_path / "resumed", exit_interval=12)
     resumed = _demo_run(tmp_path, tmp_path / "resumed", exit_interval=12)
     assert [r["loss"] for r in resumed] == losses  # bit-identical to the uninterrupted run
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_hybrid_fsdp2_two_processes_match_one_and_tp_is_refused(tmp_path, corpus_dataset):
+    """Mamba layers under FSDP2 data parallel (2 gloo processes) give the 1-process losses; tensor
+    parallelism is refused in one line naming the key."""
+    tok, prefix = corpus_dataset
+
+    def config(name: str, micro: int, **extra) -> dict:
+        return {
+            "num_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
+            "attention_config": [[list(HYBRID), 1]], "mamba_headdim": 16, "mamba_chunk_size": 8,
+            "max_position_embeddings": 64, "optimizer": {"type": "Adam", "params": {"lr": 3.0e-3}},
+            "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 2, "train_iters": 4,
+            "data_path": prefix, "split": "90,10,0", "tokenizer_type": "HFTokenizer",
+            "vocab_file": tok.vocab_file, "save": str(tmp_path / name), "checkpoint_factor": 4,
+            "eval_interval": 1000, "log_interval": 1, "seed": 3, "index_cache_dir": str(tmp_path / f"cache-{name}"),
+            **extra,
+        }
+
+    def run(name: str, nproc: int, micro: int, **extra) -> list[float]:
+        run_neoxt_train(config(name, micro, **extra), tmp_path / f"{name}.yml", nproc)
+        return [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    one = run("one", 1, 4)
+    two = run("two", 2, 2)
+    assert len(one) == len(two) == 4
+    assert two == pytest.approx(one, rel=1e-4)
+
+    import yaml
+
+    (tmp_path / "tp.yml").write_text(yaml.safe_dump(config("tp", 4, model_parallel_size=2)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "neoxt.cli", "train", str(tmp_path / "tp.yml")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "tensor parallelism is not supported for Mamba layers" in out.stdout + out.stderr

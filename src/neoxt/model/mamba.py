@@ -45,8 +45,6 @@ from neoxt.model.ssm_scan import selective_scan_chunked, ssd_chunked
 
 # ``mask_for`` key under which Transformer.forward hands a Mamba block the padding of its new tokens.
 PADDING = "padding"
-# Chunk length of the Mamba-1 CPU scan (its cost grows with log2 of it; its memory does not).
-SCAN_CHUNK = 64
 
 try:  # CUDA kernels, optional
     from causal_conv1d import causal_conv1d_fn as _cuda_conv
@@ -142,7 +140,7 @@ class Mamba1Mixer(nn.Module):
                            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float())
             y = y.transpose(1, 2)
         else:
-            y, last = selective_scan_chunked(x, dt, A, B, C, self.D, state[1] if state else None, SCAN_CHUNK)
+            y, last = selective_scan_chunked(x, dt, A, B, C, self.D, state[1] if state else None)
             if state is not None:
                 state[1].copy_(last)
         return self.out_proj((y * F.silu(z.float())).to(h.dtype))

@@ -121,3 +121,15 @@ def test_pipeline_stages_run_mamba_blocks():
     last = make_stage_module(model, range(2, 4), first=False, last=True)
     with torch.no_grad():
         torch.testing.assert_close(last(first(tokens)), model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_state_space_parameters_get_no_weight_decay():
+    from neoxt.train.optim import param_groups
+
+    model = Transformer(_cfg())
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    for i, leaf in ((0, "A_log"), (0, "D"), (2, "A_log"), (2, "D"), (2, "dt_bias"), (2, "norm.weight")):
+        assert f"layers.{i}.mixer.{leaf}" in skipped
+    assert "layers.0.mixer.in_proj.weight" in {names[id(p)] for p in decay["params"]}

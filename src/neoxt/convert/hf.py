@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from neoxt.config.schema import ModelConfig, TokenizerConfig
+from neoxt.config.schema import MAMBA_TYPES, ModelConfig, TokenizerConfig
 from neoxt.errors import ConversionError
 from neoxt.model import hf_mamba  # MambaForCausalLM / Mamba2ForCausalLM: config translation and names
 
@@ -258,7 +258,7 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
 
 def architecture_for(cfg: ModelConfig) -> str:
     """The HF architecture that can hold ``cfg`` exactly, or a ConversionError naming what does not fit."""
-    if set(cfg.attention_types) & {"mamba", "mamba2"}:
+    if set(cfg.attention_types) & MAMBA_TYPES:
         return hf_mamba.architecture_for(cfg)
     if cfg.norm_placement == "olmo3":
         return "olmo3"

@@ -92,6 +92,14 @@ def _mask(x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
     return x if pad is None else x * pad[..., None].to(x.dtype)
 
 
+def _conv_init(conv: nn.Conv1d, generator: torch.Generator | None) -> None:
+    """torch's default Conv1d init (what state-spaces keeps), drawn from ``generator``."""
+    nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5), generator=generator)
+    if conv.bias is not None:
+        bound = 1 / math.sqrt(conv.weight.shape[1] * conv.weight.shape[2])
+        nn.init.uniform_(conv.bias, -bound, bound, generator=generator)
+
+
 def _dt_init(size: int, generator: torch.Generator | None) -> torch.Tensor:
     """state-spaces' dt bias init: softplus^-1 of dt ~ log-uniform in [0.001, 0.1] (floor 1e-4)."""
     lo, hi = math.log(1e-3), math.log(1e-1)
@@ -126,7 +134,7 @@ class Mamba1Mixer(nn.Module):
         std = self.rank ** -0.5
         self.dt_proj.weight.copy_(torch.rand(self.dt_proj.weight.shape, generator=generator) * 2 * std - std)
         self.dt_proj.bias.copy_(_dt_init(inner, generator))
-        self.conv1d.reset_parameters()
+        _conv_init(self.conv1d, generator)
 
     def forward(self, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,
                 pad: torch.Tensor | None) -> torch.Tensor:
@@ -136,7 +144,7 @@ class Mamba1Mixer(nn.Module):
         dt = F.softplus(self.dt_proj(dt).float())
         A = -torch.exp(self.A_log.float())
         if state is None and _cuda_scan is not None and x.is_cuda:
-            y = _cuda_scan(x.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A,
+            y = _cuda_scan(x.transpose(1, 2).contiguous(), dt.to(x.dtype).transpose(1, 2).contiguous(), A,
                            B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float())
             y = y.transpose(1, 2)
         else:
@@ -188,7 +196,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log.copy_(torch.log(torch.arange(1, self.heads + 1, dtype=torch.float32)))
         self.D.fill_(1.0)
         self.dt_bias.copy_(_dt_init(self.heads, generator))
-        self.conv1d.reset_parameters()
+        _conv_init(self.conv1d, generator)
 
     def forward(self, h: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None,
                 pad: torch.Tensor | None) -> torch.Tensor:

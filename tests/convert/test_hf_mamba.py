@@ -83,3 +83,20 @@ def test_padded_batch_generation_matches_each_prompt_alone(converted):
     for prompt, row, slow in zip(prompts, batched, uncached, strict=True):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=1)
         assert list(row.tokens) == ref[0, len(prompt):].tolist() == list(slow.tokens)
+
+
+def test_hybrid_export_is_refused_in_one_line(tmp_path, capsys):
+    from neoxt.config import config_to_yaml
+    from neoxt.config.schema import DataConfig, ModelConfig, RunConfig
+    from neoxt.model import Transformer
+    from neoxt.train.checkpoint import save_checkpoint
+
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=4, intermediate_size=64,
+                      padded_vocab_size=64, norm="rmsnorm", attention_types=("mamba", "global"))
+    save_checkpoint(tmp_path / "run", 1, {"model": Transformer(cfg).state_dict()},
+                    config_to_yaml(RunConfig(model=cfg, data=DataConfig(seq_length=64))))
+    assert run_cli(["convert", "neoxt-to-hf", "--checkpoint", str(tmp_path / "run"),
+                    "--output-dir", str(tmp_path / "hf")]) == 2
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "mix attention and Mamba" in out
+    assert not (tmp_path / "hf").exists()

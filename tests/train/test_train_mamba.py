@@ -67,6 +67,7 @@ def test_hybrid_trains_and_resumes_with_neoxt_train_on_the_demo_corpus(tmp_path)
     straight = _demo_run(tmp_path, tmp_path / "straight")
     losses = [r["loss"] for r in straight]
     assert [r["iteration"] for r in straight] == list(range(1, 25))
+    print("hybrid demo-corpus losses:", [round(v, 3) for v in losses])
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses  # the loss falls
     # stopped at 12 (exit_interval saves and exits), then the same command resumes to 24
     _demo_run(tmp_path, tmp_path / "resumed", exit_interval=12)

@@ -75,7 +75,7 @@ IGNORED: frozenset[str] = frozenset(
     scaled_upper_triang_masked_softmax_fusion scaled_masked_softmax_fusion bias_gelu_fusion bias_dropout_fusion
     rope_fusion layernorm_fusion rmsnorm_fusion use_flashattn_swiglu fused_kernels_build_path
     fp16_lm_cross_entropy apply_query_key_layer_scaling attention_softmax_in_fp32 rotary_save_freqs_buffer
-    output_layer_parallelism mamba_selective_scan_fusion mamba_causal_conv_fusion mamba_inner_func_fusion
+    output_layer_parallelism mamba_selective_fp32_params mamba_selective_scan_fusion mamba_causal_conv_fusion mamba_inner_func_fusion
     te_columnparallel te_rowparallel te_layernorm_mlp te_mha te_fp8_format te_fp8_wgrad te_fp8_amax_history_len
     te_fp8_amax_compute_algo te_fp8_margin te_fp8_mha memory_profiling memory_profiling_path profile
     profile_step_start profile_step_stop checkpoint_validation_with_forward_pass use_shared_fs mmap_warmup
@@ -112,9 +112,6 @@ UNSUPPORTED: dict[str, Any] = {
     "rpe_max_distance": None,
     "opt_pos_emb_offset": 0,
     "scalenorm_epsilon": 1e-8,
-    "mamba_selective_fp32_params": True,
-    "mamba_use_bias_in_conv": True,
-    "mamba_use_bias_in_linears": False,
     "dim_att": None,
     "head_size": None,
     "ffn_dim": None,
@@ -132,6 +129,8 @@ UNSUPPORTED: dict[str, Any] = {
 # Attention layer types from GPT-NeoX's attention_config that are plain causal attention here.
 GLOBAL_ATTENTION_NAMES: frozenset[str] = frozenset({"global", "flash", "full", "full_attention"})
 SLIDING_ATTENTION_NAMES: frozenset[str] = frozenset({"sliding", "local", "sliding_attention"})
+# State-space layers: GPT-NeoX's "mamba" (Mamba-1), and neoxt's "mamba2" (Mamba-2 / SSD).
+MAMBA_ATTENTION_NAMES: frozenset[str] = frozenset({"mamba", "mamba2"})
 
 OPTIMIZER_TYPES: dict[str, str] = {
     "adam": "adam",

@@ -9,11 +9,14 @@ uses the config never re-derives them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
 Precision = Literal["fp32", "fp16", "bf16"]
-AttentionType = Literal["global", "sliding"]
+AttentionType = Literal["global", "sliding", "mamba", "mamba2"]
+# Layer types that are state-space (Mamba) blocks rather than attention blocks.
+MAMBA_TYPES: frozenset[str] = frozenset({"mamba", "mamba2"})
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class ModelConfig:
     use_bias_in_mlp: bool = True
     no_weight_tying: bool = False
 
-    # One entry per layer: "global" (full causal) or "sliding" (causal within sliding_window_width).
+    # One entry per layer: "global" (full causal), "sliding" (causal within sliding_window_width),
+    # "mamba" (a Mamba-1 selective-scan block) or "mamba2" (a Mamba-2 SSD block); see model/mamba.py.
     attention_types: tuple[AttentionType, ...] = ("global", "global")
     sliding_window_width: int | None = None
 
@@ -109,6 +113,20 @@ class ModelConfig:
     moe_min_capacity: int = 4
     # Multiplicative uniform noise (1 +- eps) on the router input while training.
     moe_jitter_eps: float | None = None
+    # Mamba blocks (GPT-NeoX: mamba_use_bias_in_conv, mamba_use_bias_in_linears; the rest are
+    # neoxt's, with the state-spaces/HF defaults). mamba_d_inner None means mamba_expand * hidden_size;
+    # mamba_dt_rank None means ceil(hidden_size / 16). mamba_headdim / mamba_ngroups are Mamba-2's.
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_d_inner: int | None = None
+    mamba_dt_rank: int | None = None
+    mamba_use_bias_in_conv: bool = True
+    mamba_use_bias_in_linears: bool = False
+    mamba_headdim: int = 64
+    mamba_ngroups: int = 1
+    mamba_chunk_size: int = 256
+    mamba_dt_limit: tuple[float, float] = (0.0, math.inf)
 
     init_method: str = "normal"
     output_layer_init_method: str = "scaled_normal"
@@ -119,6 +137,20 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mamba_inner(self) -> int:
+        """Channels inside a Mamba block (in_proj's width per branch)."""
+        return self.mamba_d_inner or self.mamba_expand * self.hidden_size
+
+    @property
+    def mamba_rank(self) -> int:
+        """Rank of Mamba-1's dt projection."""
+        return self.mamba_dt_rank or math.ceil(self.hidden_size / 16)
+
+    @property
+    def has_attention(self) -> bool:
+        return any(t not in MAMBA_TYPES for t in self.attention_types)
 
     @property
     def norm_eps(self) -> float:

@@ -64,7 +64,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from neoxt.config.schema import RunConfig
+from neoxt.config.schema import MAMBA_TYPES, RunConfig
 from neoxt.errors import ConfigError
 
 
@@ -229,7 +229,7 @@ def _checkpoint_block(block: nn.Module, compile: bool = False) -> None:
     inner = _compiled(block.forward, compile)
 
     def forward(x, cos, sin, mask_for, kv_cache=None, plain=True):
-        mask = mask_for(block.attn.window)
+        mask = mask_for(block.mask_key)
         return checkpoint(inner, x, cos, sin, lambda _window: mask, kv_cache, plain, use_reentrant=False)
 
     block.forward = forward
@@ -254,7 +254,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int 
             stacklevel=2,
         )
     for block in blocks(model):
-        if mode == "selective":
+        if mode == "selective" and not hasattr(block, "attn"):
+            _checkpoint_forward(block.mixer, compile)  # a Mamba block: its mixer is the sublayer
+        elif mode == "selective":
             _checkpoint_forward(block.attn, compile)
             if compile:
                 block.mlp.compile()
@@ -354,6 +356,8 @@ def _norm_kind(norm: nn.Module) -> tuple[str, float]:
 def check_tp(model: nn.Module, tp: int, sequence_parallel: bool) -> None:
     """Refuse shapes TP cannot split evenly, naming the config keys."""
     cfg = model.cfg
+    if set(cfg.attention_types) & MAMBA_TYPES:
+        raise ConfigError(f"model_parallel_size={tp}: tensor parallelism is not supported for Mamba layers")
     for key, value in (
         ("num_attention_heads", cfg.num_attention_heads),
         ("num_kv_heads", cfg.num_kv_heads),

@@ -1,7 +1,7 @@
 """Hugging Face ↔ neoxt names and configs for the dense families (GPTNeoX, LLaMA, OLMo-3).
 
-The MoE families (Mixtral, OLMoE, Qwen3-MoE) are registered here too; their specifics live in
-``neoxt.model.hf_moe``.
+The MoE families (Mixtral, OLMoE, Qwen3-MoE) and Mamba / Mamba-2 are registered here too; their
+specifics live in ``neoxt.model.hf_moe`` and ``neoxt.model.hf_mamba``.
 
 Model knowledge, kept with the model (torchtitan's ``state_dict_adapter`` role): ``load_model`` reads
 an HF directory through it, and ``convert/hf.py`` writes HF directories through it.
@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from neoxt.config.schema import ModelConfig
+from neoxt.config.schema import MAMBA_TYPES, ModelConfig
 from neoxt.errors import ConversionError
-from neoxt.model import hf_moe
+from neoxt.model import hf_mamba, hf_moe  # MoE and Mamba families: config translation and names
 from neoxt.model.shapes import parameter_shapes
 
 ARCHITECTURES = {
@@ -42,6 +42,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Olmo3ForCausalLM": "olmo3",
     **hf_moe.ARCHITECTURES,
+    **hf_mamba.ARCHITECTURES,
 }
 HF_CLASS = {arch: cls for cls, arch in ARCHITECTURES.items()}
 
@@ -71,6 +72,8 @@ def hf_config_object(config_json: Mapping[str, Any], arch: str):
     """transformers' config object for a config.json dict (normalises old and new rope fields)."""
     from transformers import GPTNeoXConfig, LlamaConfig, Olmo3Config
 
+    if arch in hf_mamba.ARCHITECTURES.values():
+        return hf_mamba.hf_config_object(config_json, arch)
     cls = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "olmo3": Olmo3Config}.get(arch) or hf_moe.config_class(arch)
     raw = dict(config_json)
     if arch == "olmo3" and "rope_theta" in raw and not raw.get("rope_parameters"):
@@ -175,6 +178,8 @@ def _hf_rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
 
 def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a transformers config object of architecture ``arch``."""
+    if arch in hf_mamba.ARCHITECTURES.values():
+        return hf_mamba.model_config_from_hf(hf, arch, source)
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     if head_dim * heads != hf.hidden_size:
@@ -251,6 +256,8 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
 
 def architecture_for(cfg: ModelConfig) -> str:
     """The HF architecture that can hold ``cfg`` exactly, or a ConversionError naming what does not fit."""
+    if set(cfg.attention_types) & MAMBA_TYPES:
+        return hf_mamba.architecture_for(cfg)
     if cfg.moe_num_experts > 1:
         return hf_moe.architecture_for(cfg)
     if cfg.norm_placement == "olmo3":
@@ -270,11 +277,11 @@ def _require(cfg: ModelConfig, arch: str, checks: dict[str, bool]) -> None:
 
 def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **extra: Any):
     """A transformers config object equivalent to ``cfg`` (``extra``: token ids, dtype...)."""
-    from transformers import GPTNeoXConfig, LlamaConfig, Olmo3Config
-
-    from neoxt.model.rope import is_scaled
+    from transformers import GPTNeoXConfig, LlamaConfig
 
     arch = arch or architecture_for(cfg)
+    if arch in hf_mamba.ARCHITECTURES.values():
+        return hf_mamba.hf_config_from_model_config(cfg, arch, **extra)
     common = dict(
         vocab_size=cfg.padded_vocab_size,
         hidden_size=cfg.hidden_size,
@@ -340,6 +347,16 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
         "use_separate_qk_norms must be true": cfg.use_separate_qk_norms,
         "use_bias_in_mlp must be false": not cfg.use_bias_in_mlp,
     })
+    return _olmo3_hf_config(cfg, common, rope, extra)
+
+
+def _olmo3_hf_config(cfg: ModelConfig, common: dict[str, Any], rope: dict[str, Any], extra: dict[str, Any]):
+    """OLMo-3's config: per-layer attention types, and rope_parameters per type (plain RoPE on
+    sliding layers unless ``rope_scaling_layers`` scales them too)."""
+    from transformers import Olmo3Config
+
+    from neoxt.model.rope import is_scaled
+
     layer_types = ["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.attention_types]
     plain = {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)}
     sliding = dict(rope) if is_scaled(cfg, "sliding") else plain
@@ -357,6 +374,9 @@ def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
     """(hf_name, our_name) for every tensor that maps one to one (GPTNeoX's fused QKV excluded)."""
     if arch in hf_moe.ARCHITECTURES.values():
         yield from hf_moe.renames(cfg, arch)
+        return
+    if arch in hf_mamba.ARCHITECTURES.values():
+        yield from hf_mamba.renames(cfg)
         return
     if arch == "gpt_neox":
         p = "gpt_neox."

@@ -5,13 +5,16 @@ sigma = init_method_std):
 
 - ``normal``: N(0, sigma)
 - ``scaled_normal``: N(0, sigma / sqrt(2 L))  (two residual branches per layer)
+- ``single_residual_scaled_normal``: N(0, sigma / sqrt(L))  (Mamba: one residual branch per layer)
 - ``small_init``: N(0, sqrt(2 / (5 H)))  (Nguyen & Salazar 2019)
 - ``wang_init``: N(0, 2 / (L sqrt(H)))
 - ``xavier_uniform`` / ``xavier_normal``: torch's Glorot initialisers.
 
 As upstream, ``init_method`` initialises the embeddings, the output head and every projection that
 *reads* the residual stream (q, k, v, MLP up/gate); ``output_layer_init_method`` initialises the two
-projections that *write* it (attention ``o``, MLP ``down``, MoE ``experts.down``). Biases start at zero, norm gains at one.
+projections that *write* it (attention ``o``, MLP ``down``, MoE ``experts.down``, Mamba ``out_proj``).
+Biases start at zero, norm gains at one. A Mamba mixer's own parameters (``A_log``, ``D``,
+``dt_proj``/``dt_bias``, ``conv1d``) get state-spaces' initialisation (``init_ssm_``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from neoxt.errors import ConfigError
 
 InitFn = Callable[[torch.Tensor], None]
 
-INIT_METHODS = ("normal", "scaled_normal", "small_init", "wang_init", "xavier_uniform", "xavier_normal")
+INIT_METHODS = ("normal", "scaled_normal", "single_residual_scaled_normal", "small_init", "wang_init", "xavier_uniform", "xavier_normal")
 
 
 def init_fn(name: str, cfg: ModelConfig, generator: torch.Generator | None = None) -> InitFn:
@@ -36,6 +39,7 @@ def init_fn(name: str, cfg: ModelConfig, generator: torch.Generator | None = Non
     stds = {
         "normal": cfg.init_method_std,
         "scaled_normal": cfg.init_method_std / math.sqrt(2 * L),
+        "single_residual_scaled_normal": cfg.init_method_std / math.sqrt(L),
         "small_init": math.sqrt(2 / (5 * H)),
         "wang_init": 2 / L / math.sqrt(H),
     }
@@ -66,11 +70,16 @@ def init_weights(model: nn.Module, cfg: ModelConfig, generator: torch.Generator 
     out = init_fn(cfg.output_layer_init_method, cfg, generator)
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 2)
+        if leaf[-2] in ("mixer", "dt_proj", "conv1d"):
+            continue  # Mamba's own parameters: init_ssm_ below
         if name.endswith(".bias"):
             nn.init.zeros_(param)
         elif "norm" in leaf[-2]:
             nn.init.ones_(param)
-        elif leaf[-2] in ("o", "down") or leaf[-1] == "down":  # ``mlp.experts.down`` (MoE)
+        elif leaf[-2] in ("o", "down", "out_proj") or leaf[-1] == "down":  # ``mlp.experts.down`` (MoE)
             out(param)
         else:
             base(param)
+    for module in model.modules():
+        if hasattr(module, "init_ssm_"):
+            module.init_ssm_(generator)

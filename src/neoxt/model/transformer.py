@@ -27,6 +27,10 @@ Parameter names are a contract (converters and the GPT-NeoX importer map onto th
 ``layers.{i}.attn.{q,k,v,o}.{weight,bias}``, ``layers.{i}.attn.{q_norm,k_norm,qk_norm}.*``,
 ``layers.{i}.mlp.{up,gate,down}.{weight,bias}``, ``final_norm.*``, ``lm_head.weight``; MoE layers
 ``layers.{i}.mlp.router.weight``, ``layers.{i}.mlp.experts.{gate,up,down}``, ``layers.{i}.mlp.shared.*``.
+
+Layers whose ``attention_types`` entry is ``mamba`` / ``mamba2`` are state-space blocks instead
+(``mamba.py``: ``x + mixer(norm(x))``, parameters ``layers.{i}.norm.*``, ``layers.{i}.mixer.*``);
+pure Mamba and hybrid stacks are the same class.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoxt.config.schema import ModelConfig
+from neoxt.config.schema import MAMBA_TYPES, ModelConfig
 from neoxt.errors import ConfigError
 from neoxt.model.attention import Attention, build_mask, check_attention_config
 from neoxt.model.init import init_weights
 from neoxt.model.kv_cache import KVCache
+from neoxt.model.mamba import PADDING, MambaBlock, check_mamba_config
 from neoxt.model.moe import MoE, check_moe_config, moe_aux_loss, moe_aux_losses
 from neoxt.model.norms import make_norm
 from neoxt.model.rope import check_rope_config, rope_tables
@@ -95,6 +100,11 @@ class Block(nn.Module):
         self.mlp = _moe(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.hidden_dropout)
 
+    @property
+    def mask_key(self) -> int | None:
+        """What this block asks ``mask_for`` for (its sliding window, None for full attention)."""
+        return self.attn.window
+
     def forward(self, x, cos, sin, mask_for, kv_cache, plain) -> torch.Tensor:
         def attn(h: torch.Tensor) -> torch.Tensor:
             return self.drop(self.attn(h, cos, sin, mask_for(self.attn.window), kv_cache, plain))
@@ -126,7 +136,9 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(V, H)
         self.pos_embed = nn.Embedding(cfg.max_position_embeddings, H) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.hidden_dropout)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            MambaBlock(cfg, i) if kind in MAMBA_TYPES else Block(cfg, i) for i, kind in enumerate(cfg.attention_types)
+        )
         self.final_norm = make_norm(cfg, H)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(H, V, bias=False)
         init_weights(self, cfg)
@@ -171,7 +183,9 @@ class Transformer(nn.Module):
 
         masks: dict[int | None, torch.Tensor | None] = {}
 
-        def mask_for(window: int | None) -> torch.Tensor | None:
+        def mask_for(window: int | str | None) -> torch.Tensor | None:
+            if window == PADDING:  # Mamba blocks: which of the T new tokens are real
+                return None if key_padding_mask is None else key_padding_mask[:, past:].to(torch.bool)
             if window not in masks:
                 masks[window] = build_mask(T, S, window, key_padding_mask, attn_mask, tokens.device)
             return masks[window]
@@ -209,7 +223,8 @@ class Transformer(nn.Module):
         if backend not in ("auto", "sdpa", "flex"):
             raise ValueError(f"unknown attention backend {backend!r}")
         for layer in self.layers:
-            layer.attn.backend = backend
+            if isinstance(layer, Block):
+                layer.attn.backend = backend
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -220,6 +235,10 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"activation {cfg.activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
     if cfg.gpt_j_residual and cfg.norm_placement != "pre":
         raise ConfigError(f"gpt_j_residual needs norm_placement 'pre', got {cfg.norm_placement!r}")
-    check_attention_config(cfg)
-    check_rope_config(cfg)
+    if cfg.has_attention:
+        check_attention_config(cfg)
+        check_rope_config(cfg)
+    elif len(cfg.attention_types) != cfg.num_layers:
+        raise ConfigError(f"attention_types has {len(cfg.attention_types)} entries but num_layers is {cfg.num_layers}")
+    check_mamba_config(cfg)
     check_moe_config(cfg)

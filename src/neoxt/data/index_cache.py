@@ -26,9 +26,10 @@ PARTS = ("doc_idx", "sample_idx", "shuffle_idx")
 
 
 class IndexSpec(Protocol):
-    """What names a cache (``neoxt.data.sampling.IndexSpec``; a protocol so sampling → cache stays one-way)."""
+    """What names a cache (``neoxt.data.sampling.IndexSpec``; a Protocol so this module needs no import
+    of sampling, which imports it)."""
 
-    def stem(self, prefix: str) -> str: ...
+    def stem(self, base: str) -> str: ...
 
 
 def cache_paths(prefix: str, spec: IndexSpec, cache_dir: str | None = None) -> dict[str, str]:

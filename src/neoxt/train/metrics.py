@@ -202,7 +202,7 @@ class MetricsLogger:
                 "runtime/flops_per_sec_per_gpu": tflops * 1e12,
                 "runtime/mfu": mfu,
                 "train/nan_count": self.nan_count,
-                **{f"train/{k}": record[k] for k in last.extra},
+                **{f"train/{name}": record[name] for name in extra_names},
             },
         )
         return record

@@ -225,8 +225,8 @@ def test_contradicting_lr_names_both(tmp_path):
 
 
 def test_unsupported_feature_is_an_error_naming_the_key(tmp_path):
-    path = write(tmp_path, "moe.yml", '{"moe_num_experts": 8}')
-    with pytest.raises(ConfigError, match=r"moe\.yml:1: moe_num_experts: 8 is not supported"):
+    path = write(tmp_path, "mup.yml", '{"use_mup": true}')
+    with pytest.raises(ConfigError, match=r"mup\.yml:1: use_mup: True is not supported"):
         load_config([path])
 
 

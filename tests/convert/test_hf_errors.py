@@ -80,11 +80,11 @@ def test_missing_and_unexpected_tensors(llama_dir, tmp_path, capsys):
 def test_unknown_architecture(llama_dir, tmp_path, capsys):
     src = _copy(llama_dir, tmp_path)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["architectures"], cfg["model_type"] = ["MambaForCausalLM"], "mamba"
+    cfg["architectures"], cfg["model_type"] = ["JambaForCausalLM"], "jamba"
     (src / "config.json").write_text(json.dumps(cfg))
     _fails(["convert", "hf-to-neoxt", "--hf-model", str(src), "--output-dir", str(tmp_path / "out")], capsys,
-           str(src / "config.json"), "MambaForCausalLM", "LlamaForCausalLM")
-    with pytest.raises(ConversionError, match="MambaForCausalLM"):
+           str(src / "config.json"), "JambaForCausalLM", "LlamaForCausalLM")
+    with pytest.raises(ConversionError, match="JambaForCausalLM"):
         neoxt.load_model(src)
 
 

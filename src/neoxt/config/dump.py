@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from neoxt.config.schema import SECTIONS, RunConfig
+from neoxt.config.schema import MAMBA_TYPES, SECTIONS, RunConfig
 
 # Fields written in another form (or not at all: they are re-derived on load).
 _SPECIAL = {
@@ -40,6 +40,10 @@ def _attention_config(types: tuple[str, ...]) -> list:
     return runs
 
 
+def _has_mamba(cfg: RunConfig) -> bool:
+    return bool(set(cfg.model.attention_types) & MAMBA_TYPES)
+
+
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as one flat dict of GPT-NeoX keys (sections in order)."""
     out: dict[str, Any] = {}
@@ -47,8 +51,8 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
         obj = getattr(cfg, section)
         skip = _SPECIAL.get(section, set())
         for f in fields(obj):
-            if f.name in skip:
-                continue
+            if f.name in skip or (section == "model" and f.name.startswith("mamba_") and not _has_mamba(cfg)):
+                continue  # (Mamba keys only when some layer is a Mamba block: they are defaults otherwise)
             out[f.name] = _plain(getattr(obj, f.name))
         if section == "model":
             out["attention_config"] = _attention_config(cfg.model.attention_types)

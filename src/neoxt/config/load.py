@@ -21,7 +21,7 @@ from typing import Any
 from neoxt.config import neox_keys
 from neoxt.config.coerce import coerce
 from neoxt.config.files import Entry, merge_entries, normalize_key, read_config_file
-from neoxt.config.mlp import MlpWidths, fork_widths, upstream_widths
+from neoxt.config.mlp import MlpWidths, fork_widths, mamba_width, upstream_widths
 from neoxt.config.schema import SECTIONS, RunConfig
 from neoxt.errors import ConfigError
 
@@ -264,13 +264,17 @@ def _resolve_model(r: _Resolver) -> None:
     m["attention_types"] = _attention_types(r, layers)
     if r.values["training"].get("train_impl") == "rm" and not r.has("value_head"):
         m["value_head"] = True  # GPT-NeoX's is_rm: the reward model's output layer is one scalar
-    if hidden % heads:
+    attention = any(t not in neox_keys.MAMBA_ATTENTION_NAMES for t in m["attention_types"])
+    if m.get("mamba_d_inner") is None and set(m["attention_types"]) & neox_keys.MAMBA_ATTENTION_NAMES:
+        m["mamba_d_inner"] = mamba_width(hidden, attention, r.get("intermediate_size", int),
+                                         r.get("expansion_factor", float), m.get("mamba_expand", 2))
+    if attention and hidden % heads:
         raise ConfigError(
             f"hidden_size = {hidden} ({r.src('hidden_size')}) is not divisible by "
             f"num_attention_heads = {heads} ({r.src('num_attention_heads')})"
         )
     kv = r.get("num_kv_heads", int, heads)
-    if heads % kv:
+    if attention and heads % kv:
         raise ConfigError(
             f"num_attention_heads = {heads} ({r.src('num_attention_heads')}) is not divisible by "
             f"num_kv_heads = {kv} ({r.src('num_kv_heads')})"
@@ -401,9 +405,11 @@ def _attention_name(r: _Resolver, key: str, name: Any) -> str:
             return "global"
         if low in neox_keys.SLIDING_ATTENTION_NAMES:
             return "sliding"
+        if low in neox_keys.MAMBA_ATTENTION_NAMES:
+            return low
     raise ConfigError(
         f"{_where(r.entries[key], key)}: attention type {name!r} is not supported "
-        "(supported: global, flash, sliding/local)"
+        "(supported: global, flash, sliding/local, mamba, mamba2)"
     )
 
 

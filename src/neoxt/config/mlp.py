@@ -12,6 +12,8 @@ The fork (GeodesicResearch/geodesic-gpt-neox) keeps that rule only when ``interm
 set: an explicit ``intermediate_size`` is each branch's width as written (HF's convention, what its
 converters write), with no 2/3 scaling and no rounding. neoxt follows the fork, and says in one
 warning line when upstream would build a different width from the same file.
+
+The same keys size upstream's Mamba blocks (``mamba_width``), which have no MLP beside them.
 """
 
 from __future__ import annotations
@@ -61,3 +63,17 @@ def fork_widths(
     if intermediate_size is not None:
         return MlpWidths(2 * intermediate_size if gated else intermediate_size, intermediate_size, gated)
     return upstream_widths(hidden, gated, None, expansion_factor, multiple_of)
+
+
+def mamba_width(
+    hidden: int, attention: bool, intermediate_size: int | None, expansion_factor: float | None, expand: int
+) -> int:
+    """Mamba block width when ``mamba_d_inner`` is not set. Upstream GPT-NeoX sizes its Mamba blocks
+    (it has no MLPs in a pure Mamba stack) from ``intermediate_size``, else ``expansion_factor`` x
+    hidden (default 2): a stack with no attention layers keeps that reading; with attention layers
+    those keys size the MLP, and Mamba blocks use ``mamba_expand`` x hidden."""
+    if not attention and intermediate_size is not None:
+        return intermediate_size
+    if not attention and expansion_factor is not None:
+        return int(expansion_factor * hidden)
+    return expand * hidden

@@ -24,6 +24,8 @@ ALIASES: dict[str, tuple[str, str]] = {
     "batch_size": ("training", "train_micro_batch_size_per_gpu"),
     # The fork's converters write the HF model's vocab_size (its embedding rows) into neox_config.json.
     "vocab_size": ("model", "padded_vocab_size"),
+    "moe_loss_coeff": ("model", "moe_aux_loss_coeff"),  # GPT-NeoX 2.x DeepSpeed-MoE spelling
+    "expert_interval": ("model", "moe_expert_interval"),
 }
 
 # Keys resolved by load.py because their value is a block or derives several fields.
@@ -74,7 +76,7 @@ IGNORED: frozenset[str] = frozenset(
     scaled_upper_triang_masked_softmax_fusion scaled_masked_softmax_fusion bias_gelu_fusion bias_dropout_fusion
     rope_fusion layernorm_fusion rmsnorm_fusion use_flashattn_swiglu fused_kernels_build_path
     fp16_lm_cross_entropy apply_query_key_layer_scaling attention_softmax_in_fp32 rotary_save_freqs_buffer
-    output_layer_parallelism mamba_selective_scan_fusion mamba_causal_conv_fusion mamba_inner_func_fusion
+    output_layer_parallelism mamba_selective_fp32_params mamba_selective_scan_fusion mamba_causal_conv_fusion mamba_inner_func_fusion
     te_columnparallel te_rowparallel te_layernorm_mlp te_mha te_fp8_format te_fp8_wgrad te_fp8_amax_history_len
     te_fp8_amax_compute_algo te_fp8_margin te_fp8_mha memory_profiling memory_profiling_path profile
     profile_step_start profile_step_stop checkpoint_validation_with_forward_pass use_shared_fs mmap_warmup
@@ -83,17 +85,15 @@ IGNORED: frozenset[str] = frozenset(
     comet_workspace comet_project comet_experiment_name comet_tags comet_others comet_experiment
     char_level_ppl short_seq_prob attention_type dynamic_loss_scale scheduler sparse_attention return_logits
     serve_model_weights weight_server_port online_dataserver_ips online_dataserver_ports
+    moe_type moe_lbl_in_fp32 create_moe_param_group enable_expert_tensor_parallelism use_tutel
     """.split()
 )
 
 # key -> the default value under which the key is harmless (anything else is an unsupported feature).
 UNSUPPORTED: dict[str, Any] = {
-    "moe_num_experts": 1,
-    "moe_top_k": 1,
-    "moe_expert_interval": 1,
-    "moe_router_type": "sinkhorn",
-    "moe_lbl_in_fp32": False,
-    "moe_jitter_eps": None,
+    # GPT-NeoX 2.x DeepSpeed-MoE: residual (PR-MoE) experts and a separate GLU switch.
+    "moe_use_residual": False,
+    "moe_glu": False,
     "use_mup": False,
     "coord_check": False,
     "save_base_shapes": False,
@@ -114,9 +114,6 @@ UNSUPPORTED: dict[str, Any] = {
     "rpe_max_distance": None,
     "opt_pos_emb_offset": 0,
     "scalenorm_epsilon": 1e-8,
-    "mamba_selective_fp32_params": True,
-    "mamba_use_bias_in_conv": True,
-    "mamba_use_bias_in_linears": False,
     "dim_att": None,
     "head_size": None,
     "ffn_dim": None,
@@ -126,6 +123,8 @@ UNSUPPORTED: dict[str, Any] = {
 # Attention layer types from GPT-NeoX's attention_config that are plain causal attention here.
 GLOBAL_ATTENTION_NAMES: frozenset[str] = frozenset({"global", "flash", "full", "full_attention"})
 SLIDING_ATTENTION_NAMES: frozenset[str] = frozenset({"sliding", "local", "sliding_attention"})
+# State-space layers: GPT-NeoX's "mamba" (Mamba-1), and neoxt's "mamba2" (Mamba-2 / SSD).
+MAMBA_ATTENTION_NAMES: frozenset[str] = frozenset({"mamba", "mamba2"})
 
 OPTIMIZER_TYPES: dict[str, str] = {
     "adam": "adam",

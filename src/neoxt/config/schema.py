@@ -9,11 +9,14 @@ uses the config never re-derives them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
 Precision = Literal["fp32", "fp16", "bf16"]
-AttentionType = Literal["global", "sliding"]
+AttentionType = Literal["global", "sliding", "mamba", "mamba2"]
+# Layer types that are state-space (Mamba) blocks rather than attention blocks.
+MAMBA_TYPES: frozenset[str] = frozenset({"mamba", "mamba2"})
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class ModelConfig:
     # use_separate_qk_norms; GPT-NeoX's use_qk_layernorm normalises per head with a shared norm.
     use_qk_layernorm: bool = False
     use_separate_qk_norms: bool = False
+    # Qwen3 / Qwen3-MoE: a q norm and a k norm over head_dim, each one gain shared by all heads.
+    use_head_qk_norms: bool = False
 
     pos_emb: Literal["rotary", "learned", "none"] = "rotary"
     rotary_pct: float = 1.0
@@ -75,9 +80,53 @@ class ModelConfig:
     use_bias_in_mlp: bool = True
     no_weight_tying: bool = False
 
-    # One entry per layer: "global" (full causal) or "sliding" (causal within sliding_window_width).
+    # One entry per layer: "global" (full causal), "sliding" (causal within sliding_window_width),
+    # "mamba" (a Mamba-1 selective-scan block) or "mamba2" (a Mamba-2 SSD block); see model/mamba.py.
     attention_types: tuple[AttentionType, ...] = ("global", "global")
     sliding_window_width: int | None = None
+
+    # Mixture of experts (``neoxt.model.moe``; GPT-NeoX's moe_* keys). moe_num_experts 1 = dense MLPs.
+    moe_num_experts: int = 1
+    moe_top_k: int = 1
+    # MoE layers: those listed in moe_layers, else every layer i with i % moe_expert_interval == 0
+    # (upstream GPT-NeoX's rule, 0-based).
+    moe_expert_interval: int = 1
+    moe_layers: tuple[int, ...] | None = None
+    # "sinkhorn" (upstream's default): experts chosen by Sinkhorn-balanced scores while training,
+    # plain top-k in eval. "topk": top-k of the router scores always (Mixtral, OLMoE, Qwen3-MoE).
+    moe_router_type: Literal["sinkhorn", "topk"] = "sinkhorn"
+    moe_score_func: Literal["softmax", "sigmoid"] = "softmax"
+    # Renormalise the k chosen scores to sum to one (Mixtral; Qwen3-MoE's norm_topk_prob).
+    moe_norm_topk_prob: bool = False
+    # Width of each expert (HF moe_intermediate_size); None means intermediate_size.
+    moe_intermediate_size: int | None = None
+    # Always-on shared experts (DeepSeek style): one dense MLP of num_shared x the expert width.
+    moe_num_shared_experts: int = 0
+    # Load-balancing (Switch/HF formula) and router z-loss coefficients, added to the LM loss.
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float = 0.0
+    # Token dropping: each expert takes at most max(min_capacity, factor * tokens * top_k / experts)
+    # tokens per micro-batch (first come, first served); off means dropless.
+    moe_token_dropping: bool = False
+    moe_train_capacity_factor: float = 1.0
+    moe_eval_capacity_factor: float = 1.0
+    moe_min_capacity: int = 4
+    # Multiplicative uniform noise (1 +- eps) on the router input while training.
+    moe_jitter_eps: float | None = None
+    # Mamba blocks (GPT-NeoX: mamba_use_bias_in_conv, mamba_use_bias_in_linears; the rest are
+    # neoxt's, with the state-spaces/HF defaults). mamba_d_inner None means mamba_expand * hidden_size;
+    # mamba_dt_rank None means ceil(hidden_size / 16). mamba_headdim / mamba_ngroups are Mamba-2's.
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_d_inner: int | None = None
+    mamba_dt_rank: int | None = None
+    mamba_use_bias_in_conv: bool = True
+    mamba_use_bias_in_linears: bool = False
+    mamba_headdim: int = 64
+    mamba_ngroups: int = 1
+    mamba_chunk_size: int = 256
+    mamba_dt_limit: tuple[float, float] = (0.0, math.inf)
 
     init_method: str = "normal"
     output_layer_init_method: str = "scaled_normal"
@@ -93,6 +142,20 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def mamba_inner(self) -> int:
+        """Channels inside a Mamba block (in_proj's width per branch)."""
+        return self.mamba_d_inner or self.mamba_expand * self.hidden_size
+
+    @property
+    def mamba_rank(self) -> int:
+        """Rank of Mamba-1's dt projection."""
+        return self.mamba_dt_rank or math.ceil(self.hidden_size / 16)
+
+    @property
+    def has_attention(self) -> bool:
+        return any(t not in MAMBA_TYPES for t in self.attention_types)
+
+    @property
     def norm_eps(self) -> float:
         return self.rms_norm_epsilon if self.norm == "rmsnorm" else self.layernorm_epsilon
 
@@ -103,6 +166,18 @@ class ModelConfig:
     @property
     def tie_word_embeddings(self) -> bool:
         return not self.no_weight_tying
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer ``i`` has a mixture-of-experts MLP (see the moe_* fields)."""
+        if self.moe_num_experts <= 1:
+            return False
+        if self.moe_layers is not None:
+            return i in self.moe_layers
+        return i % self.moe_expert_interval == 0
+
+    @property
+    def moe_width(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def rotary_dim(self) -> int:
@@ -309,6 +384,8 @@ class ParallelismConfig:
     # Number of data-parallel replica groups for HSDP (shard within, replicate across).
     data_parallel_replicate: int = 1
     dist_timeout_s: float = 1800.0  # collective timeout of the process group (neoxt.distributed.mesh)
+    # Expert parallelism: MoE experts split over this many data-parallel ranks (tokens all-to-all).
+    moe_expert_parallel_size: int = 1
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,12 @@ data-parallel group: the data loader's rank/size and the loss all-reduce use it.
 
 Order matters for locality: ``tp`` is innermost so a tensor-parallel group lands on the GPUs of one
 node (NVLink), then FSDP's shard group, then HSDP replicas, then pipeline stages across nodes.
+
+Expert parallelism (``moe_expert_parallel_size`` > 1) splits ``dp_shard`` into
+``(dp_shard_mod_ep, ep)``: MoE experts are divided over ``ep`` (its ranks exchange tokens
+all-to-all), and ``dp_shard`` / ``dp`` are the same ranks flattened back, so nothing else changes.
+``dp_mod_ep`` (replicate x dp_shard_mod_ep) is the group that holds copies of the same experts: FSDP
+shards the expert weights over it. Without EP the mesh is the plain 4-D one.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ class MeshShape:
     dp_replicate: int
     dp_shard: int
     tp: int
+    ep: int = 1  # experts split over ep ranks of dp_shard
 
     @property
     def dp(self) -> int:
@@ -66,7 +73,13 @@ def mesh_shape(par: ParallelismConfig, world_size: int) -> MeshShape:
             f"data_parallel_replicate={rep} does not divide the data-parallel size {dp} "
             f"({world_size} processes / (model_parallel_size={tp} x pipe_parallel_size={pp}))"
         )
-    return MeshShape(pp=pp, dp_replicate=rep, dp_shard=dp // rep, tp=tp)
+    ep = par.moe_expert_parallel_size
+    if ep < 1 or (dp // rep) % ep:
+        raise ConfigError(
+            f"moe_expert_parallel_size={ep} does not divide the data-parallel shard size {dp // rep} "
+            "(experts are split over data-parallel ranks)"
+        )
+    return MeshShape(pp=pp, dp_replicate=rep, dp_shard=dp // rep, tp=tp, ep=ep)
 
 
 @dataclass(frozen=True)
@@ -161,6 +174,13 @@ def build_mesh(
     shape = mesh_shape(par, world_size)
     if world_size == 1 and not dist.is_initialized():
         return None
+    if shape.ep > 1:
+        dims = (shape.pp, shape.dp_replicate, shape.dp_shard // shape.ep, shape.ep, shape.tp)
+        mesh = init_device_mesh(device_type, dims, mesh_dim_names=("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp"))
+        mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+        mesh["dp_replicate", "dp_shard_mod_ep"]._flatten("dp_mod_ep")
+        mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
+        return mesh
     mesh = init_device_mesh(device_type, shape.as_tuple(), mesh_dim_names=MESH_DIMS)
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return mesh

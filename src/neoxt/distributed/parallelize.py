@@ -41,6 +41,15 @@ the final norm run on sequence shards, attention and MLP inputs are all-gathered
 reduce-scattered. It is not applied to q_norm/k_norm/qk_norm (they act on head features, not the
 residual stream), and it is refused with learned position embeddings (added to the full sequence
 after the embedding).
+
+Expert parallelism (``moe_expert_parallel_size`` > 1, MoE models): ``apply_ep`` makes every MoE
+layer's stacked expert weights DTensors sharded on the expert dim over the mesh's ``ep`` dim and
+gives the experts the ``ep`` process group for their all-to-all token exchange
+(``neoxt.model.moe``). FSDP then shards the experts over ``dp_mod_ep`` (the ranks that hold the same
+experts) before each block over ``dp``, so expert gradients are summed only where experts are
+replicated; each expert's gradient is already complete on its rank, the all-to-all's backward having
+carried every rank's tokens' share back to it. Checkpoints hold the full [E, ...] tensors (DCP sees
+the DTensor's global shape), so a run saved at one EP size resumes at another.
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
-from neoxt.config.schema import RunConfig
+from neoxt.config.schema import MAMBA_TYPES, RunConfig
 from neoxt.errors import ConfigError
 
 
@@ -99,12 +108,16 @@ def parallelize(
         )
     elif par.compile:
         apply_compile(model)
+    ep_mesh = mesh["ep"] if mesh is not None and "ep" in (mesh.mesh_dim_names or ()) else None
+    if ep_mesh is not None:
+        apply_ep(model, ep_mesh)
     # FSDP also on a one-rank dp mesh when TP is on: it turns the parameters TP left plain (norms,
     # replicated embeddings) into DTensors too, so optimizers' foreach kernels never meet a mix of
     # DTensors and plain tensors ("aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor").
     if mesh is not None and (mesh["dp"].size() > 1 or mesh["tp"].size() > 1):
         dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, cfg.training.precision, reshard_after_forward, grad_reduction)
+        expert_mesh = mesh["dp_mod_ep"] if ep_mesh is not None else None
+        apply_fsdp(model, dp_mesh, cfg.training.precision, reshard_after_forward, grad_reduction, expert_mesh)
     return model
 
 
@@ -149,20 +162,43 @@ def apply_fsdp(
     precision: str,
     reshard_after_forward: bool = True,
     grad_reduction: str = "sum",
+    expert_mesh: DeviceMesh | None = None,
 ) -> None:
-    """``fully_shard`` each block, then the root (embedding, final norm, head)."""
+    """``fully_shard`` each block, then the root (embedding, final norm, head); with expert parallelism
+    the MoE experts first, over ``expert_mesh`` (their DTensor weights already split over ``ep``)."""
     from torch.distributed.fsdp import fully_shard
 
     if grad_reduction not in ("sum", "mean"):
         raise ValueError(f"grad_reduction must be 'sum' or 'mean', got {grad_reduction!r}")
     mp = mixed_precision_policy(precision)
+    experts = [m.mlp.experts for m in blocks(model) if hasattr(m.mlp, "experts")] if expert_mesh is not None else []
+    for unit in experts:
+        fully_shard(unit, mesh=expert_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     units = [*blocks(model), model]
     for unit in units:
         fully_shard(unit, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    units = experts + units
     if grad_reduction == "sum":
         for unit in units:
             unit.set_gradient_divide_factor(1.0)
             unit.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+
+
+def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Split every MoE layer's experts over ``ep_mesh`` (see the module docstring)."""
+    ep = ep_mesh.size()
+    experts = [m.mlp.experts for m in blocks(model) if hasattr(m.mlp, "experts")]
+    if not experts:
+        raise ConfigError("moe_expert_parallel_size > 1 needs a MoE model (moe_num_experts > 1)")
+    for module in experts:
+        if module.num_experts % ep:
+            raise ConfigError(f"moe_num_experts={module.num_experts} is not divisible by moe_expert_parallel_size={ep}")
+        for name in ("gate", "up", "down"):
+            param = getattr(module, name)
+            if param is not None:
+                sharded = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+                setattr(module, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
+        module.ep_group = ep_mesh.get_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +229,7 @@ def _checkpoint_block(block: nn.Module, compile: bool = False) -> None:
     inner = _compiled(block.forward, compile)
 
     def forward(x, cos, sin, mask_for, kv_cache=None, plain=True):
-        mask = mask_for(block.attn.window)
+        mask = mask_for(block.mask_key)
         return checkpoint(inner, x, cos, sin, lambda _window: mask, kv_cache, plain, use_reentrant=False)
 
     block.forward = forward
@@ -218,7 +254,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int 
             stacklevel=2,
         )
     for block in blocks(model):
-        if mode == "selective":
+        if mode == "selective" and not hasattr(block, "attn"):
+            _checkpoint_forward(block.mixer, compile)  # a Mamba block: its mixer is the sublayer
+        elif mode == "selective":
             _checkpoint_forward(block.attn, compile)
             if compile:
                 block.mlp.compile()
@@ -318,6 +356,8 @@ def _norm_kind(norm: nn.Module) -> tuple[str, float]:
 def check_tp(model: nn.Module, tp: int, sequence_parallel: bool) -> None:
     """Refuse shapes TP cannot split evenly, naming the config keys."""
     cfg = model.cfg
+    if set(cfg.attention_types) & MAMBA_TYPES:
+        raise ConfigError(f"model_parallel_size={tp}: tensor parallelism is not supported for Mamba layers")
     for key, value in (
         ("num_attention_heads", cfg.num_attention_heads),
         ("num_kv_heads", cfg.num_kv_heads),
@@ -325,6 +365,9 @@ def check_tp(model: nn.Module, tp: int, sequence_parallel: bool) -> None:
     ):
         if value % tp:
             raise ConfigError(f"{key}={value} is not divisible by model_parallel_size={tp}")
+    if cfg.moe_num_experts > 1:
+        raise ConfigError("model_parallel_size > 1 is not supported with MoE (moe_num_experts > 1); "
+                          "use moe_expert_parallel_size")
     if sequence_parallel and cfg.pos_emb == "learned":
         raise ConfigError("sequence_parallel is not supported with pos_emb: learned")
 
@@ -396,7 +439,7 @@ def apply_tp(
         attn.kv_heads //= tp
         for name, reduce_dims in (("q_norm", 1), ("k_norm", 1), ("qk_norm", None)):
             norm = getattr(attn, name, None)
-            if norm is None:
+            if norm is None or attn.head_qk_norms:  # per-head gains (Qwen3) see whole heads: no change
                 continue
             kind, eps = _norm_kind(norm)
             if reduce_dims is None:  # [heads, head_dim] gain: LayerNorm reduces both, RMSNorm head_dim

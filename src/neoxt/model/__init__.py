@@ -1,4 +1,4 @@
-"""The neoxt model: one ``Transformer`` covering GPT-NeoX, LLaMA and OLMo-3 (see ``transformer.py``)."""
+"""The neoxt model: one ``Transformer`` covering GPT-NeoX, LLaMA, OLMo-3 and Mamba / hybrid stacks (see ``transformer.py``)."""
 
 from neoxt.model.flops import flops_per_token, num_params
 from neoxt.model.init import init_weights

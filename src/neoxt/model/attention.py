@@ -114,6 +114,9 @@ class Attention(nn.Module):
         # GPT-NeoX use_qk_layernorm: one norm with a [heads, head_dim] gain shared by q and k.
         # LayerNorm reduces over all heads and dims, RMSNorm over head_dim (upstream's behaviour).
         self.qk_norm = make_norm(cfg, (heads, hd)) if cfg.use_qk_layernorm else None
+        if cfg.use_head_qk_norms:  # Qwen3: per-head norms, applied after the head split below
+            self.q_norm, self.k_norm = make_norm(cfg, hd), make_norm(cfg, hd)
+        self.head_qk_norms = cfg.use_head_qk_norms
         sliding = cfg.attention_types[layer_idx] == "sliding"
         self.window = cfg.sliding_window_width if sliding else None
         self.dropout = cfg.attention_dropout
@@ -131,13 +134,15 @@ class Attention(nn.Module):
         """``plain``: the mask holds only causality and the window (no padding or document mask)."""
         B, T, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.head_qk_norms:
             q, k = self.q_norm(q), self.k_norm(k)
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = q.view(B, T, -1, self.head_dim)
         k = k.view(B, T, -1, self.head_dim)
         if self.qk_norm is not None:
             q, k = self.qk_norm(q), self.qk_norm(k)
+        if self.head_qk_norms:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
         if cos is not None:
@@ -176,8 +181,8 @@ def check_attention_config(cfg: ModelConfig) -> None:
         )
     if "sliding" in cfg.attention_types and not cfg.sliding_window_width:
         raise ConfigError("attention_types has 'sliding' layers but sliding_window_width is not set")
-    if cfg.use_qk_layernorm and cfg.use_separate_qk_norms:
-        raise ConfigError("use_qk_layernorm and use_separate_qk_norms are mutually exclusive")
+    if sum((cfg.use_qk_layernorm, cfg.use_separate_qk_norms, cfg.use_head_qk_norms)) > 1:
+        raise ConfigError("use_qk_layernorm, use_separate_qk_norms and use_head_qk_norms are mutually exclusive")
     if cfg.use_qk_layernorm and cfg.num_kv_heads != cfg.num_attention_heads:
         raise ConfigError("use_qk_layernorm shares one [heads, head_dim] norm between q and k; "
                           "it needs num_kv_heads == num_attention_heads")

@@ -1,9 +1,12 @@
-"""Hugging Face ↔ neoxt names and configs for the three families (GPTNeoX, LLaMA, OLMo-3).
+"""Hugging Face ↔ neoxt names and configs for the dense families (GPTNeoX, LLaMA, OLMo-3).
+
+The MoE families (Mixtral, OLMoE, Qwen3-MoE) and Mamba / Mamba-2 are registered here too; their
+specifics live in ``neoxt.model.hf_moe`` and ``neoxt.model.hf_mamba``.
 
 Model knowledge, kept with the model (torchtitan's ``state_dict_adapter`` role): ``load_model`` reads
 an HF directory through it, and ``convert/hf.py`` writes HF directories through it.
 
-- ``detect_architecture(config_json, source)`` → ``"gpt_neox" | "llama" | "olmo3"``
+- ``detect_architecture(config_json, source)`` → ``"gpt_neox" | "llama" | "olmo3"`` (or an MoE key)
 - ``model_config_from_hf(hf_config)`` → our ``ModelConfig`` (reads transformers' normalised config
   object, so both the transformers-4 form of config.json — ``rope_theta``, ``rotary_pct``,
   ``rotary_emb_base``, ``rope_scaling`` — and the transformers-5 ``rope_parameters`` form, per layer
@@ -29,14 +32,17 @@ from typing import Any
 
 import torch
 
-from neoxt.config.schema import ModelConfig
+from neoxt.config.schema import MAMBA_TYPES, ModelConfig
 from neoxt.errors import ConversionError
+from neoxt.model import hf_mamba, hf_moe  # MoE and Mamba families: config translation and names
 from neoxt.model.shapes import parameter_shapes
 
 ARCHITECTURES = {
     "GPTNeoXForCausalLM": "gpt_neox",
     "LlamaForCausalLM": "llama",
     "Olmo3ForCausalLM": "olmo3",
+    **hf_moe.ARCHITECTURES,
+    **hf_mamba.ARCHITECTURES,
 }
 HF_CLASS = {arch: cls for cls, arch in ARCHITECTURES.items()}
 # A reward model (``value_head``) is exported as the sequence-classification class (one label,
@@ -76,7 +82,9 @@ def hf_config_object(config_json: Mapping[str, Any], arch: str):
     """transformers' config object for a config.json dict (normalises old and new rope fields)."""
     from transformers import GPTNeoXConfig, LlamaConfig, Olmo3Config
 
-    cls = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "olmo3": Olmo3Config}[arch]
+    if arch in hf_mamba.ARCHITECTURES.values():
+        return hf_mamba.hf_config_object(config_json, arch)
+    cls = {"gpt_neox": GPTNeoXConfig, "llama": LlamaConfig, "olmo3": Olmo3Config}.get(arch) or hf_moe.config_class(arch)
     raw = dict(config_json)
     if arch == "olmo3" and "rope_theta" in raw and not raw.get("rope_parameters"):
         # transformers-4 OLMo-3 configs have one rope_theta for every layer; transformers 5 folds a
@@ -180,6 +188,8 @@ def _hf_rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
 
 def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a transformers config object of architecture ``arch``."""
+    if arch in hf_mamba.ARCHITECTURES.values():
+        return hf_mamba.model_config_from_hf(hf, arch, source)
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     if head_dim * heads != hf.hidden_size:
@@ -234,8 +244,10 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
         rms_norm_epsilon=hf.rms_norm_eps,
         use_bias_in_norms=False,
         activation=_GATED_ACT[hf.hidden_act],
-        use_bias_in_attn_linear=bool(hf.attention_bias),
+        use_bias_in_attn_linear=bool(getattr(hf, "attention_bias", False)),  # Mixtral has none
     )
+    if arch in hf_moe.ARCHITECTURES.values():
+        return hf_moe.model_config(hf, arch, source, {**common, **gated})
     if arch == "llama":
         return ModelConfig(
             **common, **gated,
@@ -259,6 +271,10 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
 
 def architecture_for(cfg: ModelConfig) -> str:
     """The HF architecture that can hold ``cfg`` exactly, or a ConversionError naming what does not fit."""
+    if set(cfg.attention_types) & MAMBA_TYPES:
+        return hf_mamba.architecture_for(cfg)
+    if cfg.moe_num_experts > 1:
+        return hf_moe.architecture_for(cfg)
     if cfg.norm_placement == "olmo3":
         return "olmo3"
     if cfg.norm == "layernorm":
@@ -276,11 +292,11 @@ def _require(cfg: ModelConfig, arch: str, checks: dict[str, bool]) -> None:
 
 def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **extra: Any):
     """A transformers config object equivalent to ``cfg`` (``extra``: token ids, dtype...)."""
-    from transformers import GPTNeoXConfig, LlamaConfig, Olmo3Config
-
-    from neoxt.model.rope import is_scaled
+    from transformers import GPTNeoXConfig, LlamaConfig
 
     arch = arch or architecture_for(cfg)
+    if arch in hf_mamba.ARCHITECTURES.values():
+        return hf_mamba.hf_config_from_model_config(cfg, arch, **extra)
     common = dict(
         vocab_size=cfg.padded_vocab_size,
         hidden_size=cfg.hidden_size,
@@ -300,6 +316,8 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
     checks = {
         "pos_emb must be 'rotary'": cfg.pos_emb == "rotary",
         "use_qk_layernorm is not supported": not cfg.use_qk_layernorm,
+        "use_head_qk_norms is supported for Qwen3-MoE only": not cfg.use_head_qk_norms or cfg.moe_num_experts > 1,
+        "moe_num_experts > 1 needs an MoE architecture": cfg.moe_num_experts == 1 or arch in hf_moe.ARCHITECTURES.values(),
     }
     if arch == "gpt_neox":
         _require(cfg, arch, {
@@ -329,6 +347,8 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
     }
     common.update(num_key_value_heads=cfg.num_kv_heads, rms_norm_eps=cfg.rms_norm_epsilon,
                   hidden_act=_HF_ACT.get(cfg.activation, "silu"))
+    if arch in hf_moe.ARCHITECTURES.values():
+        return hf_moe.hf_config(cfg, arch, common, gated_checks, rope, extra)
     if arch == "llama":
         _require(cfg, arch, {
             **gated_checks,
@@ -344,6 +364,16 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
         "use_separate_qk_norms must be true": cfg.use_separate_qk_norms,
         "use_bias_in_mlp must be false": not cfg.use_bias_in_mlp,
     })
+    return _olmo3_hf_config(cfg, common, rope, extra)
+
+
+def _olmo3_hf_config(cfg: ModelConfig, common: dict[str, Any], rope: dict[str, Any], extra: dict[str, Any]):
+    """OLMo-3's config: per-layer attention types, and rope_parameters per type (plain RoPE on
+    sliding layers unless ``rope_scaling_layers`` scales them too)."""
+    from transformers import Olmo3Config
+
+    from neoxt.model.rope import is_scaled
+
     layer_types = ["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.attention_types]
     plain = {"rope_type": "default", "rope_theta": float(cfg.rotary_emb_base)}
     sliding = dict(rope) if is_scaled(cfg, "sliding") else plain
@@ -359,6 +389,12 @@ def hf_config_from_model_config(cfg: ModelConfig, arch: str | None = None, **ext
 
 def _renames(cfg: ModelConfig, arch: str) -> Iterator[tuple[str, str]]:
     """(hf_name, our_name) for every tensor that maps one to one (GPTNeoX's fused QKV excluded)."""
+    if arch in hf_moe.ARCHITECTURES.values():
+        yield from hf_moe.renames(cfg, arch)
+        return
+    if arch in hf_mamba.ARCHITECTURES.values():
+        yield from hf_mamba.renames(cfg)
+        return
     if arch == "gpt_neox":
         p = "gpt_neox."
         yield p + "embed_in.weight", "embed.weight"
@@ -431,6 +467,9 @@ def hf_to_neoxt_state_dict(
         t = fetch(hf_name)
         _check_shape(ours, t, shapes[ours], source, hf_name)
         out[ours] = t
+    for ours, names in hf_moe.stacked(cfg, arch):  # per-expert tensors → our [E, ...] stacks
+        out[ours] = torch.stack([fetch(n) for n in names])
+        _check_shape(ours, out[ours], shapes[ours], source, names[0].replace(".experts.0.", ".experts.*."))
     heads, hd = cfg.num_attention_heads, cfg.head_dim
     for hf_name, i, leaf in fused:
         t = fetch(hf_name)
@@ -478,6 +517,8 @@ def neoxt_to_hf_state_dict(
             # re-initialise a missing embed_out), 5.x renames it to lm_head on load.
             hf_name = "embed_out.weight"
         out[hf_name] = cast(sd[ours])
+    for ours, names in hf_moe.stacked(cfg, arch):
+        out.update(zip(names, (cast(t.clone()) for t in sd[ours].unbind(0)), strict=True))
     if arch == "gpt_neox":
         heads, hd = cfg.num_attention_heads, cfg.head_dim
         for i in range(cfg.num_layers):

@@ -14,6 +14,10 @@ Contract (``neoxt generate`` and evaluation rely on it):
 - Writing past ``max_seq_len`` raises ``ValueError``; ``reset()`` makes the cache empty again so it
   can be reused for the next batch of the same size.
 
+Mamba layers (``attention_types`` ``mamba``/``mamba2``) keep no keys: ``ssm_states[layer]`` holds
+their conv tail and scan state (shapes: ``mamba.state_shapes``), which each forward reads and
+overwrites in place, so the cache is only ever advanced, never rewound; ``reset()`` zeroes them.
+
 Keys are stored after the rotary embedding (and after any Q/K norm), so a cached step is never
 recomputed. Sliding-window layers keep the full history too: the window is applied by the attention
 mask, which keeps one cache layout for every layer type.
@@ -23,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from neoxt.config.schema import ModelConfig
+from neoxt.config.schema import MAMBA_TYPES, ModelConfig
+from neoxt.model.mamba import state_shapes
 
 
 class KVCache:
@@ -40,8 +45,14 @@ class KVCache:
         shape = (batch_size, cfg.num_kv_heads, max_seq_len, cfg.head_dim)
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        ssm = {i: t for i, t in enumerate(cfg.attention_types) if t in MAMBA_TYPES}
+        self.keys = [None if i in ssm else torch.zeros(shape, device=device, dtype=dtype) for i in range(cfg.num_layers)]
+        self.values = [None if i in ssm else torch.zeros(shape, device=device, dtype=dtype)
+                       for i in range(cfg.num_layers)]
+        self.ssm_states = {
+            i: (torch.zeros(conv, device=device, dtype=dtype), torch.zeros(scan, device=device, dtype=torch.float32))
+            for i, kind in ssm.items() for conv, scan in [state_shapes(cfg, kind, batch_size)]
+        }
         self.seq_len = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,3 +72,6 @@ class KVCache:
 
     def reset(self) -> None:
         self.seq_len = 0
+        for conv, scan in self.ssm_states.values():
+            conv.zero_()
+            scan.zero_()

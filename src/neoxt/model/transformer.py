@@ -17,7 +17,8 @@ Read top to bottom, this file is the model's definition:
    on the first ``rotary_dim`` dims of each head (optionally scaled for long context, on all layers
    or only the full-attention ones: ``rope.py``), causal SDPA with grouped-query heads, per-layer
    full or sliding-window masks. MLP: ``down(act(up(x)))``, or for gated activations
-   ``down(act(gate(x)) * up(x))`` with ``intermediate_size`` the width of each branch.
+   ``down(act(gate(x)) * up(x))`` with ``intermediate_size`` the width of each branch; on the
+   layers ``cfg.is_moe_layer(i)`` picks, a mixture of experts instead (``moe.py``).
 3. **Final norm** ``final_norm``.
 4. **Output head** ``lm_head`` (hidden → padded vocabulary), or the embedding matrix when tied; one
    scalar per position with ``value_head`` (a reward model).
@@ -25,20 +26,29 @@ Read top to bottom, this file is the model's definition:
 Parameter names are a contract (converters and the GPT-NeoX importer map onto them):
 ``embed.weight``, ``pos_embed.weight``, ``layers.{i}.attn_norm.*``, ``layers.{i}.mlp_norm.*``,
 ``layers.{i}.attn.{q,k,v,o}.{weight,bias}``, ``layers.{i}.attn.{q_norm,k_norm,qk_norm}.*``,
-``layers.{i}.mlp.{up,gate,down}.{weight,bias}``, ``final_norm.*``, ``lm_head.weight``.
+``layers.{i}.mlp.{up,gate,down}.{weight,bias}``, ``final_norm.*``, ``lm_head.weight``; MoE layers
+``layers.{i}.mlp.router.weight``, ``layers.{i}.mlp.experts.{gate,up,down}``, ``layers.{i}.mlp.shared.*``.
+
+Layers whose ``attention_types`` entry is ``mamba`` / ``mamba2`` are state-space blocks instead
+(``mamba.py``: ``x + mixer(norm(x))``, parameters ``layers.{i}.norm.*``, ``layers.{i}.mixer.*``);
+pure Mamba and hybrid stacks are the same class.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neoxt.config.schema import ModelConfig
+from neoxt.config.schema import MAMBA_TYPES, ModelConfig
 from neoxt.errors import ConfigError
 from neoxt.model.attention import Attention, build_mask, check_attention_config
 from neoxt.model.init import init_weights
 from neoxt.model.kv_cache import KVCache
+from neoxt.model.mamba import PADDING, MambaBlock, check_mamba_config
+from neoxt.model.moe import MoE, check_moe_config, moe_aux_loss, moe_aux_losses
 from neoxt.model.norms import make_norm
 from neoxt.model.rope import check_rope_config, rope_tables
 
@@ -69,6 +79,14 @@ class MLP(nn.Module):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
+def _moe(cfg: ModelConfig) -> MoE:
+    shared = None
+    if cfg.moe_num_shared_experts:
+        width = cfg.moe_num_shared_experts * cfg.moe_width
+        shared = MLP(replace(cfg, intermediate_size=width, use_bias_in_mlp=False))
+    return MoE(cfg, _ACTIVATIONS[cfg.activation], shared)
+
+
 class Block(nn.Module):
     """Attention + MLP joined to the residual stream as ``norm_placement`` / ``gpt_j_residual`` say."""
 
@@ -80,8 +98,13 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg, cfg.hidden_size)
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = None if tied else make_norm(cfg, cfg.hidden_size)
-        self.mlp = MLP(cfg)
+        self.mlp = _moe(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg)
         self.drop = nn.Dropout(cfg.hidden_dropout)
+
+    @property
+    def mask_key(self) -> int | None:
+        """What this block asks ``mask_for`` for (its sliding window, None for full attention)."""
+        return self.attn.window
 
     def forward(self, x, cos, sin, mask_for, kv_cache, plain) -> torch.Tensor:
         def attn(h: torch.Tensor) -> torch.Tensor:
@@ -114,7 +137,9 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(V, H)
         self.pos_embed = nn.Embedding(cfg.max_position_embeddings, H) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.hidden_dropout)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            MambaBlock(cfg, i) if kind in MAMBA_TYPES else Block(cfg, i) for i, kind in enumerate(cfg.attention_types)
+        )
         self.final_norm = make_norm(cfg, H)
         if cfg.value_head:  # a reward model: one scalar per position (never tied to the embedding)
             self.lm_head: nn.Linear | None = nn.Linear(H, 1, bias=False)
@@ -162,7 +187,9 @@ class Transformer(nn.Module):
 
         masks: dict[int | None, torch.Tensor | None] = {}
 
-        def mask_for(window: int | None) -> torch.Tensor | None:
+        def mask_for(window: int | str | None) -> torch.Tensor | None:
+            if window == PADDING:  # Mamba blocks: which of the T new tokens are real
+                return None if key_padding_mask is None else key_padding_mask[:, past:].to(torch.bool)
             if window not in masks:
                 masks[window] = build_mask(T, S, window, key_padding_mask, attn_mask, tokens.device)
             return masks[window]
@@ -187,12 +214,21 @@ class Transformer(nn.Module):
             return ((int(key), layer) for key, layer in self.layers.items())
         return enumerate(self.layers)
 
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """MoE auxiliary losses of the last training forward, unweighted, mean over MoE layers."""
+        return moe_aux_losses(self)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """What the trainer adds to the LM loss for the last training forward (None: nothing)."""
+        return moe_aux_loss(self, self.cfg)
+
     def set_attention_backend(self, backend: str) -> None:
         """Force "sdpa" or "flex" for sliding-window layers ("auto": flex on CUDA when it pays)."""
         if backend not in ("auto", "sdpa", "flex"):
             raise ValueError(f"unknown attention backend {backend!r}")
         for layer in self.layers:
-            layer.attn.backend = backend
+            if isinstance(layer, Block):
+                layer.attn.backend = backend
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -203,5 +239,10 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"activation {cfg.activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
     if cfg.gpt_j_residual and cfg.norm_placement != "pre":
         raise ConfigError(f"gpt_j_residual needs norm_placement 'pre', got {cfg.norm_placement!r}")
-    check_attention_config(cfg)
-    check_rope_config(cfg)
+    if cfg.has_attention:
+        check_attention_config(cfg)
+        check_rope_config(cfg)
+    elif len(cfg.attention_types) != cfg.num_layers:
+        raise ConfigError(f"attention_types has {len(cfg.attention_types)} entries but num_layers is {cfg.num_layers}")
+    check_mamba_config(cfg)
+    check_moe_config(cfg)

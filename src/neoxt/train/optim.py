@@ -14,6 +14,9 @@ from torch import nn
 from neoxt.config.schema import OptimizerConfig
 from neoxt.errors import ConfigError
 
+# Mamba's state-space parameters, which upstream (and state-spaces) keep out of weight decay.
+_SSM_NO_DECAY = frozenset({"A_log", "D", "dt_bias"})
+
 
 def _is_norm(module: nn.Module) -> bool:
     name = type(module).__name__
@@ -31,7 +34,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             if param is None or not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))  # tied weights appear under two modules
-            if weight_decay == 0.0 or norm or name == "bias" or getattr(param, "_no_weight_decay", False):
+            if weight_decay == 0.0 or norm or name == "bias" or name in _SSM_NO_DECAY \
+                    or getattr(param, "_no_weight_decay", False):
                 no_decay.append(param)
             else:
                 decay.append(param)

@@ -137,17 +137,21 @@ def accumulate(
     micro_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     loss_scale: float = 1.0,
     backward: bool = True,
+    aux_loss: Callable[[], torch.Tensor | float] | None = None,
 ) -> torch.Tensor:
     """Sum of ``micro_loss(b)`` over the micro-batches (float64, detached); with ``backward`` each
     micro-batch's loss (times ``loss_scale``) is backpropagated as soon as it is computed, so only one
     micro-batch's activations are alive at a time. ``micro_loss`` returns the micro-batch's share of
-    the global loss (already divided by the global count)."""
+    the global loss (already divided by the global count). ``aux_loss`` (called after each training
+    forward) is a term that joins that micro-batch's backward but not the returned loss (MoE
+    auxiliary losses)."""
     device = micro[0]["tokens"].device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro:
         if backward:
             loss = micro_loss(b)
-            (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+            full = loss + aux_loss() if aux_loss is not None else loss
+            (full * loss_scale if loss_scale != 1.0 else full).backward()
         else:
             with torch.no_grad():
                 loss = micro_loss(b)

@@ -6,6 +6,7 @@ averaged over the pairs of the global batch (so gradient accumulation does not c
 holds the chosen rows then the rejected rows. ``dpo_reference_free`` uses 0 for the reference terms;
 precomputed reference log-probs (``precompute_model_name``) come with the batch as ``ref``.
 Log-probabilities are always taken in fp32 (upstream's ``dpo_fp32`` default; false is accepted).
+MoE auxiliary losses (load balancing, router z-loss) are not added to the DPO loss yet.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ detached mean log-ratio. Per sequence:
 half's mean of ``kto_desirable_weight`` (reward > 0) / ``kto_undesirable_weight`` (reward < 0). The
 micro-batch loss is the mean over its pairs of sequences; the step loss the mean over micro-batches
 (and data-parallel ranks), as upstream's per-micro-batch mean averaged by accumulation.
+MoE auxiliary losses (load balancing, router z-loss) are not added to the KTO loss yet.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ prompt) adds exactly zero loss and zero gradient instead of 0/0.
 
 With several data-parallel ranks the model is parallelized with FSDP2, which sums the ranks'
 gradients; only token counts and loss shares are reduced here.
+
+MoE models: each micro-batch's weighted auxiliary loss (``model.aux_loss()``: load balancing and
+router z-loss times their coefficients) joins the backward divided by micro-batches x data-parallel
+ranks (a mean over them, as the LM loss); the reported loss stays the LM loss, and the unweighted
+losses go to the log as ``moe_aux_loss`` / ``moe_z_loss`` (``StepOutcome.metrics``, this rank's
+mean over its micro-batches). The DPO and KTO objectives do not add the MoE auxiliary losses yet.
 """
 
 from __future__ import annotations
@@ -38,10 +44,13 @@ def accumulate_gradients(
     z_loss: float = 0.0,
     group: Any = None,
     backward: bool = True,
+    aux: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """Backward over one global batch; returns its loss (mean over every counted token, float64).
 
-    ``.grad`` receives the gradient of that mean times ``loss_scale`` (``neoxt.train.step`` unscales).
+    ``.grad`` receives the gradient of that mean (plus the MoE auxiliary losses' share, see the module
+    docstring) times ``loss_scale`` (``neoxt.train.step`` unscales). ``aux`` (when given) receives this
+    rank's unweighted MoE auxiliary losses.
     """
     denom = counted_tokens(micro, group).clamp(min=1.0)
 
@@ -49,7 +58,23 @@ def accumulate_gradients(
         loss_sum, _ = lm_loss_sum(forward_logits(model, b, precision), b["labels"], b.get("loss_mask"), z_loss)
         return loss_sum / denom.to(loss_sum.dtype)
 
-    return all_reduce_sum(accumulate(micro, micro_loss, loss_scale, backward), group)
+    def aux_loss() -> torch.Tensor | float:
+        return _moe_aux(model, len(micro), group, aux)
+
+    moe = backward and hasattr(model, "aux_loss")
+    return all_reduce_sum(accumulate(micro, micro_loss, loss_scale, backward, aux_loss if moe else None), group)
+
+
+def _moe_aux(model: nn.Module, n_micro: int, group: Any, out: dict[str, float] | None) -> torch.Tensor | float:
+    """This micro-batch's share of the MoE auxiliary loss (0.0 for dense models); logs into ``out``."""
+    if out is not None:
+        for key, value in model.aux_losses().items():
+            out[key] = out.get(key, 0.0) + value.item() / n_micro
+    weighted = model.aux_loss()
+    if weighted is None:
+        return 0.0
+    dp = torch.distributed.get_world_size(group) if group is not None else 1
+    return weighted / (n_micro * dp)
 
 
 class LMObjective(Stateless):
@@ -63,8 +88,9 @@ class LMObjective(Stateless):
         self.group = ctx.group
 
     def train_batch(self, micro: list[dict[str, torch.Tensor]], loss_scale: float) -> StepOutcome:
-        loss = accumulate_gradients(self.model, micro, self.precision, loss_scale, self.z_loss, self.group)
-        return StepOutcome(loss=loss)
+        aux: dict[str, float] = {}  # MoE auxiliary losses for the log (empty for dense models)
+        loss = accumulate_gradients(self.model, micro, self.precision, loss_scale, self.z_loss, self.group, aux=aux)
+        return StepOutcome(loss=loss, metrics=aux)
 
     def eval_batch(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
         count = counted_tokens(micro, self.group)

@@ -52,6 +52,9 @@ def check_pipeline_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: true is not supported with pipe_parallel_size > 1")
     if cfg.evaluation.eval_tasks:
         raise ConfigError("eval_tasks is not supported with pipe_parallel_size > 1 (validation loss is)")
+    if cfg.model.moe_num_experts > 1:
+        raise ConfigError("moe_num_experts > 1 is not supported with pipe_parallel_size > 1 (MoE aux losses "
+                          "do not cross stages)")
 
 
 class PipelineObjective(Stateless):

@@ -186,6 +186,15 @@ def _hf_rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
     return params
 
 
+def _is_reward_model(hf, source: str) -> bool:
+    """An HF ``*ForSequenceClassification`` with one label is a reward model (our value head)."""
+    value_head = any(str(n).endswith("ForSequenceClassification") for n in (getattr(hf, "architectures", None) or []))
+    if value_head and getattr(hf, "num_labels", 1) != 1:
+        raise ConversionError(f"{source}: a sequence classifier with {hf.num_labels} labels; neoxt reads reward "
+                              "models (one label)")
+    return value_head
+
+
 def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a transformers config object of architecture ``arch``."""
     if arch in hf_mamba.ARCHITECTURES.values():
@@ -197,10 +206,7 @@ def model_config_from_hf(hf, arch: str, source: str = "config.json") -> ModelCon
             f"{source}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size {hf.hidden_size}; "
             "neoxt needs head_dim = hidden_size / num_attention_heads"
         )
-    value_head = any(str(n).endswith("ForSequenceClassification") for n in (getattr(hf, "architectures", None) or []))
-    if value_head and getattr(hf, "num_labels", 1) != 1:
-        raise ConversionError(f"{source}: a sequence classifier with {hf.num_labels} labels; neoxt reads reward "
-                              "models (one label)")
+    value_head = _is_reward_model(hf, source)
     rope = _rope(hf, arch, source)
     pct = rope["rotary_pct"]
     if int(head_dim * pct) % 2:

@@ -215,6 +215,9 @@ class TrainingConfig:
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     z_loss: float = 0.0
+    # Tokens per chunk of the output projection + loss (neoxt.train.chunked_loss): the full
+    # [tokens, vocab] logits are never held. 0 computes full logits (the plain path).
+    loss_chunk_size: int = 1024
     precompute_model_name: str | None = None
 
 

@@ -29,6 +29,8 @@ Parameter names are a contract (converters and the GPT-NeoX importer map onto th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,6 +127,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         key_padding_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, padded_vocab] for tokens [B, T].
 
@@ -132,6 +135,9 @@ class Transformer(nn.Module):
         kv_cache: see ``kv_cache.py``; it is written and advanced by T.
         key_padding_mask [B, S] (True = real token) over every key slot, S = cached + T.
         attn_mask [B, 1, T, S] (True = may attend), ANDed with causality, e.g. document boundaries.
+        head: replaces the output projection: ``head(final hidden [B, T, H], output weight [V, H])``
+        is returned instead of logits, so a loss can project in chunks and never hold the full logits
+        (``neoxt.train.chunked_loss``). It runs inside this forward so FSDP's unsharded weight is used.
 
         A pipeline stage (``neoxt.distributed.pipeline``) is this module with parts removed, as in
         torchtitan's pipelined models: without ``embed`` the input is hidden states [B, T, H], without
@@ -173,6 +179,8 @@ class Transformer(nn.Module):
         if self.final_norm is None:  # a pipeline stage before the last
             return x
         x = self.final_norm(x)
+        if head is not None:
+            return head(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
         if self.lm_head is None:
             return F.linear(x, self.embed.weight)
         return self.lm_head(x)

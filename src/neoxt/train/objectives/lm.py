@@ -18,8 +18,15 @@ import torch
 from torch import nn
 
 from neoxt.distributed.mesh import all_reduce_sum
-from neoxt.train.losses import lm_loss_sum, token_mask
-from neoxt.train.objectives.base import ObjectiveContext, Stateless, StepOutcome, accumulate, forward_logits
+from neoxt.train.losses import token_mask
+from neoxt.train.objectives.base import (
+    ObjectiveContext,
+    Stateless,
+    StepOutcome,
+    accumulate,
+    loss_chunk_size,
+    token_loss_sum,
+)
 
 
 def counted_tokens(micro: list[dict[str, torch.Tensor]], group: Any = None) -> torch.Tensor:
@@ -38,15 +45,17 @@ def accumulate_gradients(
     z_loss: float = 0.0,
     group: Any = None,
     backward: bool = True,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """Backward over one global batch; returns its loss (mean over every counted token, float64).
 
     ``.grad`` receives the gradient of that mean times ``loss_scale`` (``neoxt.train.step`` unscales).
+    ``chunk`` > 0 projects and takes the loss in chunks of that many tokens (no full logits).
     """
     denom = counted_tokens(micro, group).clamp(min=1.0)
 
     def micro_loss(b: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss_sum, _ = lm_loss_sum(forward_logits(model, b, precision), b["labels"], b.get("loss_mask"), z_loss)
+        loss_sum = token_loss_sum(model, b, precision, z_loss, chunk)
         return loss_sum / denom.to(loss_sum.dtype)
 
     return all_reduce_sum(accumulate(micro, micro_loss, loss_scale, backward), group)
@@ -61,13 +70,16 @@ class LMObjective(Stateless):
         self.precision = ctx.cfg.training.precision
         self.z_loss = ctx.cfg.training.z_loss
         self.group = ctx.group
+        self.chunk = loss_chunk_size(ctx.cfg)
 
     def train_batch(self, micro: list[dict[str, torch.Tensor]], loss_scale: float) -> StepOutcome:
-        loss = accumulate_gradients(self.model, micro, self.precision, loss_scale, self.z_loss, self.group)
+        loss = accumulate_gradients(self.model, micro, self.precision, loss_scale, self.z_loss, self.group,
+                                    chunk=self.chunk)
         return StepOutcome(loss=loss)
 
     def eval_batch(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
         count = counted_tokens(micro, self.group)
         # z_loss is a training regulariser: validation reports the plain cross-entropy.
-        loss = accumulate_gradients(self.model, micro, self.precision, 1.0, 0.0, self.group, backward=False)
+        loss = accumulate_gradients(self.model, micro, self.precision, 1.0, 0.0, self.group, backward=False,
+                                    chunk=self.chunk)
         return StepOutcome(loss=loss, tokens=int(count.item()), weight=float(count.item()))

@@ -235,6 +235,9 @@ class CheckpointConfig:
     no_save_rng: bool = False
     no_load_optim: bool = False
     no_load_rng: bool = False
+    # Write checkpoints in the background (neoxt.checkpoint.async_save): training waits only for a
+    # copy of the state; ``latest`` moves when the write is complete.
+    async_save: bool = False
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,9 @@ class ParallelismConfig:
     checkpoint_num_layers: int = 1
     # "full" recomputes whole blocks; "selective" recomputes attention only.
     activation_checkpointing_mode: Literal["full", "selective"] = "full"
+    # What "selective" keeps (torchtitan's options): "attention" recomputes attention only, "op" a
+    # per-op policy over whole blocks, "N" (an integer) fully checkpoints every N-th block.
+    selective_ac_option: str | int = "attention"
     compile: bool = False
     pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
     # Number of data-parallel replica groups for HSDP (shard within, replicate across).

@@ -218,6 +218,8 @@ class TrainingConfig:
     # Tokens per chunk of the output projection + loss (neoxt.train.chunked_loss): the full
     # [tokens, vocab] logits are never held. 0 computes full logits (the plain path).
     loss_chunk_size: int = 1024
+    # float8 training through torchao: "tensorwise" or "rowwise" (neoxt.distributed.float8); CUDA sm89+ only.
+    float8_recipe: str | None = None
     precompute_model_name: str | None = None
 
 

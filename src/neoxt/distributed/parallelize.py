@@ -1,4 +1,4 @@
-"""Turn one ``Transformer`` into its parallel form: TP -> activation checkpointing -> compile -> FSDP2.
+"""Turn one ``Transformer`` into its parallel form: float8 -> TP -> activation checkpointing -> compile -> FSDP2.
 
 How a training loop uses this package (what the tests in tests/distributed do)::
 
@@ -87,6 +87,11 @@ def parallelize(
     ``"mean"`` averages them, for a loss that is each rank's own mean over equal-sized shards.
     """
     par = cfg.parallelism
+    if cfg.training.float8_recipe:  # before FSDP, which must see the Float8Linear weights (checked in setup)
+        from neoxt.distributed.float8 import apply_float8
+
+        sharded = mesh is not None and mesh["dp"].size() > 1
+        apply_float8(model, cfg.training.float8_recipe, fsdp_all_gather=sharded and cfg.training.float8_recipe == "tensorwise")
     if mesh is not None and mesh["tp"].size() > 1:
         # torch 2.13: a vocab-parallel embedding's backward fails when its gradient comes out of a
         # compiled block ('Tensor' object has no attribute '_local_tensor'); keep it replicated then.

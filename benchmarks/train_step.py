@@ -98,7 +98,8 @@ def step_fns(hf, ours, args):
     """One optimizer step each: ours exactly as train() runs it, HF as a plain torch loop."""
     import torch.nn.functional as F
 
-    from neoxt.config.schema import OptimizerConfig
+    from neoxt.config.schema import OptimizerConfig, RunConfig
+    from neoxt.train.objectives.base import loss_chunk_size
     from neoxt.train.objectives.lm import accumulate_gradients
     from neoxt.train.optim import build_optimizer
 
@@ -110,6 +111,7 @@ def step_fns(hf, ours, args):
     hf_data = RandomBatches(args.micro, args.seq, args.vocab)
     our_data = RandomBatches(args.micro, args.seq, args.vocab)
     our_params = [p for p in ours.parameters() if p.requires_grad]
+    chunk = loss_chunk_size(RunConfig()) if args.loss_chunk_size is None else args.loss_chunk_size
 
     def hf_step() -> float:
         micro = [next(hf_data) for _ in range(args.accum)]
@@ -127,7 +129,7 @@ def step_fns(hf, ours, args):
     def our_step() -> float:
         micro = [next(our_data) for _ in range(args.accum)]
         began = time.perf_counter()
-        loss = accumulate_gradients(ours, micro)
+        loss = accumulate_gradients(ours, micro, chunk=chunk)
         torch.nn.utils.clip_grad_norm_(our_params, 1.0, foreach=True)
         loss.item()  # the loop reads the loss and norm every step for its NaN check
         our_opt.step()
@@ -149,6 +151,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps per side (after 3 warm-up steps)")
     p.add_argument("--e2e-steps", type=int, default=10, help="steps of the full train() run (0: skip)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--loss-chunk-size", type=int, default=None,
+                   help="our loss_chunk_size (default: the config default; 0: full logits)")
     p.add_argument("--compile", action="store_true",
                    help="compile our blocks as `compile: true` does (neoxt.distributed.parallelize.apply_compile)")
     args = p.parse_args()

@@ -55,13 +55,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if track else None
         for s, e in _chunks(h.shape[0], chunk):
             logits = (h[s:e] @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
             y, w = targets[s:e], weights[s:e]
             picked = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            # One pass over the [chunk, V] block: exp(logits - max) in place; its row sums give the
+            # log-sum-exp and, divided through, the softmax the gradient needs.
+            top = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(top).exp_()
+            sums = exps.sum(dim=-1, keepdim=True)
+            lse = (top + sums.log()).squeeze(-1)
             total += (w * (lse - picked + z_loss * lse.square())).sum()
             if track:
                 # d/dlogits = w * ((1 + 2 z lse) * softmax - onehot(y))
-                d = torch.exp(logits.sub_(lse.unsqueeze(-1))).mul_((w * (1 + 2 * z_loss * lse)).unsqueeze(-1))
+                d = exps.mul_((w * (1 + 2 * z_loss * lse)).unsqueeze(-1) / sums)
                 d.scatter_add_(-1, y.unsqueeze(-1), -w.unsqueeze(-1))
                 d = d.to(h.dtype)
                 grad_h[s:e] = d @ weight

@@ -41,7 +41,7 @@ def test_float8_bad_recipe_and_tensor_parallel_are_refused():
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_float8_conversion_emulated_keeps_names_and_loss(recipe):
-    pytest.importorskip("torchao.float8")
+    pytest.importorskip("torchao.float8", reason="the float8 extra (pip install 'neoxt[float8]') is not installed")
     from torchao.float8.float8_linear import Float8Linear
 
     from neoxt.distributed.float8 import apply_float8

@@ -13,7 +13,7 @@ Read top to bottom, this file is the model's definition:
    - olmo3: ``x = x + attn_norm(attn(x)); x = x + mlp_norm(mlp(x))`` (norm on the sublayer output)
    - post (original Transformer): ``x = attn_norm(x + attn(x)); x = mlp_norm(x + mlp(x))``
 
-   Attention (``attention.py``): unfused q/k/v/o projections, optional Q/K norms, rotary embeddings
+   Attention (``attention.py``): separate q/k/v/o parameters (q/k/v run as one matmul: ``fused.py``), optional Q/K norms, rotary embeddings
    on the first ``rotary_dim`` dims of each head (optionally scaled for long context, on all layers
    or only the full-attention ones: ``rope.py``), causal SDPA with grouped-query heads, per-layer
    full or sliding-window masks. MLP: ``down(act(up(x)))``, or for gated activations
@@ -38,6 +38,7 @@ from torch import nn
 from neoxt.config.schema import ModelConfig
 from neoxt.errors import ConfigError
 from neoxt.model.attention import Attention, build_mask, check_attention_config
+from neoxt.model.fused import fused_linears
 from neoxt.model.init import init_weights
 from neoxt.model.kv_cache import KVCache
 from neoxt.model.norms import make_norm
@@ -67,7 +68,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
             return self.down(self.act(self.up(x)))
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        gate, up = fused_linears(x, self.gate, self.up)
+        return self.down(self.act(gate) * up)
 
 
 class Block(nn.Module):

@@ -75,3 +75,34 @@ def test_compile_keeps_loss():
     model = _parallel("llama", compile=True, checkpoint_activations=True)
     assert dist_worker.train_plain(model, steps=2) == pytest.approx(ref, abs=2e-5)
     assert counters["stats"]["unique_graphs"] >= 2  # it really compiled (plain and checkpointed)
+
+
+@pytest.mark.parametrize("option", ["op", "2"])
+def test_selective_ac_policies_keep_loss_and_grads_and_save_memory(option):
+    """torchtitan's selective options from the config: per-op policy, every-N-th block."""
+    ref_model = dist_worker.build("llama")
+    tokens, labels = dist_worker.batch()
+    dist_worker.ce(ref_model(tokens), labels).backward()
+    model = _parallel("llama", checkpoint_activations=True, activation_checkpointing_mode="selective",
+                      selective_ac_option=option)
+    loss = dist_worker.ce(model(tokens), labels)
+    loss.backward()
+    torch.testing.assert_close(loss, dist_worker.ce(ref_model(tokens), labels), rtol=0, atol=1e-6)
+    ref_grads = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+    base = _saved_activation_bytes(dist_worker.build("llama"))
+    mem = _saved_activation_bytes(_parallel("llama", checkpoint_activations=True,
+                                            activation_checkpointing_mode="selective", selective_ac_option=option))
+    assert mem < 0.9 * base, (option, mem, base)
+
+
+def test_selective_ac_option_from_yaml_and_bad_value():
+    from neoxt.config import config_from_dict
+    from neoxt.errors import ConfigError
+
+    assert config_from_dict({"selective_ac_option": "op"}).parallelism.selective_ac_option == "op"
+    assert config_from_dict({"selective_ac_option": 2}).parallelism.selective_ac_option == 2
+    with pytest.raises(ConfigError, match="selective_ac_option"):
+        _parallel("llama", checkpoint_activations=True, activation_checkpointing_mode="selective",
+                  selective_ac_option="sometimes")

@@ -140,12 +140,18 @@ def test_sigterm_saves_exits_zero_and_rerun_continues(tmp_path, blend_data):
     assert read_meta(latest_checkpoint(run))["iteration"] >= saved_at + 2
 
 
-def test_kill9_during_checkpoint_write_keeps_previous_and_resumes(tmp_path, blend_data):
-    """Acceptance 2b: SIGKILL inside the write of global_step8: global_step4 stays valid; rerun finishes."""
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_kill9_during_checkpoint_write_keeps_previous_and_resumes(tmp_path, blend_data, async_save):
+    """Acceptance 2b: SIGKILL inside the write of global_step8: global_step4 stays valid; rerun finishes.
+    With ``async_save`` the write is in the background: training goes on past 8 while it is in flight."""
     run = tmp_path / "run"
-    cfg = _write_config(tmp_path / "cfg.yml", _config_dict(blend_data, run, train_iters=10, checkpoint_factor=4))
+    cfg = _write_config(tmp_path / "cfg.yml", _config_dict(blend_data, run, train_iters=10, checkpoint_factor=4,
+                                                           async_save=async_save))
     proc = _neoxt(["train", str(cfg)], env={"NEOXT_TEST_CHECKPOINT_SLEEP": "120@8"})
     _wait_for(lambda: (run / "global_step8.tmp" / "meta.json").exists(), proc)
+    if async_save:  # the loop was not blocked by the write: it reached the end and waits for the save there
+        _wait_for(lambda: _heartbeat_iteration(run) >= 10, proc)
+        assert latest_checkpoint(run).name == "global_step4"
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert latest_checkpoint(run).name == "global_step4"

@@ -64,11 +64,11 @@ def _dist_info() -> tuple[bool, int]:
     return False, 0
 
 
-def _barrier(distributed: bool) -> None:
+def _barrier(distributed: bool, group: Any = None) -> None:
     if distributed:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _fsync_file(path: Path) -> None:
@@ -88,15 +88,26 @@ def save_checkpoint(
     ``state`` is a (nested) dict of tensors and picklable values, e.g. ``{"model": sd, "optimizer":
     osd, "scheduler": {...}, "rng": {...}, "data": {...}}``. Under a process group every rank must call
     this (DCP is collective); rank 0 writes config, meta and ``latest``. An existing checkpoint of the
-    same iteration is replaced. Returns the final checkpoint directory.
+    same iteration is replaced. Returns the final checkpoint directory. ``neoxt.checkpoint.async_save``
+    does the same with the write in the background.
     """
     import torch.distributed.checkpoint as dcp
 
-    from neoxt import __version__
+    tmp = begin_checkpoint(save_dir, iteration)
+    distributed, _ = _dist_info()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
+    except OSError as err:
+        raise CheckpointError(f"{tmp}: cannot write checkpoint: {err}") from err
+    return publish_checkpoint(save_dir, iteration, sorted(state.keys()), config_yaml, meta)
 
+
+def begin_checkpoint(save_dir: str | os.PathLike, iteration: int) -> Path:
+    """Create (empty) ``global_step<iteration>.tmp/``, the directory DCP writes into; collective."""
     save_dir = Path(save_dir)
     distributed, rank = _dist_info()
-    final = save_dir / step_dir_name(iteration)
     tmp = save_dir / (step_dir_name(iteration) + ".tmp")
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -104,21 +115,33 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # leftover of a crashed write
         tmp.mkdir()
     _barrier(distributed)
+    return tmp
 
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
-    except OSError as err:
-        raise CheckpointError(f"{tmp}: cannot write checkpoint: {err}") from err
-    _barrier(distributed)
 
+def publish_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    state_keys: list[str],
+    config_yaml: str,
+    meta: dict[str, Any] | None = None,
+    group: Any = None,
+) -> Path:
+    """Once every rank's DCP files are in ``.tmp``: rank 0 adds config and meta, fsyncs, renames the
+    directory into place and only then points ``latest`` at it. ``group``: the process group of the
+    barriers (a background save uses its own, so it never interleaves with training collectives)."""
+    from neoxt import __version__
+
+    save_dir = Path(save_dir)
+    distributed, rank = _dist_info()
+    final = save_dir / step_dir_name(iteration)
+    tmp = save_dir / (step_dir_name(iteration) + ".tmp")
+    _barrier(distributed, group)
     if rank == 0:
         full_meta = dict(meta or {})
         full_meta["iteration"] = int(iteration)
         full_meta.setdefault("neoxt_version", __version__)
         full_meta.setdefault("time", time.time())
-        full_meta["state_keys"] = sorted(state.keys())
+        full_meta["state_keys"] = list(state_keys)
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         for f in tmp.iterdir():
@@ -137,7 +160,7 @@ def save_checkpoint(
         write_text_atomic(save_dir / LATEST_FILE, final.name + "\n", durable=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(distributed)
+    _barrier(distributed, group)
     return final
 
 

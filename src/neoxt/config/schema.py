@@ -294,6 +294,11 @@ class TrainingConfig:
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     z_loss: float = 0.0
+    # Tokens per chunk of the output projection + loss (neoxt.train.chunked_loss): the full
+    # [tokens, vocab] logits are never held. 0 computes full logits (the plain path).
+    loss_chunk_size: int = 1024
+    # float8 training through torchao: "tensorwise" or "rowwise" (neoxt.distributed.float8); CUDA sm89+ only.
+    float8_recipe: str | None = None
     precompute_model_name: str | None = None
     # REINFORCE (train_impl: reinforce), the fork's keys: per-token KL penalty against the frozen
     # reference (abs / mse / kl of the sampled token's log-ratio, or the full-vocabulary KL), its
@@ -351,6 +356,9 @@ class CheckpointConfig:
     no_save_rng: bool = False
     no_load_optim: bool = False
     no_load_rng: bool = False
+    # Write checkpoints in the background (neoxt.checkpoint.async_save): training waits only for a
+    # copy of the state; ``latest`` moves when the write is complete.
+    async_save: bool = False
 
 
 @dataclass(frozen=True)
@@ -379,6 +387,9 @@ class ParallelismConfig:
     checkpoint_num_layers: int = 1
     # "full" recomputes whole blocks; "selective" recomputes attention only.
     activation_checkpointing_mode: Literal["full", "selective"] = "full"
+    # What "selective" keeps (torchtitan's options): "attention" recomputes attention only, "op" a
+    # per-op policy over whole blocks, "N" (an integer) fully checkpoints every N-th block.
+    selective_ac_option: str | int = "attention"
     compile: bool = False
     pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "gpipe"] = "1f1b"
     # Number of data-parallel replica groups for HSDP (shard within, replicate across).

@@ -1,4 +1,4 @@
-"""Turn one ``Transformer`` into its parallel form: TP -> activation checkpointing -> compile -> FSDP2.
+"""Turn one ``Transformer`` into its parallel form: float8 -> TP -> activation checkpointing -> compile -> FSDP2.
 
 How a training loop uses this package (what the tests in tests/distributed do)::
 
@@ -96,6 +96,11 @@ def parallelize(
     ``"mean"`` averages them, for a loss that is each rank's own mean over equal-sized shards.
     """
     par = cfg.parallelism
+    if cfg.training.float8_recipe:  # before FSDP, which must see the Float8Linear weights (checked in setup)
+        from neoxt.distributed.float8 import apply_float8
+
+        sharded = mesh is not None and mesh["dp"].size() > 1
+        apply_float8(model, cfg.training.float8_recipe, fsdp_all_gather=sharded and cfg.training.float8_recipe == "tensorwise")
     if mesh is not None and mesh["tp"].size() > 1:
         # torch 2.13: a vocab-parallel embedding's backward fails when its gradient comes out of a
         # compiled block ('Tensor' object has no attribute '_local_tensor'); keep it replicated then.
@@ -104,7 +109,8 @@ def parallelize(
         warnings.warn("sequence_parallel needs model_parallel_size > 1; ignored", stacklevel=2)
     if par.checkpoint_activations:
         apply_activation_checkpointing(
-            model, par.activation_checkpointing_mode, par.checkpoint_num_layers, compile=par.compile
+            model, par.activation_checkpointing_mode, par.checkpoint_num_layers, compile=par.compile,
+            option=par.selective_ac_option,
         )
     elif par.compile:
         apply_compile(model)
@@ -223,21 +229,59 @@ def _checkpoint_forward(module: nn.Module, compile: bool = False) -> None:
     module.forward = forward
 
 
-def _checkpoint_block(block: nn.Module, compile: bool = False) -> None:
+def _checkpoint_block(block: nn.Module, compile: bool = False, context_fn=None) -> None:
     """``_checkpoint_forward`` for a ``Block``, whose ``mask_for`` argument is a memoising closure:
-    the mask is resolved before the checkpointed region so the recomputed forward is pure."""
+    the mask is resolved before the checkpointed region so the recomputed forward is pure.
+    ``context_fn``: a per-op selective policy (``_op_policy_contexts``); None recomputes everything."""
     inner = _compiled(block.forward, compile)
+    extra = {} if context_fn is None else {"context_fn": context_fn}
 
     def forward(x, cos, sin, mask_for, kv_cache=None, plain=True):
         mask = mask_for(block.mask_key)
-        return checkpoint(inner, x, cos, sin, lambda _window: mask, kv_cache, plain, use_reentrant=False)
+        return checkpoint(inner, x, cos, sin, lambda _window: mask, kv_cache, plain, use_reentrant=False, **extra)
 
     block.forward = forward
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int = 1, compile: bool = False) -> None:
+def _op_policy_contexts():
+    """torchtitan's per-op selective policy, in our words: inside a checkpointed block keep the
+    outputs of the expensive ops (attention kernels, and every other matmul, so the memory saved is
+    about half of the matmul outputs) and recompute the cheap elementwise ones (norms, activations,
+    RoPE, residual adds). A fresh counter per forward/recompute keeps the two passes' choices equal."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    aten = torch.ops.aten
+    matmuls = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+    always = {getattr(aten, name).default for name in (
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention")
+        if hasattr(aten, name)}
+    counts = {False: 0, True: 0}  # matmuls seen in the forward / in the recompute
+
+    def policy(ctx, func, *args, **kwargs):
+        if func in matmuls:
+            counts[ctx.is_recompute] += 1
+            keep = counts[ctx.is_recompute] % 2 == 1
+        else:
+            keep = func in always
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def _every_nth(option: str) -> int | None:
+    """``selective_ac_option`` "N" (digits): checkpoint every N-th block fully; else None."""
+    return int(option) if option.isdigit() else None
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int = 1, compile: bool = False,
+                                   option: str | int = "attention") -> None:
     """``full``: recompute every block in backward (only block inputs are kept).
-    ``selective``: recompute each block's attention sublayer only (q/k/v, scores, o), keep the MLP's.
+    ``selective``, as ``option`` (``selective_ac_option``) says, torchtitan's choices plus ours:
+    ``attention`` recomputes each block's attention sublayer only (q/k/v, scores, o), keeping the
+    MLP's; ``op`` checkpoints every block with a per-op policy (``_op_policy_contexts``: attention and
+    every other matmul output kept, elementwise ops recomputed); an integer ``N`` fully checkpoints
+    every N-th block (blocks 0, N, 2N, ...) and leaves the others alone.
     ``compile``: also compile what is checkpointed (and, for selective, the MLP) — see ``apply_compile``.
 
     GPT-NeoX's ``checkpoint_num_layers`` > 1 groups several blocks per recompute region to store
@@ -247,21 +291,32 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int 
     """
     if mode not in ("full", "selective"):
         raise ConfigError(f"activation_checkpointing_mode must be 'full' or 'selective', got {mode!r}")
+    option = str(option)  # YAML gives an integer N as an int
+    every = _every_nth(option)
+    if mode == "selective" and option not in ("attention", "op") and not every:
+        raise ConfigError(f"selective_ac_option must be 'attention', 'op' or a positive integer N (every N-th "
+                          f"block), got {option!r}")
     if num_layers > 1 and mode == "full":
         warnings.warn(
             f"checkpoint_num_layers={num_layers}: each block is checkpointed separately (see "
             "neoxt.distributed.parallelize.apply_activation_checkpointing)",
             stacklevel=2,
         )
-    for block in blocks(model):
-        if mode == "selective" and not hasattr(block, "attn"):
+    for index, block in enumerate(blocks(model)):
+        if mode == "full":
+            _checkpoint_block(block, compile)
+        elif option == "attention" and not hasattr(block, "attn"):
             _checkpoint_forward(block.mixer, compile)  # a Mamba block: its mixer is the sublayer
-        elif mode == "selective":
+        elif option == "attention":
             _checkpoint_forward(block.attn, compile)
             if compile:
                 block.mlp.compile()
-        else:
+        elif option == "op":
+            _checkpoint_block(block, compile, context_fn=_op_policy_contexts)
+        elif index % every == 0:
             _checkpoint_block(block, compile)
+        elif compile:
+            block.compile()
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from neoxt.config.schema import ModelConfig
 from neoxt.errors import ConfigError
+from neoxt.model.fused import fused_linears
 from neoxt.model.kv_cache import KVCache
 from neoxt.model.norms import make_norm
 from neoxt.model.rope import apply_rope
@@ -96,7 +97,7 @@ def flex_sliding_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wi
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query attention with unfused q, k, v, o projections."""
+    """Multi-head / grouped-query attention with separate q, k, v, o parameters (q/k/v computed in one matmul)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -133,7 +134,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """``plain``: the mask holds only causality and the window (no padding or document mask)."""
         B, T, _ = x.shape
-        q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = fused_linears(x, self.q, self.k, self.v)
         if self.q_norm is not None and not self.head_qk_norms:
             q, k = self.q_norm(q), self.k_norm(k)
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.

@@ -13,7 +13,7 @@ Read top to bottom, this file is the model's definition:
    - olmo3: ``x = x + attn_norm(attn(x)); x = x + mlp_norm(mlp(x))`` (norm on the sublayer output)
    - post (original Transformer): ``x = attn_norm(x + attn(x)); x = mlp_norm(x + mlp(x))``
 
-   Attention (``attention.py``): unfused q/k/v/o projections, optional Q/K norms, rotary embeddings
+   Attention (``attention.py``): separate q/k/v/o parameters (q/k/v run as one matmul: ``fused.py``), optional Q/K norms, rotary embeddings
    on the first ``rotary_dim`` dims of each head (optionally scaled for long context, on all layers
    or only the full-attention ones: ``rope.py``), causal SDPA with grouped-query heads, per-layer
    full or sliding-window masks. MLP: ``down(act(up(x)))``, or for gated activations
@@ -36,6 +36,7 @@ pure Mamba and hybrid stacks are the same class.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -45,6 +46,7 @@ from torch import nn
 from neoxt.config.schema import MAMBA_TYPES, ModelConfig
 from neoxt.errors import ConfigError
 from neoxt.model.attention import Attention, build_mask, check_attention_config
+from neoxt.model.fused import fused_linears
 from neoxt.model.init import init_weights
 from neoxt.model.kv_cache import KVCache
 from neoxt.model.mamba import PADDING, MambaBlock, check_mamba_config
@@ -76,7 +78,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is None:
             return self.down(self.act(self.up(x)))
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        gate, up = fused_linears(x, self.gate, self.up)
+        return self.down(self.act(gate) * up)
 
 
 def _moe(cfg: ModelConfig) -> MoE:
@@ -154,6 +157,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         key_padding_mask: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, padded_vocab] for tokens [B, T] (values [B, T, 1] with ``value_head``).
 
@@ -161,6 +165,9 @@ class Transformer(nn.Module):
         kv_cache: see ``kv_cache.py``; it is written and advanced by T.
         key_padding_mask [B, S] (True = real token) over every key slot, S = cached + T.
         attn_mask [B, 1, T, S] (True = may attend), ANDed with causality, e.g. document boundaries.
+        head: replaces the output projection: ``head(final hidden [B, T, H], output weight [V, H])``
+        is returned instead of logits, so a loss can project in chunks and never hold the full logits
+        (``neoxt.train.chunked_loss``). It runs inside this forward so FSDP's unsharded weight is used.
 
         A pipeline stage (``neoxt.distributed.pipeline``) is this module with parts removed, as in
         torchtitan's pipelined models: without ``embed`` the input is hidden states [B, T, H], without
@@ -204,6 +211,8 @@ class Transformer(nn.Module):
         if self.final_norm is None:  # a pipeline stage before the last
             return x
         x = self.final_norm(x)
+        if head is not None:
+            return head(x, self.embed.weight if self.lm_head is None else self.lm_head.weight)
         if self.lm_head is None:
             return F.linear(x, self.embed.weight)
         return self.lm_head(x)

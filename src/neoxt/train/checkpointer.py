@@ -171,6 +171,13 @@ class Checkpointer:
         self.say, self.pipelined = say, pipelined
         self.save_iters, self.save_factor = save_iterations(cfg)
         self.last: Path | None = None
+        self.blocked_s: list[float] = []  # how long each save held the training loop
+        self.writer = None
+        self._started = 0.0
+        if cfg.checkpoint.save and cfg.checkpoint.async_save:
+            from neoxt.checkpoint.async_save import AsyncCheckpointWriter
+
+            self.writer = AsyncCheckpointWriter()
 
     def should_save(self, iteration: int) -> bool:
         """An explicit/log-scale save iteration, a ``checkpoint_factor`` multiple, ``exit_interval`` or the end."""
@@ -198,24 +205,58 @@ class Checkpointer:
             state["objective"] = extra
         return state
 
-    def save(self, schedule: LRSchedule, data_state: dict[str, Any] | None = None) -> Path | None:
+    def save(self, schedule: LRSchedule, data_state: dict[str, Any] | None = None, wait: bool = False) -> Path | None:
         """Write ``global_step<iteration>`` (``data_state``: the data position to record instead of the
-        current one, e.g. the start of a step that is being undone), then prune to keep-last-N."""
+        current one, e.g. the start of a step that is being undone), then prune to keep-last-N.
+
+        With ``async_save`` the write continues in the background after this returns (``wait``: not
+        this time); ``finish`` waits for it. Either way ``latest`` moves only once it is complete."""
         c = self.cfg.checkpoint
         if not c.save:
             return None
-        t0 = time.time()
+        t0 = time.perf_counter()
         p = self.progress
+        if self.writer is not None:
+            self.finish()  # one save in flight: the previous one is published (and pruned) first
         state = self._state(schedule.state_dict(p.iteration), data_state)
         meta = {"consumed_tokens": p.consumed_tokens, "consumed_samples": p.consumed_samples,
                 "nan_count": self.counters.nan_count}
-        path = ckpt.save_checkpoint(Path(c.save), p.iteration, state, self.config_yaml, meta)
-        self.say(f"saved checkpoint {path} ({time.time() - t0:.2f} s)")
+        if self.writer is None:
+            path = ckpt.save_checkpoint(Path(c.save), p.iteration, state, self.config_yaml, meta)
+            self.blocked_s.append(time.perf_counter() - t0)
+            self._published(path, t0)
+            return path
+        ticket = self.writer.save(Path(c.save), p.iteration, state, self.config_yaml, meta)
+        self.blocked_s.append(time.perf_counter() - t0)
+        self._started = t0
+        self.say(f"saving checkpoint {ticket.path} in the background (training blocked "
+                 f"{self.blocked_s[-1]:.2f} s)")
+        self.last = ticket.path
+        if wait:
+            self.finish()
+        return ticket.path
+
+    def finish(self) -> None:
+        """Wait for a background save still being written (the end of a run, SIGTERM, an error)."""
+        if self.writer is not None:
+            path = self.writer.wait()
+            if path is not None:
+                self._published(path, self._started)
+
+    def close(self) -> None:
+        """End of the run: wait for the in-flight save, then free the staging buffers."""
+        self.finish()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _published(self, path: Path, t0: float) -> None:
+        c = self.cfg.checkpoint
+        self.say(f"saved checkpoint {path} ({time.perf_counter() - t0:.2f} s)")
         removed = ckpt.prune_checkpoints(c.save, c.keep_last_n_checkpoints) if rank_world()[0] == 0 else []
         for old in removed:
             self.say(f"removed old checkpoint {old}")
         self.last = path
-        return path
 
     def _optimizer_layout(self, ckpt_dir: Path, saved_keys: set[str]) -> tuple[bool, bool]:
         """(load optimizer state?, is it flattened?). The layout is the saving run's: a pipelined run's

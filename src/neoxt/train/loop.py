@@ -70,7 +70,7 @@ def _step(run: Run, result: TrainResult) -> StepResult:
     r = run.stepper.step(micro, lr)
     if r.stop:  # on_nan: stop. Weights and optimizer are untouched; rewind the data to this step's start.
         run.metrics.nan_count = run.counters.nan_count
-        path = run.checkpointer.save(run.schedule, data_before)
+        path = run.checkpointer.save(run.schedule, data_before, wait=True)
         where = f"; last good state saved to {path}" if path else ""
         raise TrainingStopped(f"non-finite {r.describe_stop()} at iteration {p.iteration + 1} (on_nan: stop){where}")
     p.iteration += int(r.advance)
@@ -161,9 +161,12 @@ def train(
     try:
         status = _loop(run, signals, result, on_step, say)
     finally:
-        if own_signals:
-            signals.restore()
-        run.metrics.close(p.iteration, status)
+        try:
+            run.checkpointer.close()  # an async save still being written completes before the run exits
+        finally:
+            if own_signals:
+                signals.restore()
+            run.metrics.close(p.iteration, status)
     result.iteration, result.nan_count = p.iteration, run.counters.nan_count
     result.last_checkpoint = run.checkpointer.last
     if result.status == "finished":

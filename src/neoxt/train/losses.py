@@ -48,11 +48,14 @@ def lm_loss_sum(
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Sum of log p(label) over the counted tokens of each sequence -> [B] (fp32). Used by DPO/KTO."""
-    mask = token_mask(labels, loss_mask)
+    return label_logprobs(logits, labels, token_mask(labels, loss_mask)).sum(-1)
+
+
+def label_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token log p(label) from full logits, in fp32, 0 where ``mask`` is False -> [B, T]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    safe = torch.where(mask, labels, torch.zeros_like(labels))
-    picked = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, picked, torch.zeros_like(picked)).sum(-1)
+    picked = logp.gather(-1, torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, picked, torch.zeros_like(picked))
 
 
 def dpo_loss(

@@ -90,6 +90,9 @@ def check_config(cfg: RunConfig) -> None:
         check(cfg)
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
+    from neoxt.distributed.float8 import check_float8
+
+    check_float8(cfg, default_device())  # float8_recipe: refused in one line where it cannot run
 
 
 def resolve_vocab(cfg: RunConfig) -> RunConfig:

@@ -66,6 +66,9 @@ import torch
 from torch import nn
 
 from neoxt.config.schema import RunConfig
+from neoxt.errors import ConfigError
+from neoxt.train.chunked_loss import linear_cross_entropy, linear_token_logprobs
+from neoxt.train.losses import label_logprobs, lm_loss_sum, token_mask
 from neoxt.train.precision import autocast
 
 
@@ -126,10 +129,46 @@ class Stateless:
         return None
 
 
-def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], precision: str) -> torch.Tensor:
-    """The one micro-batch forward every objective uses: logits under the run's autocast."""
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], precision: str, head: Any = None) -> torch.Tensor:
+    """The one micro-batch forward every objective uses: logits under the run's autocast (or what
+    ``head(final hidden, output weight)`` returns instead, see ``Transformer.forward``)."""
     with autocast(precision, batch["tokens"].device.type):
-        return model(batch["tokens"], positions=batch.get("position_ids"), attn_mask=batch.get("attention_mask"))
+        extra = {} if head is None else {"head": head}
+        return model(batch["tokens"], positions=batch.get("position_ids"), attn_mask=batch.get("attention_mask"),
+                     **extra)
+
+
+def loss_chunk_size(cfg: RunConfig) -> int:
+    """Tokens per output-projection chunk for the run (0: full logits). Tensor parallel keeps full
+    logits: its head is a column-sharded module whose output layout the chunked path would bypass."""
+    chunk = cfg.training.loss_chunk_size
+    if chunk < 0:
+        raise ConfigError(f"loss_chunk_size must be >= 0 (0 turns chunking off), got {chunk}")
+    return 0 if cfg.parallelism.model_parallel_size > 1 else chunk
+
+
+def token_loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], precision: str, z_loss: float = 0.0, chunk: int = 0
+) -> torch.Tensor:
+    """The one LM / SFT loss path: summed cross-entropy (+ z-loss) over the batch's counted tokens,
+    projected in ``chunk``-token pieces when ``chunk`` > 0 (same value and gradients)."""
+    labels, loss_mask = batch["labels"], batch.get("loss_mask")
+    if not chunk:
+        return lm_loss_sum(forward_logits(model, batch, precision), labels, loss_mask, z_loss)[0]
+    mask = token_mask(labels, loss_mask)
+    return forward_logits(model, batch, precision,
+                          head=lambda h, w: linear_cross_entropy(h, w, labels, mask, z_loss, chunk))
+
+
+def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], precision: str, chunk: int = 0) -> torch.Tensor:
+    """The one per-token log p(label) path (fp32, 0 where not counted) -> [B, T], for DPO / KTO and
+    later post-training objectives; chunked like ``token_loss_sum``."""
+    labels = batch["labels"]
+    mask = token_mask(labels, batch.get("loss_mask"))
+    if chunk:
+        return forward_logits(model, batch, precision,
+                              head=lambda h, w: linear_token_logprobs(h, w, labels, mask, chunk))
+    return label_logprobs(forward_logits(model, batch, precision), labels, mask)
 
 
 def accumulate(

@@ -16,8 +16,15 @@ from torch import nn
 
 from neoxt.distributed.mesh import all_reduce_sum
 from neoxt.errors import ConfigError
-from neoxt.train.losses import dpo_loss, sequence_logprobs, token_mask
-from neoxt.train.objectives.base import ObjectiveContext, Stateless, StepOutcome, accumulate, forward_logits
+from neoxt.train.losses import dpo_loss, token_mask
+from neoxt.train.objectives.base import (
+    ObjectiveContext,
+    Stateless,
+    StepOutcome,
+    accumulate,
+    loss_chunk_size,
+    token_logprobs,
+)
 from neoxt.train.objectives.lm import counted_tokens
 from neoxt.train.objectives.reference import frozen_reference
 
@@ -34,9 +41,10 @@ class DPOObjective(Stateless):
         self.model = ctx.parallelize(ctx.model)
         self.parts = [self.model]
         self.beta, self.precision, self.group = t.dpo_beta, t.precision, ctx.group
+        self.chunk = loss_chunk_size(ctx.cfg)
 
     def _logps(self, model: nn.Module, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = sequence_logprobs(forward_logits(model, b, self.precision), b["labels"], b.get("loss_mask"))
+        logp = token_logprobs(model, b, self.precision, self.chunk).sum(-1)
         return logp.chunk(2)
 
     def _reference(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,16 +16,16 @@ import torch
 from neoxt.distributed.mesh import all_reduce_sum
 from neoxt.errors import ConfigError
 from neoxt.train.losses import token_mask
-from neoxt.train.objectives.base import ObjectiveContext, Stateless, StepOutcome, accumulate, forward_logits
+from neoxt.train.objectives.base import (
+    ObjectiveContext,
+    Stateless,
+    StepOutcome,
+    accumulate,
+    loss_chunk_size,
+    token_logprobs,
+)
 from neoxt.train.objectives.lm import counted_tokens
 from neoxt.train.objectives.reference import frozen_reference
-
-
-def _token_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token log p(label) in fp32, zero where ``mask`` is False -> [B, T]."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, torch.where(mask, labels, torch.zeros_like(labels)).unsqueeze(-1)).squeeze(-1)
-    return torch.where(mask, picked, torch.zeros_like(picked))
 
 
 class KTOObjective(Stateless):
@@ -38,6 +38,7 @@ class KTOObjective(Stateless):
         self.parts = [self.model]
         self.beta, self.precision, self.group = t.kto_beta, t.precision, ctx.group
         self.desirable_weight, self.undesirable_weight = t.kto_desirable_weight, t.kto_undesirable_weight
+        self.chunk = loss_chunk_size(ctx.cfg)
 
     def _micro_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         if "reward" not in b:
@@ -50,12 +51,12 @@ class KTOObjective(Stateless):
                 ref = torch.where(mask, b["ref"].float(), torch.zeros_like(b["ref"].float()))
             else:
                 assert self.reference is not None
-                ref = _token_logps(forward_logits(self.reference, b, self.precision), b["labels"], mask)
+                ref = token_logprobs(self.reference, b, self.precision, self.chunk)
             rewards = b["reward"].float()
             seq_reward = rewards.sum(-1)
             scaling = (seq_reward > 0.001).float() * self.desirable_weight
             scaling += (seq_reward < -0.001).float() * self.undesirable_weight
-        pol = _token_logps(forward_logits(self.model, b, self.precision), b["labels"], mask)
+        pol = token_logprobs(self.model, b, self.precision, self.chunk)
         p1, p2 = pol.chunk(2)
         r1, r2 = ref.chunk(2)
         w1, w2 = rewards.chunk(2)

@@ -24,8 +24,15 @@ import torch
 from torch import nn
 
 from neoxt.distributed.mesh import all_reduce_sum
-from neoxt.train.losses import lm_loss_sum, token_mask
-from neoxt.train.objectives.base import ObjectiveContext, Stateless, StepOutcome, accumulate, forward_logits
+from neoxt.train.losses import token_mask
+from neoxt.train.objectives.base import (
+    ObjectiveContext,
+    Stateless,
+    StepOutcome,
+    accumulate,
+    loss_chunk_size,
+    token_loss_sum,
+)
 
 
 def counted_tokens(micro: list[dict[str, torch.Tensor]], group: Any = None) -> torch.Tensor:
@@ -45,17 +52,19 @@ def accumulate_gradients(
     group: Any = None,
     backward: bool = True,
     aux: dict[str, float] | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """Backward over one global batch; returns its loss (mean over every counted token, float64).
 
     ``.grad`` receives the gradient of that mean (plus the MoE auxiliary losses' share, see the module
     docstring) times ``loss_scale`` (``neoxt.train.step`` unscales). ``aux`` (when given) receives this
-    rank's unweighted MoE auxiliary losses.
+    rank's unweighted MoE auxiliary losses. ``chunk`` > 0 projects and takes the loss in chunks of that
+    many tokens (no full logits).
     """
     denom = counted_tokens(micro, group).clamp(min=1.0)
 
     def micro_loss(b: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss_sum, _ = lm_loss_sum(forward_logits(model, b, precision), b["labels"], b.get("loss_mask"), z_loss)
+        loss_sum = token_loss_sum(model, b, precision, z_loss, chunk)
         return loss_sum / denom.to(loss_sum.dtype)
 
     def aux_loss() -> torch.Tensor | float:
@@ -86,14 +95,17 @@ class LMObjective(Stateless):
         self.precision = ctx.cfg.training.precision
         self.z_loss = ctx.cfg.training.z_loss
         self.group = ctx.group
+        self.chunk = loss_chunk_size(ctx.cfg)
 
     def train_batch(self, micro: list[dict[str, torch.Tensor]], loss_scale: float) -> StepOutcome:
         aux: dict[str, float] = {}  # MoE auxiliary losses for the log (empty for dense models)
-        loss = accumulate_gradients(self.model, micro, self.precision, loss_scale, self.z_loss, self.group, aux=aux)
+        loss = accumulate_gradients(self.model, micro, self.precision, loss_scale, self.z_loss, self.group, aux=aux,
+                                    chunk=self.chunk)
         return StepOutcome(loss=loss, metrics=aux)
 
     def eval_batch(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
         count = counted_tokens(micro, self.group)
         # z_loss is a training regulariser: validation reports the plain cross-entropy.
-        loss = accumulate_gradients(self.model, micro, self.precision, 1.0, 0.0, self.group, backward=False)
+        loss = accumulate_gradients(self.model, micro, self.precision, 1.0, 0.0, self.group, backward=False,
+                                    chunk=self.chunk)
         return StepOutcome(loss=loss, tokens=int(count.item()), weight=float(count.item()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from neoxt.errors import NeoxtError
@@ -30,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neoxt",
         description="Train, post-train, convert, generate and evaluate language models (GPT-NeoX compatible).",
+    )
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="unpickle checkpoint files (.metadata, .pt, .bin) without neoxt's allowlist, so any code their "
+             "pickles name runs with your permissions; only for files whose author you trust (may be given "
+             "anywhere on the command line; sets NEOXT_TRUST_CHECKPOINT=1 for launched ranks)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
@@ -60,10 +67,22 @@ def _setup_logging() -> None:
     logger.propagate = False
 
 
+def _take_trust_flag(argv: list[str]) -> list[str]:
+    """``--trust-checkpoint`` is accepted before or after the subcommand; it is recorded in the
+    environment (``neoxt.checkpoint.safety.TRUST_ENV``) so ranks started by a launcher inherit it."""
+    if "--trust-checkpoint" not in argv:
+        return argv
+    from neoxt.checkpoint.safety import TRUST_ENV
+
+    os.environ[TRUST_ENV] = "1"
+    logging.getLogger("neoxt").warning("--trust-checkpoint: checkpoint pickles are unpickled without restriction")
+    return [a for a in argv if a != "--trust-checkpoint"]
+
+
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_take_trust_flag(list(sys.argv[1:] if argv is None else argv)))
     try:
         return int(args.handler(args) or 0)
     except NeoxtError as err:

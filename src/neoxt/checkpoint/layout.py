@@ -212,15 +212,15 @@ def read_dcp_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's DCP index: flattened key ("model.embed.weight", "rng.rank0.torch", ...) →
     storage metadata (``TensorStorageMetadata`` has ``size`` and ``properties.dtype``).
 
-    The one reader of a checkpoint's ``.metadata`` (a pickle): every caller that inspects a checkpoint
-    without loading it goes through here, so an allowlisted unpickler can later be put in one place."""
+    The one reader of a checkpoint's ``.metadata`` (a pickle) outside ``load_state``: unpickled through
+    ``neoxt.checkpoint.safety``'s allowlist, so a hostile file is refused rather than run."""
     import pickle
 
-    from torch.distributed.checkpoint import FileSystemReader
+    from neoxt.checkpoint.safety import safe_reader_and_planner
 
     try:
-        return dict(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        return dict(safe_reader_and_planner(ckpt_dir)[0].read_metadata().state_dict_metadata)
+    except (OSError, RuntimeError, ValueError, EOFError, AttributeError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{ckpt_dir}: cannot read the checkpoint's DCP metadata: {err}") from err
 
 
@@ -242,19 +242,42 @@ def load_state(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> dict[str, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from neoxt.checkpoint.safety import safe_reader_and_planner
+
     ckpt_dir = Path(ckpt_dir)
     if not is_checkpoint_dir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: not a complete neoxt checkpoint (missing {DCP_METADATA_FILE} or {META_FILE})")
     distributed, _ = _dist_info()
+    read_dcp_metadata(ckpt_dir)  # a refused pickle is reported here, not as DCP's fallback's complaint
+    reader, planner = safe_reader_and_planner(ckpt_dir)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not distributed)
+            dcp.load(state, storage_reader=reader, planner=planner, no_dist=not distributed)
+    except CheckpointError:
+        raise
     except (CheckpointException, RuntimeError, KeyError, ValueError) as err:
+        ours = _our_error(err)
+        if ours is not None:
+            raise ours from None
         first = str(err).strip().splitlines()
         detail = _summarise_dcp_error(str(err)) or (first[0] if first else type(err).__name__)
         raise CheckpointError(f"{ckpt_dir}: state does not match the checkpoint: {detail}") from err
     return state
+
+
+def _our_error(err: BaseException) -> CheckpointError | None:
+    """The ``CheckpointError`` (e.g. a refused pickle) that DCP wrapped into its per-rank report, if any."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(err, CheckpointException):
+        for failure in err.failures.values():
+            found = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(found, CheckpointError):
+                return found
+            if isinstance(found, BaseException) and isinstance(found.__cause__ or found.__context__, CheckpointError):
+                return found.__cause__ or found.__context__  # type: ignore[return-value]
+    return None
 
 
 def _summarise_dcp_error(text: str) -> str:

@@ -105,10 +105,12 @@ class HFWeights(Mapping):
 
     def _bin_file(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._bin:
-            try:
-                self._bin[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:  # torch raises many types for a corrupt pickle
-                raise ConversionError(f"{path}: cannot read PyTorch weights ({type(err).__name__}: {err})") from err
+            from neoxt.checkpoint.safety import load_torch_file
+
+            loaded = load_torch_file(path, mmap=True)
+            if not isinstance(loaded, dict):
+                raise ConversionError(f"{path}: holds {type(loaded).__name__}, not a dict of PyTorch weights")
+            self._bin[path] = loaded
         return self._bin[path]
 
     def file_of(self, name: str) -> Path:

@@ -122,9 +122,9 @@ def _inspect_file(path: Path) -> CheckpointInfo:
         return CheckpointInfo(str(path), "safetensors-file", None, tuple(sorted(tensors, key=lambda t: _natural(t.name))))
     import torch
 
-    from neoxt.convert.neox_files import torch_load
+    from neoxt.checkpoint.safety import load_torch_file
 
-    obj = torch_load(path, allow_pickle=True)  # the user named this file: trusted like its checkpoint dir
+    obj = load_torch_file(path, mmap=True)
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, torch.Tensor):

@@ -145,18 +145,20 @@ def test_kill9_during_checkpoint_write_keeps_previous_and_resumes(tmp_path, blen
     run = tmp_path / "run"
     cfg = _write_config(tmp_path / "cfg.yml", _config_dict(blend_data, run, train_iters=10, checkpoint_factor=4))
     proc = _neoxt(["train", str(cfg)], env={"NEOXT_TEST_CHECKPOINT_SLEEP": "120@8"})
-    _wait_for(lambda: (run / "global_step8.tmp" / "meta.json").exists(), proc)
+    _wait_for(lambda: any(run.glob("global_step8.tmp-*/meta.json")), proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert latest_checkpoint(run).name == "global_step4"
-    assert (run / "global_step8.tmp").exists() and not (run / "global_step8").exists()
+    assert any(run.glob("global_step8.tmp-*")) and not (run / "global_step8").exists()
+    assert (run / "neoxt.lock").exists()  # the killed run's lock: stale, taken over by the rerun
 
     proc = _neoxt(["train", str(cfg)])
     out = proc.communicate(timeout=180)[0]
     assert proc.returncode == 0, out
     assert out.splitlines()[0].startswith("resuming from") and "global_step4" in out.splitlines()[0]
     assert latest_checkpoint(run).name == "global_step10"
-    assert not (run / "global_step8.tmp").exists()
+    assert not any(run.glob("global_step8.tmp*"))
+    assert "took over the stale lock" in out and not (run / "neoxt.lock").exists()
 
 
 def test_signal_during_startup_exits_zero_before_the_first_step(tmp_path, blend_data):

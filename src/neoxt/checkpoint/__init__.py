@@ -3,7 +3,7 @@ evaluate all read and write through, so no later stage has to import ``train`` o
 
 - ``layout.py``: the on-disk format (DESIGN.md "Checkpoints"): ``<save>/global_step<N>/`` as a
   torch.distributed.checkpoint directory plus ``config.yml`` and ``meta.json``, the ``latest``
-  pointer, atomic publish (write ``global_step<N>.tmp/``, rename when complete), listing, pruning.
+  pointer, atomic publish (write ``global_step<N>.tmp-<host>-<pid>/``, rename when complete), listing, pruning.
 - ``loading.py``: ``load_model(path)`` for a run directory, a ``global_step<N>`` directory or a
   Hugging Face model directory (the HF name maps live with the model families in ``neoxt.model``).
 
@@ -23,6 +23,7 @@ from neoxt.checkpoint.layout import (
     latest_checkpoint,
     list_checkpoints,
     load_state,
+    point_latest,
     prune_checkpoints,
     read_config_text,
     read_dcp_metadata,
@@ -44,6 +45,6 @@ def load_model(path, device="cpu", dtype=None):
 
 __all__ = [
     "CONFIG_FILE", "LATEST_FILE", "META_FILE", "is_checkpoint_dir", "latest_checkpoint", "list_checkpoints",
-    "load_model", "load_state", "prune_checkpoints", "read_config_text", "read_dcp_metadata", "read_meta", "resolve_checkpoint",
+    "load_model", "load_state", "point_latest", "prune_checkpoints", "read_config_text", "read_dcp_metadata", "read_meta", "resolve_checkpoint",
     "save_checkpoint", "step_dir_name",
 ]

@@ -6,11 +6,13 @@ Layout (see DESIGN.md)::
     <save>/global_step<N>/            a torch.distributed.checkpoint (DCP) directory, plus
                          config.yml   the resolved run config (text given by the caller)
                          meta.json    iteration, consumed tokens/samples, neoxt version, time
+                         checksums.sha256  every other file's sha256 (``integrity.py``), verified on read
 
-A checkpoint is written to ``global_step<N>.tmp/`` and renamed only once every file is complete and
-fsynced, so a crash (or ``kill -9``) at any moment leaves either the previous checkpoint or the new
-one, never half of one. ``latest`` is written to a temporary name and ``os.replace``d for the same
-reason. Readers ignore ``*.tmp`` directories.
+A checkpoint is written to ``global_step<N>.tmp-<host>-<pid>/`` (rank 0's; unique per process, so two
+writers never share one) and renamed only once every file is complete and fsynced, so a crash (or
+``kill -9``) at any moment leaves either the previous checkpoint or the new one, never half of one.
+``latest`` is written to a temporary name and ``os.replace``d for the same reason. Readers ignore
+``*.tmp*`` directories; a writer removes those of dead processes on its host.
 
 DCP is used because it stores each tensor under its fully-qualified name and reshards on load:
 a checkpoint written by an FSDP2 run loads into a plain single-process model and vice versa, and a
@@ -23,11 +25,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from neoxt.checkpoint.integrity import verify_checkpoint, verify_files, write_manifest
 from neoxt.errors import CheckpointError
 from neoxt.io import fsync_dir, write_text_atomic
 
@@ -36,6 +40,7 @@ CONFIG_FILE = "config.yml"
 META_FILE = "meta.json"
 DCP_METADATA_FILE = ".metadata"
 _STEP_RE = re.compile(r"^global_step(\d+)$")
+_TMP_RE = re.compile(r"^global_step\d+\.tmp(?:-(.+)-(\d+))?$")
 
 # Test-only hook: "<seconds>" or "<seconds>@<iteration>": sleep after the files are written and
 # before the rename, so a test can kill the process in the middle of a checkpoint write.
@@ -97,11 +102,10 @@ def save_checkpoint(
     save_dir = Path(save_dir)
     distributed, rank = _dist_info()
     final = save_dir / step_dir_name(iteration)
-    tmp = save_dir / (step_dir_name(iteration) + ".tmp")
+    tmp = save_dir / _temp_name(iteration, distributed)
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # leftover of a crashed write
+        remove_dead_temps(save_dir)
         tmp.mkdir()
     _barrier(distributed)
 
@@ -121,6 +125,8 @@ def save_checkpoint(
         full_meta["state_keys"] = sorted(state.keys())
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
         (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_manifest(tmp, extra=[tmp / CONFIG_FILE, tmp / META_FILE])  # collective: each rank hashes a share
+    if rank == 0:
         for f in tmp.iterdir():
             if f.is_file():
                 _fsync_file(f)
@@ -139,6 +145,40 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     _barrier(distributed)
     return final
+
+
+def _temp_name(iteration: int, distributed: bool) -> str:
+    """``global_step<N>.tmp-<host>-<pid>`` of rank 0, the same on every rank."""
+    name = f"{step_dir_name(iteration)}.tmp-{socket.gethostname()}-{os.getpid()}"
+    if distributed:
+        import torch.distributed as dist
+
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    return name
+
+
+def remove_dead_temps(save_dir: Path) -> list[Path]:
+    """Delete ``global_step<N>.tmp*`` directories left by crashed writers: those of dead processes on this
+    host, and the old unsuffixed ``.tmp`` form. Another live writer's are left alone."""
+    from neoxt.checkpoint.lock import pid_alive
+
+    removed = []
+    for p in save_dir.iterdir():
+        m = _TMP_RE.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        host, pid = m.group(1), m.group(2)
+        if pid is None or (host == socket.gethostname() and not pid_alive(int(pid))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def point_latest(ckpt_dir: Path) -> None:
+    """Make ``<save>/latest`` name ``ckpt_dir`` (an existing ``global_step<N>`` of that save directory)."""
+    write_text_atomic(ckpt_dir.parent / LATEST_FILE, ckpt_dir.name + "\n", durable=True)
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
@@ -190,7 +230,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return p
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run directory")
-    if p.name.endswith(".tmp") and _STEP_RE.match(p.name[:-4]):
+    if _TMP_RE.match(p.name):
         raise CheckpointError(f"{p}: an incomplete checkpoint (interrupted write); use the run directory")
     latest = latest_checkpoint(p)
     if latest is None:
@@ -201,6 +241,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(ckpt_dir) / META_FILE
     try:
+        verify_files(ckpt_dir, META_FILE)
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: missing (not a neoxt checkpoint directory)") from err
@@ -219,6 +260,7 @@ def read_dcp_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     from neoxt.checkpoint.safety import safe_reader_and_planner
 
     try:
+        verify_files(ckpt_dir, DCP_METADATA_FILE)
         return dict(safe_reader_and_planner(ckpt_dir)[0].read_metadata().state_dict_metadata)
     except (OSError, RuntimeError, ValueError, EOFError, AttributeError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{ckpt_dir}: cannot read the checkpoint's DCP metadata: {err}") from err
@@ -227,6 +269,7 @@ def read_dcp_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 def read_config_text(ckpt_dir: str | os.PathLike) -> str:
     path = Path(ckpt_dir) / CONFIG_FILE
     try:
+        verify_files(ckpt_dir, CONFIG_FILE)
         return path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: missing (not a neoxt checkpoint directory)") from err
@@ -248,6 +291,7 @@ def load_state(ckpt_dir: str | os.PathLike, state: dict[str, Any]) -> dict[str, 
     if not is_checkpoint_dir(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: not a complete neoxt checkpoint (missing {DCP_METADATA_FILE} or {META_FILE})")
     distributed, _ = _dist_info()
+    verify_checkpoint(ckpt_dir)  # every file against checksums.sha256 (each rank checks a share)
     read_dcp_metadata(ckpt_dir)  # a refused pickle is reported here, not as DCP's fallback's complaint
     reader, planner = safe_reader_and_planner(ckpt_dir)
     try:

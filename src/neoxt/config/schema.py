@@ -206,6 +206,8 @@ class TrainingConfig:
     exit_interval: int | None = None
     # What a non-finite loss or gradient norm does: skip the update, or save the last good state and stop.
     on_nan: Literal["skip", "stop"] = "skip"
+    # on_nan: skip gives up (status FAILED, exit 2, no save) after this many non-finite steps in a row.
+    max_consecutive_nan: int = 10
     train_impl: str = "normal"  # a registered objective (neoxt.train.objectives), checked there
     dpo_beta: float = 0.1
     dpo_fp32: bool = True

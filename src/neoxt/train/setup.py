@@ -88,6 +88,8 @@ def check_config(cfg: RunConfig) -> None:
         check(cfg)
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
+    if cfg.training.max_consecutive_nan < 1:
+        raise ConfigError(f"max_consecutive_nan must be at least 1, got {cfg.training.max_consecutive_nan}")
 
 
 def resolve_vocab(cfg: RunConfig) -> RunConfig:

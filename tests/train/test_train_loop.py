@@ -335,6 +335,20 @@ def test_resume_with_a_different_architecture_field_is_refused_naming_it(tmp_pat
     assert train(more_dropout, config_to_yaml(more_dropout), data=TrainData(PatternSource()), log=lambda m: None).iteration == 3
 
 
+def test_metrics_never_repeat_an_iteration_after_a_crash_and_resume(tmp_path):
+    """Issue 12: steps logged after the last checkpoint by a crashed run are replayed by the resumed run;
+    metrics.jsonl keeps each iteration once (the replayed values)."""
+    cfg = with_checkpoint(tiny_config(save=tmp_path, train_iters=7), checkpoint_factor=3)
+    train_killed_after(5, cfg, "", data=TrainData(PatternSource()), log=lambda m: None)  # saved at 3, logged 1..5
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 6, "lo')  # a line torn by the crash
+    r = train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
+    assert r.start_iteration == 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["iteration"] for rec in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert records[3]["loss"] == pytest.approx(r.losses[0])
+
+
 def test_plain_load_resumes_fully_into_a_new_save_dir(tmp_path):
     """load without finetune = exact resume from that checkpoint (iteration picks global_step<N>)."""
     a = with_checkpoint(tiny_config(save=tmp_path / "a", train_iters=6), checkpoint_factor=2)

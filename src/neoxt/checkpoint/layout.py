@@ -242,11 +242,18 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(ckpt_dir) / META_FILE
     try:
         verify_files(ckpt_dir, META_FILE)
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise CheckpointError(f"{path}: missing (not a neoxt checkpoint directory)") from err
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    for key in ("iteration", "consumed_tokens", "consumed_samples", "nan_count"):
+        value = meta.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{path}: '{key}' must be a non-negative integer, found {value!r}")
+    return meta
 
 
 def read_dcp_metadata(ckpt_dir: str | os.PathLike) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def join_process_group(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Any,
     return mesh, dp_rank, dp_size, dp_group(mesh)
 
 
-def _metrics(cfg: RunConfig, device: torch.device, rank: int, counters: StepCounters) -> MetricsLogger:
+def _metrics(cfg: RunConfig, device: torch.device, rank: int, counters: StepCounters, start: int) -> MetricsLogger:
     from neoxt.model import flops_per_token
 
     try:
@@ -136,7 +136,7 @@ def _metrics(cfg: RunConfig, device: torch.device, rank: int, counters: StepCoun
         peak_tflops=cfg.logging.peak_theoretical_tflops or default_peak_tflops(device.type),
         log_interval=cfg.logging.log_interval, tensorboard_dir=cfg.logging.tensorboard_dir,
         wandb=wandb_settings(cfg.logging, Path(run_dir) if run_dir else None), enabled=rank == 0,
-        nan_count=counters.nan_count, skipped_count=counters.skipped_count,
+        nan_count=counters.nan_count, skipped_count=counters.skipped_count, start_iteration=start,
     )
 
 
@@ -188,7 +188,7 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
     rank = rank_world()[0]
     return Run(cfg=cfg, device=device, rank=rank, dp_size=dp_size, data=data, objective=objective,
                optimizers=optimizers, schedule=schedule, stepper=stepper, checkpointer=checkpointer,
-               metrics=_metrics(cfg, device, rank, counters), progress=progress, counters=counters,
+               metrics=_metrics(cfg, device, rank, counters, progress.iteration), progress=progress, counters=counters,
                resumed_from=resume_from)
 
 

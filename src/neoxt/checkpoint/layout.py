@@ -201,7 +201,9 @@ def latest_checkpoint(save_dir: str | os.PathLike) -> Path | None:
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8").strip()
         target = save_dir / name
-        if not name or not is_checkpoint_dir(target):
+        if not _STEP_RE.match(name):  # never a path: "../../other_run/global_step60" would resume another run
+            raise CheckpointError(f"{pointer}: names '{name}', expected a global_step<N> directory of {save_dir}")
+        if not is_checkpoint_dir(target):
             raise CheckpointError(
                 f"{pointer}: names '{name}', which is not a complete checkpoint directory in {save_dir}"
             )

@@ -83,6 +83,8 @@ class HFWeights(Mapping):
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ConversionError(f"{index}: not a valid weight index ({err})") from err
         for name, shard in weight_map.items():
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                raise ConversionError(f"{index}: weight_map entry for {name} is {shard!r}, not a file name in {self.dir}")
             path = self.dir / shard
             if not path.is_file():
                 raise ConversionError(f"{index}: shard {shard} is missing (it holds tensor {name})")

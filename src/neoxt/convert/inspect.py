@@ -90,7 +90,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         return _inspect_neox(p)
     latest = p / "latest"
     if latest.is_file():
-        target = p / latest.read_text(encoding="utf-8").strip()
+        tag = latest.read_text(encoding="utf-8").strip()
+        if Path(tag).name != tag or tag in ("", ".", ".."):
+            raise CheckpointError(f"{latest}: names '{tag}', which is not a directory name in {p}")
+        target = p / tag
         if is_checkpoint_dir(target):
             return _inspect_neoxt(target)
         if target.is_dir():

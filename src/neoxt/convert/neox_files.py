@@ -86,6 +86,8 @@ def find_neox_files(path: str | os.PathLike, expected_tp: int | None = None) -> 
     names = os.listdir(p)
     if not any(LAYER_FILE_RE.match(n) or MP_FILE_RE.match(n) for n in names) and (p / "latest").is_file():
         tag = (p / "latest").read_text(encoding="utf-8").strip()
+        if Path(tag).name != tag or tag in ("", ".", ".."):  # a tag names a directory here, never a path
+            raise CheckpointError(f"{p / 'latest'}: names '{tag}', which is not a directory name in {p}")
         if not (p / tag).is_dir():
             raise CheckpointError(f"{p / 'latest'}: names '{tag}', which is not a directory in {p}")
         return find_neox_files(p / tag, expected_tp)

@@ -267,6 +267,7 @@ class ParallelismConfig:
     # Number of data-parallel replica groups for HSDP (shard within, replicate across).
     data_parallel_replicate: int = 1
     dist_timeout_s: float = 1800.0  # collective timeout of the process group (neoxt.distributed.mesh)
+    dist_startup_timeout_s: float = 600.0  # all ranks must join within this (neoxt.distributed.rendezvous)
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ def join_process_group(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Any,
     group with the configured ``dist_timeout_s`` (the only initialisation: see ``init_distributed``)."""
     from neoxt.distributed.mesh import build_mesh, dp_group, dp_rank_size, group_timeout_s, init_distributed
 
-    env = init_distributed(cfg.parallelism.dist_timeout_s)
+    env = init_distributed(cfg.parallelism.dist_timeout_s, cfg.parallelism.dist_startup_timeout_s)
     mesh = build_mesh(cfg.parallelism)
     timeout = group_timeout_s()
     if timeout is not None:

@@ -7,6 +7,7 @@ Handlers import their heavy dependencies (torch, transformers) lazily so ``neoxt
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -67,6 +68,10 @@ def _setup_logging() -> None:
     logger.propagate = False
 
 
+# File-system failures a user fixes (a full or read-only disk, a file where a directory belongs): one line.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
 def _take_trust_flag(argv: list[str]) -> list[str]:
     """``--trust-checkpoint`` is accepted before or after the subcommand; it is recorded in the
     environment (``neoxt.checkpoint.safety.TRUST_ENV``) so ranks started by a launcher inherit it."""
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except NeoxtError as err:
         print(f"neoxt: {err}" if not str(err).startswith("config error") else str(err), file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in _OUTPUT_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"neoxt: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("neoxt: interrupted", file=sys.stderr)

@@ -95,9 +95,7 @@ def save_checkpoint(
     this (DCP is collective); rank 0 writes config, meta and ``latest``. An existing checkpoint of the
     same iteration is replaced. Returns the final checkpoint directory.
     """
-    import torch.distributed.checkpoint as dcp
-
-    from neoxt import __version__
+    from torch.distributed.checkpoint.api import CheckpointException
 
     save_dir = Path(save_dir)
     distributed, rank = _dist_info()
@@ -110,13 +108,41 @@ def save_checkpoint(
     _barrier(distributed)
 
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
-    except OSError as err:
-        raise CheckpointError(f"{tmp}: cannot write checkpoint: {err}") from err
-    _barrier(distributed)
+        _write_files(tmp, state, config_yaml, meta, iteration, distributed, rank)
+    except (OSError, CheckpointException) as err:  # a full or read-only disk: one line, no half checkpoint
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{tmp}: cannot write checkpoint ({_os_reason(err)}); the previous checkpoint "
+                              "is unchanged") from None
 
+    if rank == 0:
+        _test_sleep(iteration)
+
+        old = None
+        if final.exists():
+            old = save_dir / f"{final.name}.old.{os.getpid()}"
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(save_dir)
+        write_text_atomic(save_dir / LATEST_FILE, final.name + "\n", durable=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(distributed)
+    return final
+
+
+def _write_files(tmp: Path, state: dict[str, Any], config_yaml: str, meta: dict[str, Any] | None, iteration: int,
+                 distributed: bool, rank: int) -> None:
+    """Everything of a checkpoint into ``tmp``: DCP files (all ranks), config and meta (rank 0), the
+    checksum manifest (collective), fsynced."""
+    import torch.distributed.checkpoint as dcp
+
+    from neoxt import __version__
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
+    _barrier(distributed)
     if rank == 0:
         full_meta = dict(meta or {})
         full_meta["iteration"] = int(iteration)
@@ -132,19 +158,16 @@ def save_checkpoint(
                 _fsync_file(f)
         fsync_dir(tmp)
 
-        _test_sleep(iteration)
 
-        old = None
-        if final.exists():
-            old = save_dir / f"{final.name}.old.{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(save_dir)
-        write_text_atomic(save_dir / LATEST_FILE, final.name + "\n", durable=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier(distributed)
-    return final
+def _os_reason(err: BaseException) -> str:
+    """The OS error behind ``err`` (DCP wraps each rank's failure), as one phrase."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    if isinstance(err, OSError):
+        return f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _temp_name(iteration: int, distributed: bool) -> str:

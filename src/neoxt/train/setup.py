@@ -90,6 +90,12 @@ def check_config(cfg: RunConfig) -> None:
         raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
     if cfg.training.max_consecutive_nan < 1:
         raise ConfigError(f"max_consecutive_nan must be at least 1, got {cfg.training.max_consecutive_nan}")
+    from neoxt.io import check_writable
+
+    for key, path in (("save", cfg.checkpoint.save), ("log_dir", cfg.logging.log_dir),
+                      ("tensorboard_dir", cfg.logging.tensorboard_dir)):
+        if path:  # writable now, not at the first checkpoint hours later
+            check_writable(path, key, directory=True)
 
 
 def resolve_vocab(cfg: RunConfig) -> RunConfig:

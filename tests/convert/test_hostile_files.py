@@ -14,6 +14,7 @@ import torch
 import yaml
 from test_neox_import import build_hf, hf_to_neox_shards, write_neox
 
+from neoxt.checkpoint.integrity import write_manifest
 from neoxt.cli import main
 
 MARKER_NAME = "PWNED"
@@ -69,6 +70,7 @@ def world(tmp_path_factory, tiny_tokenizer_dir):
         md = pickle.load(f)
     md.planner_data = Payload(marker)
     (bad_md / ".metadata").write_bytes(pickle.dumps(md))
+    write_manifest(bad_md)  # the author of a hostile file makes its checksums match too
     # A DCP non-tensor value (what resuming a run reads: schedule, RNG, data position).
     bad_value = save_checkpoint(root / "bad_value", 3, {"model": sd, "scheduler": {**SCHEDULE, "decay_style": Payload(marker)}},
                                 config_to_yaml(cfg))
@@ -115,7 +117,7 @@ def test_dcp_metadata_payload_is_refused_by_every_command(world, tmp_path, capsy
     assert not (tmp_path / "hf").exists() and not (tmp_path / "nx").exists()
     for extra in ({"load": str(bad)}, {"load": str(bad), "finetune": True}):
         _refused(["train", str(_train_config(tmp_path, corpus_dataset, **extra))], marker, capsys, name)
-        assert not (tmp_path / "save").exists()
+        assert not any((tmp_path / "save").glob("*"))  # at most the (checked-writable) empty save dir
 
 
 def test_dcp_value_payload_is_refused_on_resume(world, tmp_path, capsys, corpus_dataset):

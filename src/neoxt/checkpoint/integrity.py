@@ -25,6 +25,7 @@ from pathlib import Path
 from neoxt.errors import CheckpointError
 
 MANIFEST_FILE = "checksums.sha256"
+REHASH_COMMAND = f"sha256sum .metadata * > {MANIFEST_FILE}"  # what a user runs after editing a file on purpose
 _CHUNK = 8 << 20
 
 
@@ -101,7 +102,8 @@ def read_manifest(ckpt_dir: Path) -> dict[str, str] | None:
         if not sep or len(digest) != 64 or not name or "/" in name or not name.isprintable() \
                 or any(c not in "0123456789abcdef" for c in digest):
             raise CheckpointError(f"{path}:{n}: not a '<sha256>  <file>' line (the manifest is damaged)")
-        out[name] = digest
+        if name != MANIFEST_FILE:  # a hand-made manifest (REHASH_COMMAND) lists itself
+            out[name] = digest
     return out
 
 
@@ -116,8 +118,9 @@ def _mismatch(ckpt_dir: Path, manifest: dict[str, str], names: list[str]) -> str
     actual = _hash_many(paths)
     for name in names:
         if actual[name] != manifest[name]:
-            return (f"{ckpt_dir / name}: checksum mismatch (the file changed after it was saved: disk or "
-                    f"copy corruption); expected sha256 {manifest[name][:16]}…, found {actual[name][:16]}…")
+            return (f"{ckpt_dir / name}: checksum mismatch (changed after it was saved: disk or copy corruption); "
+                    f"expected sha256 {manifest[name][:16]}…, found {actual[name][:16]}… (edited on purpose? "
+                    f"in that directory run: {REHASH_COMMAND})")
     return None
 
 

@@ -28,7 +28,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "checkpoint_factor": (0, 10**12), "keep_last_n_checkpoints": (0, 10**9), "max_consecutive_nan": (1, 10**9),
     "hysteresis": (1, 10**9), "loss_scale_window": (1, 10**12), "initial_scale_power": (0, 126),
     "loss_scale": (0, 2.0**126), "min_loss_scale": (0, 2.0**126),
-    "lr": (0, 1e6), "min_lr": (0, 1e6), "weight_decay": (0, 1e6), "gradient_clipping": (0, INF), "eps": (0, 1),
+    "lr": (0, INF), "min_lr": (0, INF), "weight_decay": (0, 1e6), "gradient_clipping": (0, INF), "eps": (0, 1),
     "momentum": (0, 1), "warmup": (0, INF), "warmup_iters": (0, INF),
     "rotary_pct": (0, 1), "rotary_emb_base": (1e-9, INF), "layernorm_epsilon": (0, 1), "rms_norm_epsilon": (0, 1),
     "attention_dropout": (0, 0.999999), "hidden_dropout": (0, 0.999999), "init_method_std": (0, 1e6),

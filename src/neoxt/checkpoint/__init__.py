@@ -7,10 +7,13 @@ evaluate all read and write through, so no later stage has to import ``train`` o
 - ``loading.py``: ``load_model(path)`` for a run directory, a ``global_step<N>`` directory or a
   Hugging Face model directory (the HF name maps live with the model families in ``neoxt.model``).
 
-Room left here, by design, for what guards untrusted files (DESIGN.md "Untrusted files"): restricted
-unpickling (an allowlist for DCP metadata and ``.pt`` files), per-file checksums written at save and
-verified at load, and a run lock held in ``save`` — each as its own module in this package, called
-from ``layout.py`` so every reader and writer gets them.
+What guards untrusted files and shared directories (DESIGN.md "Untrusted files"), each its own module
+called from ``layout.py`` so every reader and writer gets it:
+
+- ``safety.py``: no pickle runs code (allowlisted unpickler for DCP ``.metadata``, weights-only loads
+  with DeepSpeed's plain-data globals for values and ``.pt``/``.bin``; ``--trust-checkpoint``).
+- ``integrity.py``: ``checksums.sha256`` written with each checkpoint, verified when it is read.
+- ``lock.py``: one training run per ``save`` directory (``neoxt.lock``).
 
 The names below are the package's public surface (``from neoxt import checkpoint as ckpt``).
 """

@@ -27,3 +27,7 @@ class CheckpointError(NeoxtError):
 
 class ConversionError(NeoxtError):
     """A conversion between checkpoint formats cannot proceed (unknown architecture, bad shapes)."""
+
+
+class OutputError(NeoxtError):
+    """An output cannot be written (read-only or full file system, a file where a directory belongs)."""

@@ -148,6 +148,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if getattr(args, "sample_output_file", None):
+        from neoxt.io import check_writable
+
+        check_writable(args.sample_output_file, "--sample-output-file")  # before loading the model
     inf = load_for_inference(args)
     gen = _generation_config(args, inf.cfg.generation)
     params = sampling_params(gen, args.stop)
@@ -178,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"num_samples must be >= 1, got {gen.num_samples}")
         texts = [""] * gen.num_samples
         out_path = gen.sample_output_file
+    if out_path:
+        from neoxt.io import check_writable
+
+        check_writable(out_path, "sample_output_file")  # before the generation, not after it
     log.info("generate: %d prompt(s), %s, maximum_tokens %d", len(texts), gen.text_gen_type, params.maximum_tokens)
     records = generate_texts(inf.model, inf.tokenizer, texts, params, batch_size=args.batch_size,
                              on_batch=_progress(len(texts), "generate"), **common)

@@ -72,6 +72,28 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, mode: int | None = 
     return Path(path)
 
 
+def check_writable(path: str | os.PathLike, what: str, *, directory: bool = False) -> Path:
+    """Fail before the work, not after it: ``path`` (a directory, or a file to be written) can be
+    created there. Creates missing parent directories and writes/removes a probe file.
+    Raises ``OutputError`` naming ``what`` (the key or flag) and the path."""
+    from neoxt.errors import OutputError
+
+    p = Path(path)
+    folder = p if directory else p.parent
+    try:
+        if p.exists() and p.is_dir() != directory:
+            kind = "a directory" if p.is_dir() else "a file"
+            raise OutputError(f"{what}: {p} is {kind}; expected {'a directory' if directory else 'a file path'}")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".neoxt-write-test-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"{what}: cannot write to {p} ({err.strerror or err})") from None
+    return p
+
+
 def temp_dir_beside(out: Path, error: type[Exception] = OSError, *, replace: bool = False) -> Path:
     """A fresh hidden directory next to ``out`` (same filesystem, so the final rename is atomic).
 

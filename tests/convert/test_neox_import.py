@@ -9,6 +9,8 @@ with HF: same tensors, same logits.
 from __future__ import annotations
 
 import argparse
+import random
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +188,12 @@ def write_neox(ranks: list[dict[str, torch.Tensor]], out: Path, layout: str, ite
         "skipped_steps": 0, "dp_world_size": 1, "mp_world_size": len(ranks), "ds_version": "0.10.0",
         "iteration": iteration, "ds_config": argparse.Namespace(fp16=False),  # non-tensor pickles, as DeepSpeed writes
         "np_rng_state": np.random.get_state(), "args": {"num_layers": 2},
+        # The rest of DeepSpeed's engine dict and GPT-NeoX's client state (megatron/checkpointing.py).
+        "param_shapes": [OrderedDict((k, v.shape) for k, v in ranks[0].items())], "frozen_param_shapes": None,
+        "shared_params": {}, "frozen_param_fragments": None, "data_sampler": None, "random_ltd": None,
+        "sparse_tensor_module_names": set(), "global_samples": 8 * iteration,
+        "random_rng_state": random.getstate(), "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.get_rng_state(), "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()},
     }
     for r, shard in enumerate(ranks):
         if layout == "sequential":
@@ -437,22 +445,29 @@ class LossScalerLike:
         self.scale = scale
 
 
-def test_engine_pickles_load_and_layer_files_stay_weights_only(tmp_path, caplog):
+def test_engine_pickles_load_and_other_objects_need_trust(tmp_path, caplog, monkeypatch):
+    """Plain DeepSpeed engine state (numpy RNG, Namespace) loads weights-only; a DeepSpeed object such as
+    an fp16 optimizer's loss scaler is refused naming its class, and loads only with --trust-checkpoint."""
     import logging
 
     ranks = hf_to_neox_shards(build_hf("llama"), "llama", 1)
     step = write_neox(ranks, tmp_path / "a", "sequential")
-    with caplog.at_level(logging.INFO, logger="neoxt.convert.neox_files"):
+    with caplog.at_level(logging.INFO, logger="neoxt"):
         neox.read_neox_checkpoint(step, model_config("llama"))  # numpy RNG + Namespace: weights-only path
-    assert "weights_only=False" not in caplog.text
+    assert "without restriction" not in caplog.text
 
     mp = step / "mp_rank_00_model_states.pt"
     state = torch.load(mp, weights_only=False)
     state["loss_scaler"] = LossScalerLike(2.0)
     torch.save(state, mp)
-    with caplog.at_level(logging.INFO, logger="neoxt.convert.neox_files"):
+    with pytest.raises(CheckpointError) as err:
+        neox.read_neox_checkpoint(step, model_config("llama"))
+    assert "mp_rank_00_model_states.pt" in _one_line(err) and "LossScalerLike" in _one_line(err)
+    monkeypatch.setenv("NEOXT_TRUST_CHECKPOINT", "1")
+    with caplog.at_level(logging.INFO, logger="neoxt"):
         res = neox.read_neox_checkpoint(step, model_config("llama"))
-    assert "weights_only=False" in caplog.text and res.iteration == 7
+    assert "without restriction" in caplog.text and res.iteration == 7
+    monkeypatch.delenv("NEOXT_TRUST_CHECKPOINT")
 
     step = write_neox(ranks, tmp_path / "b", "pipeline")
     layer = step / "layer_02-model_00-model_states.pt"

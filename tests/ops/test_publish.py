@@ -18,6 +18,7 @@ import pytest
 from hubserver import FakeHub
 
 from conftest import CHAT_TEMPLATE, CORPUS, REPO, run_neoxt_train
+from neoxt.checkpoint.integrity import REHASH_COMMAND
 from neoxt.cli import main
 
 FAST_RETRY = ["--retry-min-wait", "0.01", "--retry-max-wait", "0.05"]
@@ -217,6 +218,8 @@ def test_missing_chat_template_fails_before_any_upload(trained_run, hub_env, tmp
         (bare_tok / "tokenizer.json").write_bytes(Path(cfg["vocab_file"]).read_bytes())
         cfg["vocab_file"] = str(bare_tok / "tokenizer.json")
         cfg_path.write_text(yaml.safe_dump(cfg))
+        # An edit on purpose: refresh the checksums as the mismatch message says (issue 12's integrity check).
+        subprocess.run(["bash", "-c", REHASH_COMMAND], cwd=run / step, check=True)
     assert main(["publish", str(run), "--org", "me", "--steps", "2", *FAST_RETRY]) == 2
     err = capsys.readouterr().err
     assert "global_step2/config.yml: no chat_template" in err and len(err.strip().splitlines()) == 1

@@ -171,7 +171,25 @@ def test_on_nan_stop_saves_last_good_state_and_resumes(tmp_path):
     assert r.start_iteration == 3 and r.iteration == 6 and r.nan_count == 1
 
 
-def test_finetune_then_automatic_resume_without_config_edits(tmp_path):
+def test_on_nan_skip_gives_up_after_max_consecutive_nan_keeping_the_last_finite_checkpoint(tmp_path):
+    """Issue 12: a run that keeps producing NaN under on_nan: skip stops (FAILED, TrainingStopped → exit 2)
+    after max_consecutive_nan steps in a row instead of saving and saying "finished"; an isolated NaN
+    only resets the streak."""
+    from neoxt.model import Transformer
+
+    cfg = tiny_config(save=tmp_path, train_iters=12, gradient_accumulation_steps=1, max_consecutive_nan=3)
+    cfg = with_checkpoint(cfg, checkpoint_factor=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    _nan_at(model, {1, 4, 5, 6, 7, 8})  # step 2 alone (streak reset by step 3), then steps 5, 6, 7: give up
+    with pytest.raises(TrainingStopped, match="3 consecutive non-finite steps up to iteration 7"):
+        train(cfg, "", data=TrainData(PatternSource()), model=model, log=lambda m: None)
+    # global_step6 was saved mid-streak (after NaN steps 5 and 6); latest goes back to global_step4.
+    assert latest_checkpoint(tmp_path).name == "global_step4"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["global_step2", "global_step4", "global_step6"]
+    hb = json.loads((tmp_path / "heartbeat.json").read_text())
+    assert hb["status"] == "failed" and hb["nan_count"] == 4
+
     base = train(
         with_checkpoint(tiny_config(save=tmp_path / "base", train_iters=3), checkpoint_factor=3),
         "", data=TrainData(PatternSource(seed=5)), log=lambda m: None,
@@ -298,6 +316,37 @@ def test_resume_with_a_different_model_shape_is_a_checkpoint_error(tmp_path):
     wider = replace(wider, model=replace(wider.model, intermediate_size=96))
     with pytest.raises(CheckpointError, match=r"global_step2.*mlp"):
         train(wider, "", data=TrainData(PatternSource()), log=lambda m: None)
+
+
+def test_resume_with_a_different_architecture_field_is_refused_naming_it(tmp_path):
+    """Issue 12: same shapes, other function (norm type): refused before anything loads, naming the field."""
+    from neoxt.config import config_to_yaml
+    from neoxt.errors import CheckpointError
+
+    cfg = tiny_config(save=tmp_path, train_iters=2)
+    train(cfg, config_to_yaml(cfg), data=TrainData(PatternSource()), log=lambda m: None)
+    rms = tiny_config(save=tmp_path, train_iters=4)
+    rms = replace(rms, model=replace(rms.model, norm="rmsnorm", use_bias_in_norms=False))
+    with pytest.raises(CheckpointError, match=r"global_step2/config.yml: model field 'norm' is 'layernorm' in the "
+                                              r"checkpoint but 'rmsnorm' in the config"):
+        train(rms, config_to_yaml(rms), data=TrainData(PatternSource()), log=lambda m: None)
+    assert latest_checkpoint(tmp_path).name == "global_step2"
+    more_dropout = replace(cfg, model=replace(cfg.model, hidden_dropout=0.1), training=replace(cfg.training, train_iters=3))
+    assert train(more_dropout, config_to_yaml(more_dropout), data=TrainData(PatternSource()), log=lambda m: None).iteration == 3
+
+
+def test_metrics_never_repeat_an_iteration_after_a_crash_and_resume(tmp_path):
+    """Issue 12: steps logged after the last checkpoint by a crashed run are replayed by the resumed run;
+    metrics.jsonl keeps each iteration once (the replayed values)."""
+    cfg = with_checkpoint(tiny_config(save=tmp_path, train_iters=7), checkpoint_factor=3)
+    train_killed_after(5, cfg, "", data=TrainData(PatternSource()), log=lambda m: None)  # saved at 3, logged 1..5
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 6, "lo')  # a line torn by the crash
+    r = train(cfg, "", data=TrainData(PatternSource()), log=lambda m: None)
+    assert r.start_iteration == 3
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["iteration"] for rec in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert records[3]["loss"] == pytest.approx(r.losses[0])
 
 
 def test_plain_load_resumes_fully_into_a_new_save_dir(tmp_path):

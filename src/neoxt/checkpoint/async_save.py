@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neoxt.checkpoint.layout import _dist_info, begin_checkpoint, publish_checkpoint
+from neoxt.checkpoint.layout import (
+    _dist_info,
+    abandon_checkpoint,
+    begin_checkpoint,
+    publish_checkpoint,
+    step_dir_name,
+)
 from neoxt.errors import CheckpointError
 
 
@@ -62,6 +68,7 @@ class AsyncCheckpointWriter:
              meta: dict[str, Any] | None = None) -> SaveTicket:
         """Start saving ``state`` as ``global_step<iteration>``; returns once it is staged (a copy)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
         began = time.perf_counter()
         self.wait()
@@ -78,12 +85,12 @@ class AsyncCheckpointWriter:
         def finish() -> Path:
             try:
                 written.result()
-            except OSError as err:
-                raise CheckpointError(f"{tmp}: cannot write checkpoint: {err}") from err
-            return publish_checkpoint(save_dir, iteration, keys, config_yaml, meta, group=group)
+            except (OSError, CheckpointException) as err:  # a full or read-only disk: one line
+                abandon_checkpoint(tmp, err)
+            return publish_checkpoint(save_dir, iteration, tmp, keys, config_yaml, meta, group=group)
 
         self._pending = self._publisher.submit(finish)
-        self._pending_path = Path(save_dir) / tmp.name.removesuffix(".tmp")
+        self._pending_path = Path(save_dir) / step_dir_name(iteration)
         return SaveTicket(self._pending_path, time.perf_counter() - began)
 
     @property

@@ -83,6 +83,8 @@ class HFWeights(Mapping):
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ConversionError(f"{index}: not a valid weight index ({err})") from err
         for name, shard in weight_map.items():
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                raise ConversionError(f"{index}: weight_map entry for {name} is {shard!r}, not a file name in {self.dir}")
             path = self.dir / shard
             if not path.is_file():
                 raise ConversionError(f"{index}: shard {shard} is missing (it holds tensor {name})")
@@ -105,10 +107,12 @@ class HFWeights(Mapping):
 
     def _bin_file(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._bin:
-            try:
-                self._bin[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:  # torch raises many types for a corrupt pickle
-                raise ConversionError(f"{path}: cannot read PyTorch weights ({type(err).__name__}: {err})") from err
+            from neoxt.checkpoint.safety import load_torch_file
+
+            loaded = load_torch_file(path, mmap=True)
+            if not isinstance(loaded, dict):
+                raise ConversionError(f"{path}: holds {type(loaded).__name__}, not a dict of PyTorch weights")
+            self._bin[path] = loaded
         return self._bin[path]
 
     def file_of(self, name: str) -> Path:

@@ -18,7 +18,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from neoxt.config import neox_keys
+from neoxt.config import neox_keys, ranges
 from neoxt.config.coerce import coerce
 from neoxt.config.files import Entry, merge_entries, normalize_key, read_config_file
 from neoxt.config.mlp import MlpWidths, fork_widths, mamba_width, upstream_widths
@@ -107,6 +107,7 @@ class _Resolver:
 
 def resolve(entries: dict[str, Entry], sources: tuple[str, ...], world_size: int | None = None) -> RunConfig:
     r = _Resolver(entries)
+    ranges.check_entries(entries)  # before anything divides by a value
     ignored: list[str] = []
     for key, entry in entries.items():
         if key in neox_keys.IGNORED:
@@ -156,6 +157,8 @@ def resolve(entries: dict[str, Entry], sources: tuple[str, ...], world_size: int
     _check_consistency(r)
 
     sections = {s: _section_class(s)(**r.values[s]) for s in SECTIONS}
+    nested_source = r.src("optimizer") if "optimizer" in entries else ", ".join(sources) or "default"
+    ranges.check_sections(sections, lambda key: r.src(key) if key in entries else nested_source)
     return RunConfig(**sections, source_files=sources)
 
 

@@ -285,6 +285,8 @@ class TrainingConfig:
     exit_interval: int | None = None
     # What a non-finite loss or gradient norm does: skip the update, or save the last good state and stop.
     on_nan: Literal["skip", "stop"] = "skip"
+    # on_nan: skip gives up (status FAILED, exit 2, no save) after this many non-finite steps in a row.
+    max_consecutive_nan: int = 10
     train_impl: str = "normal"  # a registered objective (neoxt.train.objectives), checked there
     dpo_beta: float = 0.1
     dpo_fp32: bool = True
@@ -397,6 +399,7 @@ class ParallelismConfig:
     dist_timeout_s: float = 1800.0  # collective timeout of the process group (neoxt.distributed.mesh)
     # Expert parallelism: MoE experts split over this many data-parallel ranks (tokens all-to-all).
     moe_expert_parallel_size: int = 1
+    dist_startup_timeout_s: float = 600.0  # all ranks must join within this (neoxt.distributed.rendezvous)
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,26 @@ def _register_inspect(conv: argparse._SubParsersAction) -> None:
     p = conv.add_parser("inspect", help="what a checkpoint (neoxt, HF, GPT-NeoX) holds: iteration, tensors, parameters")
     p.add_argument("path", metavar="PATH", help="neoxt run dir or global_stepN, HF model dir, GPT-NeoX global_stepN")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--verify", action="store_true",
+                   help="also check every file of a neoxt checkpoint against its checksums.sha256 (reads all of it)")
     p.set_defaults(handler=run_inspect)
+
+
+def _verify(info) -> None:
+    """``inspect --verify``: a mismatch is a CheckpointError (exit 2); the outcome is one stderr line."""
+    from pathlib import Path
+
+    from neoxt.checkpoint.integrity import MANIFEST_FILE, verify_checkpoint
+
+    if info.format != "neoxt":
+        print(f"neoxt: {info.path}: nothing to verify ({info.format} checkpoints carry no checksums)", file=sys.stderr)
+        return
+    n = verify_checkpoint(Path(info.path))
+    if n is None:
+        print(f"neoxt: {info.path}: no {MANIFEST_FILE} (saved before neoxt recorded checksums); not verified",
+              file=sys.stderr)
+    else:
+        print(f"neoxt: {info.path}: all {n} files match {MANIFEST_FILE}", file=sys.stderr)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -171,6 +190,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from neoxt.convert.inspect import format_table, inspect_checkpoint
 
     info = inspect_checkpoint(args.path)
+    if getattr(args, "verify", False):
+        _verify(info)
     text = json.dumps(info.to_json(), indent=2) if getattr(args, "json", False) else format_table(info)
     try:
         print(text, flush=True)

@@ -90,7 +90,10 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointInfo:
         return _inspect_neox(p)
     latest = p / "latest"
     if latest.is_file():
-        target = p / latest.read_text(encoding="utf-8").strip()
+        tag = latest.read_text(encoding="utf-8").strip()
+        if Path(tag).name != tag or tag in ("", ".", ".."):
+            raise CheckpointError(f"{latest}: names '{tag}', which is not a directory name in {p}")
+        target = p / tag
         if is_checkpoint_dir(target):
             return _inspect_neoxt(target)
         if target.is_dir():
@@ -122,9 +125,9 @@ def _inspect_file(path: Path) -> CheckpointInfo:
         return CheckpointInfo(str(path), "safetensors-file", None, tuple(sorted(tensors, key=lambda t: _natural(t.name))))
     import torch
 
-    from neoxt.convert.neox_files import torch_load
+    from neoxt.checkpoint.safety import load_torch_file
 
-    obj = torch_load(path, allow_pickle=True)  # the user named this file: trusted like its checkpoint dir
+    obj = load_torch_file(path, mmap=True)
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, torch.Tensor):

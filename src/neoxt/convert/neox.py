@@ -52,10 +52,8 @@ Export (``neoxt-to-neox``) writes current upstream names (``mlp.linear1``/``line
 and ``configs/``. It holds weights only -- no optimizer, scheduler or RNG state -- so GPT-NeoX should
 load it with ``finetune: true`` (or ``no_load_optim`` + ``no_load_rng``).
 
-Pickles: layer files are plain tensor dicts and load with ``weights_only=True``. ``mp_rank`` files
-hold DeepSpeed engine state (argparse/numpy/DeepSpeed objects) that the weights-only unpickler may
-refuse; for those files -- and only files inside the checkpoint directory the user named -- we fall
-back to ``weights_only=False``, i.e. we trust the user's own checkpoint as DeepSpeed itself does.
+Pickles: read through ``neoxt.checkpoint.safety`` (weights-only plus the plain data DeepSpeed and
+GPT-NeoX store); anything else is refused unless the user passes ``--trust-checkpoint``.
 """
 
 from __future__ import annotations

@@ -7,11 +7,9 @@ Pipeline (``pipe_parallel_size >= 1``): ``layer_<idx:02d>-model_<tp:02d>-model_s
 layer's plain state dict; ``mp_rank_XX_model_states.pt`` then has ``module: None`` plus the client
 state (``iteration``, ``args``).
 
-Pickles: layer files are plain tensor dicts and load with ``weights_only=True``. ``mp_rank`` files
-hold DeepSpeed engine state (argparse/numpy/DeepSpeed objects) that the weights-only unpickler may
-refuse; for those files -- and only files inside the checkpoint directory the user named -- we fall
-back to ``weights_only=False``, i.e. we trust the user's own checkpoint as DeepSpeed itself does.
-(The restricted unpickler planned for ``neoxt.checkpoint`` replaces that fallback.)
+Pickles: every file loads with the weights-only unpickler plus the plain-data classes DeepSpeed and
+GPT-NeoX store (numpy RNG state, ``argparse.Namespace``); see ``neoxt.checkpoint.safety``. A file that
+needs anything else is refused naming the class, unless the user passes ``--trust-checkpoint``.
 """
 
 from __future__ import annotations
@@ -69,65 +67,11 @@ class NeoxFiles:
         return self.path / f"mp_rank_{rank:02d}_model_states.pt"
 
 
-# Non-tensor globals DeepSpeed engine files hold that are plain data (numpy RNG state, argparse
-# namespaces); allowing them keeps those files on the weights-only unpickler.
-_PLAIN_GLOBALS = frozenset(
-    {
-        "argparse.Namespace",
-        "numpy.ndarray",
-        "numpy.dtype",
-        "numpy.core.multiarray._reconstruct",
-        "numpy._core.multiarray._reconstruct",
-        "numpy.core.multiarray.scalar",
-        "numpy._core.multiarray.scalar",
-    }
-)
+def torch_load(path: Path) -> Any:
+    """A GPT-NeoX/DeepSpeed ``.pt`` file, memory-mapped, through ``neoxt.checkpoint.safety``'s allowlist."""
+    from neoxt.checkpoint.safety import load_torch_file
 
-
-def _plain_global(name: str) -> Any | None:
-    import importlib
-
-    if name not in _PLAIN_GLOBALS and not re.fullmatch(r"numpy\.dtypes\.\w+DType", name):
-        return None
-    module, _, attr = name.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
-
-
-def torch_load(path: Path, *, allow_pickle: bool) -> Any:
-    """Load a checkpoint file memory-mapped, with the weights-only unpickler whenever possible."""
-    import pickle
-
-    import torch
-
-    errors = (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError, EOFError)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except errors as err:
-        first_error = err
-    if not allow_pickle:
-        raise CheckpointError(f"{path}: cannot read as a tensor file: {str(first_error).splitlines()[0]}")
-    try:
-        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        plain = [_plain_global(n) for n in needed]
-        if "numpy.dtype" in needed:  # numpy >= 1.25 pickles dtypes through their numpy.dtypes classes
-            import numpy as np
-
-            plain += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-        if all(g is not None for g in plain):
-            with torch.serialization.safe_globals(plain):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except errors:
-        pass
-    try:
-        # DeepSpeed engine state with DeepSpeed's own classes. This file sits inside the checkpoint
-        # directory the user asked us to convert: trust it as DeepSpeed itself does.
-        log.info("%s: loading with weights_only=False (DeepSpeed objects in the pickle)", path)
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file, named below
-        raise CheckpointError(f"{path}: cannot read checkpoint file: {type(err).__name__}: {err}") from err
+    return load_torch_file(path, mmap=True)
 
 
 def find_neox_files(path: str | os.PathLike, expected_tp: int | None = None) -> NeoxFiles:
@@ -142,6 +86,8 @@ def find_neox_files(path: str | os.PathLike, expected_tp: int | None = None) -> 
     names = os.listdir(p)
     if not any(LAYER_FILE_RE.match(n) or MP_FILE_RE.match(n) for n in names) and (p / "latest").is_file():
         tag = (p / "latest").read_text(encoding="utf-8").strip()
+        if Path(tag).name != tag or tag in ("", ".", ".."):  # a tag names a directory here, never a path
+            raise CheckpointError(f"{p / 'latest'}: names '{tag}', which is not a directory name in {p}")
         if not (p / tag).is_dir():
             raise CheckpointError(f"{p / 'latest'}: names '{tag}', which is not a directory in {p}")
         return find_neox_files(p / tag, expected_tp)
@@ -219,7 +165,7 @@ def read_client_state(files: NeoxFiles) -> dict[str, Any]:
     mp0 = files.path / "mp_rank_00_model_states.pt"
     if not mp0.is_file():
         return {}
-    obj = torch_load(mp0, allow_pickle=True)
+    obj = torch_load(mp0)
     if not isinstance(obj, dict):
         return {}
     return {k: obj[k] for k in ("iteration", "global_steps", "args", "total_iters") if k in obj}
@@ -240,14 +186,14 @@ def load_neox_shards(files: NeoxFiles) -> list[dict[str, torch.Tensor]]:
     if files.layout == "sequential":
         for r in track(range(files.tp), "reading shards", "file", total=files.tp):
             path = files.file_for(0, r)
-            shards[r] = _module_weights(torch_load(path, allow_pickle=True), path)
+            shards[r] = _module_weights(torch_load(path), path)
         return shards
     import torch
 
     jobs = [(idx, r) for idx in files.layer_indices for r in range(files.tp)]
     for idx, r in track(jobs, "reading layer files", "file", total=len(jobs)):
         path = files.file_for(idx, r)
-        sd = torch_load(path, allow_pickle=False)
+        sd = torch_load(path)
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
         for name, value in sd.items():

@@ -87,6 +87,10 @@ def _local_gpus() -> int:
 def run_launch(args: argparse.Namespace) -> int:
     from neoxt.distributed import launch as L
 
+    for flag, value in (("--nproc-per-node", args.nproc_per_node), ("--nodes", getattr(args, "nodes", None))):
+        if value is not None and value < 1:  # 0 used to fall back silently to the default
+            raise L.LaunchError(f"{flag} must be at least 1, got {value}")
+
     if args.slurm:
         gpus = 4 if args.gpus_per_node is None else args.gpus_per_node
         nproc = args.nproc_per_node or max(gpus, 1)

@@ -136,8 +136,10 @@ def read_env_file(path: str) -> list[tuple[str, str]]:
 
 
 def _bash_double_quote(value: str) -> str:
-    """Quote for bash keeping ``$VAR`` expansion (users write ``PATH=/x:$PATH``) but nothing else."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`") + '"'
+    """Quote for bash keeping ``$VAR`` / ``${VAR}`` expansion (users write ``PATH=/x:$PATH``) but nothing
+    else: backquotes and ``$(...)`` stay literal text, never a command run by the job script."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("`", "\\`").replace("$(", "\\$(")
+    return '"' + escaped + '"'
 
 
 def environment_lines(

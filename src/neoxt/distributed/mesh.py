@@ -107,23 +107,32 @@ def dist_env() -> DistEnv:
 DEFAULT_TIMEOUT_S = 1800.0
 
 
-def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistEnv:
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S, startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> DistEnv:
     """Initialise the default process group from torchrun's env (nccl on CUDA, gloo on CPU).
 
     The one place a neoxt process joins a process group: the collective ``timeout_s``
     (``dist_timeout_s`` in the config) and NCCL's ``device_id`` are set here, so nothing may
     initialise the group earlier. Idempotent, and a no-op for a single process not started by
-    torchrun, so ``neoxt train`` runs the same with or without a launcher.
+    torchrun, so ``neoxt train`` runs the same with or without a launcher. The ranks must all come up
+    within ``startup_timeout_s`` (``neoxt.distributed.rendezvous``), else one line says which did not.
     """
+    from neoxt.distributed.rendezvous import startup_store
+
     env = dist_env()
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if env.distributed and not dist.is_initialized():
         backend = "nccl" if env.device.type == "cuda" else "gloo"
+        store = startup_store(env.rank, env.world_size, startup_timeout_s, timeout_s)
+        joined = {"store": store, "rank": env.rank, "world_size": env.world_size} if store is not None else {}
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=env.device if backend == "nccl" else None,
+            **joined,
         )
     return env
 

@@ -117,6 +117,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
         if not args.model_path:
             raise ConfigError("--revision goes with --model ORG/NAME")
         args.model_path = hub_snapshot(args.model_path, args.revision)
+    if args.output:
+        from neoxt.io import check_writable
+
+        out = Path(args.output)
+        check_writable(out, "--output", directory=out.suffix != ".json")  # before the run, not after it
     inf = load_for_inference(args)
     ev = inf.cfg.evaluation
     tasks = args.tasks or list(ev.eval_tasks)

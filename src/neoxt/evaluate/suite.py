@@ -107,7 +107,9 @@ class SuiteJob:
 
 
 def safe_name(text: str) -> str:
-    return _SAFE.sub("_", text).strip("_") or "_"
+    """``text`` as one path component: never ``.``/``..`` or a hidden name, so an alias cannot
+    write outside ``output_dir``."""
+    return _SAFE.sub("_", text).strip("_.") or "_"
 
 
 def folder_tasks(folder: Path) -> tuple[str, ...]:

@@ -144,6 +144,35 @@ def _merged(per_part: list[tuple[dict, dict | None]]) -> tuple[dict, dict | None
 _SCHED_TEMPLATE = {"start_lr": 0.0, "warmup_iter": 0.0, "num_iters": 0, "decay_style": "", "end_iter": 0, "min_lr": 0.0}
 
 
+# Model fields a resumed run may change: initialisation only matters at the start, dropout is not in the
+# weights, and a shape change in max_position_embeddings / vocabulary padding fails on the tensors anyway.
+_RESUME_MAY_CHANGE = frozenset({"init_method", "output_layer_init_method", "init_method_std", "attention_dropout",
+                                "hidden_dropout", "make_vocab_size_divisible_by", "max_position_embeddings"})
+
+
+def check_same_architecture(ckpt_dir: Path, cfg: RunConfig) -> None:
+    """Refuse an exact resume into a different architecture (another norm, activation, rotary setting…),
+    which would load matching shapes and silently train a different function, naming the first field."""
+    import dataclasses
+
+    from neoxt.checkpoint.loading import read_checkpoint_config
+    from neoxt.errors import ConfigError
+
+    try:
+        if not ckpt.read_config_text(ckpt_dir).strip():
+            return  # saved without a config (a caller that passed none): the tensors decide
+        saved = read_checkpoint_config(ckpt_dir).model
+    except ConfigError:
+        return
+    for field in dataclasses.fields(saved):
+        old, new = getattr(saved, field.name), getattr(cfg.model, field.name)
+        if field.name not in _RESUME_MAY_CHANGE and old != new and not (old is None or new is None):
+            raise CheckpointError(
+                f"{ckpt_dir / ckpt.CONFIG_FILE}: model field '{field.name}' is {old!r} in the checkpoint but {new!r} "
+                "in the config; resuming needs the same architecture (use a new save dir with finetune: true + load "
+                "to start a different model from these weights)")
+
+
 def save_iterations(cfg: RunConfig) -> tuple[set[int], int | None]:
     """(explicit save iterations, linear factor or None)."""
     c = cfg.checkpoint
@@ -171,6 +200,8 @@ class Checkpointer:
         self.say, self.pipelined = say, pipelined
         self.save_iters, self.save_factor = save_iterations(cfg)
         self.last: Path | None = None
+        self.last_finite: Path | None = None  # the last one saved right after a finite step
+        self._finite = True  # the save being written followed a finite step
         self.blocked_s: list[float] = []  # how long each save held the training loop
         self.writer = None
         self._started = 0.0
@@ -221,6 +252,7 @@ class Checkpointer:
         state = self._state(schedule.state_dict(p.iteration), data_state)
         meta = {"consumed_tokens": p.consumed_tokens, "consumed_samples": p.consumed_samples,
                 "nan_count": self.counters.nan_count}
+        self._finite = self.counters.consecutive_nan == 0
         if self.writer is None:
             path = ckpt.save_checkpoint(Path(c.save), p.iteration, state, self.config_yaml, meta)
             self.blocked_s.append(time.perf_counter() - t0)
@@ -253,10 +285,23 @@ class Checkpointer:
     def _published(self, path: Path, t0: float) -> None:
         c = self.cfg.checkpoint
         self.say(f"saved checkpoint {path} ({time.perf_counter() - t0:.2f} s)")
+        if self._finite:
+            self.last_finite = path
         removed = ckpt.prune_checkpoints(c.save, c.keep_last_n_checkpoints) if rank_world()[0] == 0 else []
         for old in removed:
             self.say(f"removed old checkpoint {old}")
         self.last = path
+
+    def keep_last_finite(self) -> Path | None:
+        """On giving up after a NaN streak: point ``latest`` back at the last checkpoint saved after a
+        finite step (later ones were saved mid-streak), so a rerun starts there. Returns it."""
+        self.finish()  # a background save of a mid-streak step must not move `latest` after this
+        keep = self.last_finite
+        if keep is None:
+            return self.last
+        if self.last != keep and rank_world()[0] == 0 and keep.is_dir():
+            ckpt.point_latest(keep)
+        return keep
 
     def _optimizer_layout(self, ckpt_dir: Path, saved_keys: set[str]) -> tuple[bool, bool]:
         """(load optimizer state?, is it flattened?). The layout is the saving run's: a pipelined run's
@@ -313,6 +358,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         meta = ckpt.read_meta(ckpt_dir)
+        check_same_architecture(ckpt_dir, self.cfg)
         saved_keys = set(meta.get("state_keys", ()))
         with_optim, flat = self._optimizer_layout(ckpt_dir, saved_keys)
         per_part = _part_states(self.parts, self.optimizers if with_optim else None, flat, skip_unstepped=False)

@@ -73,6 +73,13 @@ def _step(run: Run, result: TrainResult) -> StepResult:
         path = run.checkpointer.save(run.schedule, data_before, wait=True)
         where = f"; last good state saved to {path}" if path else ""
         raise TrainingStopped(f"non-finite {r.describe_stop()} at iteration {p.iteration + 1} (on_nan: stop){where}")
+    if r.give_up:  # on_nan: skip, max_consecutive_nan reached: the weights are the last finite step's
+        run.metrics.nan_count = run.counters.nan_count
+        last = run.checkpointer.keep_last_finite() or run.resumed_from
+        kept = f"; 'latest' names the last checkpoint saved after a finite step, {last}" if last else ""
+        raise TrainingStopped(f"{r.give_up} consecutive non-finite steps up to iteration {p.iteration + 1} "
+                              f"(on_nan: skip, max_consecutive_nan: {run.cfg.training.max_consecutive_nan}): "
+                              f"the run is diverging; stopped without saving{kept}")
     p.iteration += int(r.advance)
     tokens = sum(int(b["tokens"].numel()) for b in micro) * run.dp_size
     p.consumed_tokens += tokens
@@ -139,6 +146,7 @@ def train(
     recorded before the first step stops the run there, without a save (see ``SignalFlag``).
     ``on_step``: callbacks after each step (see ``StepCallback``).
     """
+    from neoxt.checkpoint.lock import run_lock
     from neoxt.distributed.mesh import dist_env
 
     rank = dist_env().rank  # the process group is joined later, in setup
@@ -151,22 +159,23 @@ def train(
         from neoxt.config import config_to_yaml
 
         config_yaml = config_to_yaml(cfg)
-    run = setup(cfg, config_yaml, data, model, say)
-    p = run.progress
-    result = TrainResult(iteration=p.iteration, status="finished", start_iteration=p.iteration,
-                         resumed_from=run.resumed_from)
-    status = "failed"
-    own_signals = signals is None
-    signals = (signals or SignalFlag()).install()
-    try:
-        status = _loop(run, signals, result, on_step, say)
-    finally:
+    with run_lock(cfg.checkpoint.save, say, enabled=rank == 0):  # one run per save directory
+        run = setup(cfg, config_yaml, data, model, say)
+        p = run.progress
+        result = TrainResult(iteration=p.iteration, status="finished", start_iteration=p.iteration,
+                             resumed_from=run.resumed_from)
+        status = "failed"
+        own_signals = signals is None
+        signals = (signals or SignalFlag()).install()
         try:
-            run.checkpointer.close()  # an async save still being written completes before the run exits
+            status = _loop(run, signals, result, on_step, say)
         finally:
-            if own_signals:
-                signals.restore()
-            run.metrics.close(p.iteration, status)
+            try:
+                run.checkpointer.close()  # an async save still being written completes before the run exits
+            finally:
+                if own_signals:
+                    signals.restore()
+                run.metrics.close(p.iteration, status)
     result.iteration, result.nan_count = p.iteration, run.counters.nan_count
     result.last_checkpoint = run.checkpointer.last
     if result.status == "finished":

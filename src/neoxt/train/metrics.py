@@ -104,6 +104,7 @@ class MetricsLogger:
     _tb: Any = None
     _wandb_run: Any = None
     _start: float = field(default_factory=time.time)
+    start_iteration: int = 0  # where this run (re)starts: records after it, from a run that crashed, go
 
     def __post_init__(self) -> None:
         self._logged_nan, self._logged_skipped = self.nan_count, self.skipped_count  # a resumed run's totals
@@ -112,6 +113,8 @@ class MetricsLogger:
         if self.run_dir is not None:
             self.run_dir = Path(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for name in (METRICS_FILE, EVAL_FILE):
+                drop_records_after(self.run_dir / name, self.start_iteration)
         if self.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -289,6 +292,28 @@ def wandb_settings(cfg: LoggingConfig, run_dir: Path | None) -> dict[str, Any] |
         "host": cfg.wandb_host,
         "dir": str(run_dir) if run_dir is not None else None,
     }
+
+
+def drop_records_after(path: Path, iteration: int) -> int:
+    """Remove the records of iterations after ``iteration`` (and a torn last line) from a JSONL file.
+
+    A run that crashed after its last checkpoint logged steps that the resumed run replays; without this
+    ``metrics.jsonl`` would hold those iterations twice. Returns the number of lines removed."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return 0
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not (isinstance(record, dict) and isinstance(record.get("iteration"), int) and record["iteration"] > iteration):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        write_text_atomic(path, "".join(kept))
+    return len(lines) - len(kept)
 
 
 def _start_wandb(settings: dict[str, Any]) -> Any:

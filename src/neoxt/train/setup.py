@@ -90,6 +90,14 @@ def check_config(cfg: RunConfig) -> None:
         check(cfg)
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.optimizer.lr}")
+    if cfg.training.max_consecutive_nan < 1:
+        raise ConfigError(f"max_consecutive_nan must be at least 1, got {cfg.training.max_consecutive_nan}")
+    from neoxt.io import check_writable
+
+    for key, path in (("save", cfg.checkpoint.save), ("log_dir", cfg.logging.log_dir),
+                      ("tensorboard_dir", cfg.logging.tensorboard_dir)):
+        if path:  # writable now, not at the first checkpoint hours later
+            check_writable(path, key, directory=True)
     from neoxt.distributed.float8 import check_float8
 
     check_float8(cfg, default_device())  # float8_recipe: refused in one line where it cannot run
@@ -117,7 +125,7 @@ def join_process_group(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Any,
     group with the configured ``dist_timeout_s`` (the only initialisation: see ``init_distributed``)."""
     from neoxt.distributed.mesh import build_mesh, dp_group, dp_rank_size, group_timeout_s, init_distributed
 
-    env = init_distributed(cfg.parallelism.dist_timeout_s)
+    env = init_distributed(cfg.parallelism.dist_timeout_s, cfg.parallelism.dist_startup_timeout_s)
     mesh = build_mesh(cfg.parallelism)
     timeout = group_timeout_s()
     if timeout is not None:
@@ -126,7 +134,7 @@ def join_process_group(cfg: RunConfig, say: Callable[[str], None]) -> tuple[Any,
     return mesh, dp_rank, dp_size, dp_group(mesh)
 
 
-def _metrics(cfg: RunConfig, device: torch.device, rank: int, counters: StepCounters) -> MetricsLogger:
+def _metrics(cfg: RunConfig, device: torch.device, rank: int, counters: StepCounters, start: int) -> MetricsLogger:
     from neoxt.model import flops_per_token
 
     try:
@@ -139,7 +147,7 @@ def _metrics(cfg: RunConfig, device: torch.device, rank: int, counters: StepCoun
         peak_tflops=cfg.logging.peak_theoretical_tflops or default_peak_tflops(device.type),
         log_interval=cfg.logging.log_interval, tensorboard_dir=cfg.logging.tensorboard_dir,
         wandb=wandb_settings(cfg.logging, Path(run_dir) if run_dir else None), enabled=rank == 0,
-        nan_count=counters.nan_count, skipped_count=counters.skipped_count,
+        nan_count=counters.nan_count, skipped_count=counters.skipped_count, start_iteration=start,
     )
 
 
@@ -204,7 +212,7 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
     rank = rank_world()[0]
     return Run(cfg=cfg, device=device, rank=rank, dp_size=dp_size, data=data, objective=objective,
                optimizers=optimizers, schedule=schedule, stepper=stepper, checkpointer=checkpointer,
-               metrics=_metrics(cfg, device, rank, counters), progress=progress, counters=counters,
+               metrics=_metrics(cfg, device, rank, counters, progress.iteration), progress=progress, counters=counters,
                resumed_from=resume_from)
 
 

@@ -11,7 +11,7 @@ save and ``neoxt status`` reports):
 - fp16 with a dynamic scale, finite loss, non-finite norm: an **overflow**. The update is skipped
   and the scale shrinks; it is not a NaN.
 - otherwise a non-finite loss or norm is a **NaN**: ``on_nan: skip`` skips the update (and counts
-  it); ``on_nan: stop`` leaves weights and optimizer untouched and reports ``stop`` so the loop
+  it), and gives up after ``max_consecutive_nan`` NaN steps in a row (the run is diverging); ``on_nan: stop`` leaves weights and optimizer untouched and reports ``stop`` so the loop
   saves the last good state and raises ``TrainingStopped``.
 """
 
@@ -42,6 +42,7 @@ class StepCounters:
 
     nan_count: int = 0
     skipped_count: int = 0
+    consecutive_nan: int = 0  # the current NaN streak; not checkpointed (a resumed run starts a new one)
 
     def state_dict(self) -> dict[str, int]:
         return {"nan_count": self.nan_count, "skipped_count": self.skipped_count}
@@ -58,6 +59,7 @@ class StepResult:
     nan: bool = False
     overflow: bool = False
     stop: bool = False  # on_nan: stop hit: nothing was updated, the loop saves and raises
+    give_up: int = 0  # on_nan: skip hit max_consecutive_nan: this many NaN steps in a row; the loop raises
     advance: bool = True
     metrics: dict[str, float] = field(default_factory=dict)
     in_loss: bool = True  # the objective's StepOutcome.in_loss
@@ -106,6 +108,7 @@ class Stepper:
         self.objective, self.optimizers, self.scaler, self.counters = objective, optimizers, scaler, counters
         self.clip = clip
         self.on_nan = cfg.training.on_nan
+        self.max_consecutive_nan = cfg.training.max_consecutive_nan
         self.fp16_dynamic = cfg.training.precision == "fp16" and scaler.dynamic
 
     def step(self, micro: list[dict[str, torch.Tensor]], lr: float) -> StepResult:
@@ -129,6 +132,9 @@ class Stepper:
             optimizer.zero_grad(set_to_none=True)
         if nan:
             self.counters.nan_count += 1
+        streak = self.counters.consecutive_nan = self.counters.consecutive_nan + 1 if nan else 0
+        if nan and self.on_nan == "skip" and streak >= self.max_consecutive_nan:
+            result.give_up = streak
         if nan and self.on_nan == "stop":
             result.stop = True  # the scaler and skip count stay as they were: this step never happened
             return result

@@ -87,4 +87,4 @@ def test_sigterm_and_end_of_run_wait_for_the_in_flight_save(tmp_path, monkeypatc
     end = replace(cfg, training=replace(cfg.training, train_iters=6))
     result = train(end, "", data=_data(), log=lambda m: None)
     assert result.status == "finished" and latest_checkpoint(tmp_path / "run").name == "global_step6"
-    assert not list((tmp_path / "run").glob("*.tmp"))
+    assert not list((tmp_path / "run").glob("*.tmp*"))

@@ -270,3 +270,24 @@ def decode_payload(batch: Batch, i: int) -> dict[str, Any] | None:
     if not isinstance(obj, dict):
         raise DataError(f"{batch.location(i)}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def read_jsonl_records(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank JSONL line; a bad line names the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from err
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{number}: not JSON ({err.msg})") from err
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object")
+        records.append((number, record))
+    return records

@@ -7,10 +7,9 @@ template) or ``text`` (taken as is); its score is the value head at the last tok
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
+from neoxt.data.readers import read_jsonl_records
 from neoxt.errors import DataError
 from neoxt.model.value_head import score_sequences
 
@@ -18,18 +17,8 @@ from neoxt.model.value_head import score_sequences
 def read_records(path: str) -> list[dict[str, Any]]:
     """The JSONL records of ``path``; a bad line is a DataError naming the file and line."""
     records = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from err
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not JSON ({err.msg})") from err
-        if not isinstance(record, dict) or not ("messages" in record or "text" in record):
+    for number, record in read_jsonl_records(path):
+        if not ("messages" in record or "text" in record):
             raise DataError(f"{path}:{number}: expected an object with 'messages' or 'text'")
         records.append(record)
     return records

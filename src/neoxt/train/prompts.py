@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from neoxt.data.readers import read_jsonl_records
 from neoxt.errors import DataError
 
 
@@ -30,7 +31,7 @@ def prompt_ids(tokenizer: Any, record: dict[str, Any], where: str) -> list[int]:
 def read_prompts(path: str, tokenizer: Any, max_tokens: int) -> list[list[int]]:
     """Token ids of every prompt of ``path`` (the last ``max_tokens`` of a longer one)."""
     out = []
-    for number, record in _records(path):
+    for number, record in read_jsonl_records(path):
         ids = prompt_ids(tokenizer, record, f"{path}:{number}")
         if not ids:
             raise DataError(f"{path}:{number}: empty prompt")
@@ -38,29 +39,6 @@ def read_prompts(path: str, tokenizer: Any, max_tokens: int) -> list[list[int]]:
     if not out:
         raise DataError(f"{path}: no prompts")
     return out
-
-
-def _records(path: str) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank JSONL line; a bad line names the file and line."""
-    import json
-    from pathlib import Path
-
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from err
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{number}: not JSON ({err.msg})") from err
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object")
-        records.append((number, record))
-    return records
 
 
 def prompt_lengths(b: dict[str, torch.Tensor]) -> list[int]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ from neoxt.checkpoint import (
     save_checkpoint,
 )
 from neoxt.errors import CheckpointError
+
+TESTS = Path(__file__).resolve().parents[1]  # for tests/slow_publish.py
 
 
 def _model_and_opt(seed: int = 0):
@@ -142,6 +145,9 @@ def test_kill_during_write_keeps_previous_checkpoint(tmp_path):
     save_dir = tmp_path / "run"
     script = textwrap.dedent(
         f"""
+        import sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import slow_publish  # the publish sleeps once the files are written (tests/slow_publish.py)
         import torch
         from neoxt.checkpoint import save_checkpoint
         sd = {{"w": torch.arange(6.0)}}
@@ -152,7 +158,7 @@ def test_kill_during_write_keeps_previous_checkpoint(tmp_path):
         print("saved2", flush=True)
         """
     )
-    env = dict(os.environ, NEOXT_TEST_CHECKPOINT_SLEEP="60@2")
+    env = dict(os.environ, SLOW_PUBLISH="60@2")
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 90

@@ -106,8 +106,8 @@ def _train_config(tmp_path: Path, corpus_dataset) -> Path:
 def _race(tmp_path: Path, cfg: Path) -> None:
     """Start two `neoxt train` (seeds 1 and 2) on one save at once; check one won and the other changed nothing."""
     save = tmp_path / "save"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"),
-               NEOXT_TEST_CHECKPOINT_SLEEP="1.5")  # the winner holds the save long enough to overlap
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
+               NEOXT_PLUGINS="slow_publish", SLOW_PUBLISH="1.5")  # the winner holds the save long enough to overlap
     procs = [subprocess.Popen([sys.executable, "-m", "neoxt.cli", "train", str(cfg), "--set", f"seed={seed}"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (1, 2)]

@@ -19,12 +19,19 @@ from neoxt.train.loop import train
 from neoxt.train.setup import TrainData
 
 
+def _slow_publish(monkeypatch, spec: str) -> None:
+    from neoxt.checkpoint import layout
+    from slow_publish import sleeping
+
+    monkeypatch.setattr(layout, "_write_meta_and_manifest", sleeping(layout._write_meta_and_manifest, spec))
+
+
 def _data() -> TrainData:
     return TrainData(PatternSource(seed=3), PatternSource(seed=9))
 
 
 def test_writer_publishes_only_when_complete_and_second_save_waits(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEOXT_TEST_CHECKPOINT_SLEEP", "1.0")  # each publish sleeps 1 s in the background
+    _slow_publish(monkeypatch, "1.0")  # each publish sleeps 1 s in the background
     state = {"model": {"w": torch.arange(1000.0)}, "counters": {"n": 1}}
     writer = AsyncCheckpointWriter()
     try:
@@ -71,7 +78,7 @@ def test_async_exact_resume_is_bit_identical(tmp_path):
 
 
 def test_sigterm_and_end_of_run_wait_for_the_in_flight_save(tmp_path, monkeypatch):
-    monkeypatch.setenv("NEOXT_TEST_CHECKPOINT_SLEEP", "0.5")
+    _slow_publish(monkeypatch, "0.5")
     cfg = with_checkpoint(tiny_config(save=tmp_path / "run", train_iters=100), checkpoint_factor=3, async_save=True)
 
     def sigterm_at_3(iteration, r):

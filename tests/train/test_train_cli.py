@@ -97,6 +97,14 @@ def _neoxt(args, env=None, **kw):
     )
 
 
+def _slow_publish(spec: str) -> dict[str, str]:
+    """Environment that loads ``tests/slow_publish.py`` into ``neoxt train``: the publish of a checkpoint
+    sleeps (``spec`` = "<seconds>@<iteration>") so the test can kill it mid-write."""
+    tests = str(Path(__file__).resolve().parents[1])
+    return {"NEOXT_PLUGINS": "slow_publish", "SLOW_PUBLISH": spec,
+            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+
+
 def _wait_for(predicate, proc, timeout=120.0):
     deadline = time.time() + timeout
     while not predicate():
@@ -148,7 +156,7 @@ def test_kill9_during_checkpoint_write_keeps_previous_and_resumes(tmp_path, blen
     run = tmp_path / "run"
     cfg = _write_config(tmp_path / "cfg.yml", _config_dict(blend_data, run, train_iters=10, checkpoint_factor=4,
                                                            async_save=async_save))
-    proc = _neoxt(["train", str(cfg)], env={"NEOXT_TEST_CHECKPOINT_SLEEP": "120@8"})
+    proc = _neoxt(["train", str(cfg)], env=_slow_publish("120@8"))
     _wait_for(lambda: any(run.glob("global_step8.tmp-*/meta.json")), proc)
     if async_save:  # the loop was not blocked by the write: it reached the end and waits for the save there
         _wait_for(lambda: _heartbeat_iteration(run) >= 10, proc)

@@ -42,20 +42,6 @@ DCP_METADATA_FILE = ".metadata"
 _STEP_RE = re.compile(r"^global_step(\d+)$")
 _TMP_RE = re.compile(r"^global_step\d+\.tmp(?:-(.+)-(\d+))?$")
 
-# Test-only hook: "<seconds>" or "<seconds>@<iteration>": sleep after the files are written and
-# before the rename, so a test can kill the process in the middle of a checkpoint write.
-_TEST_SLEEP_ENV = "NEOXT_TEST_CHECKPOINT_SLEEP"
-
-
-def _test_sleep(iteration: int) -> None:
-    spec = os.environ.get(_TEST_SLEEP_ENV)
-    if not spec:
-        return
-    seconds, _, only = spec.partition("@")
-    if not only or int(only) == iteration:
-        time.sleep(float(seconds))
-
-
 def step_dir_name(iteration: int) -> str:
     return f"global_step{iteration}"
 
@@ -154,8 +140,6 @@ def publish_checkpoint(
     except OSError as err:
         abandon_checkpoint(tmp, err)
     if rank == 0:
-        _test_sleep(iteration)
-
         old = None
         if final.exists():
             old = save_dir / f"{final.name}.old.{os.getpid()}"

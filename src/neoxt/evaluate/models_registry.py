@@ -89,7 +89,8 @@ def parse_groups(raw: Any, where: str) -> dict[str, list[str]]:
     return {str(k): [str(x) for x in v] for k, v in groups.items()}
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+def read_yaml_mapping(path: Path, what: str, expected: str = "a mapping") -> dict[str, Any]:
+    """The YAML mapping in ``path``; a missing file, bad YAML or another shape is one ConfigError."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -97,7 +98,7 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML ({err})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping")
+        raise ConfigError(f"{path}: expected {expected}")
     return raw
 
 
@@ -107,7 +108,7 @@ def registry_from(raw: dict[str, Any], base: Path, where: str) -> Registry:
     groups: dict[str, list[str]] = {}
     if raw.get("models_file") is not None:
         path = (base / str(raw["models_file"])).expanduser().resolve()
-        file_raw = _read_yaml(path, "models file")
+        file_raw = read_yaml_mapping(path, "models file")
         unknown = set(file_raw) - {"models", "groups"}
         if unknown:
             raise ConfigError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: groups, models)")
@@ -130,7 +131,7 @@ def registry_from(raw: dict[str, Any], base: Path, where: str) -> Registry:
 
 def read_registry(suite_path: Path) -> Registry:
     """The registry a suite file sees (its models_file plus its own models and groups)."""
-    return registry_from(_read_yaml(suite_path, "suite file"), suite_path.parent.resolve(), str(suite_path))
+    return registry_from(read_yaml_mapping(suite_path, "suite file"), suite_path.parent.resolve(), str(suite_path))
 
 
 def expand(names: Sequence[Any], reg: Registry, where: str, seen: tuple[str, ...] = ()) -> list[str]:

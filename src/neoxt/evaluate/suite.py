@@ -56,6 +56,7 @@ from neoxt.evaluate.models_registry import (
     checkpoint_entries,
     expand,
     hub_checkpoint_revisions,
+    read_yaml_mapping,
     registry_from,
 )
 from neoxt.io import write_text_atomic
@@ -199,14 +200,7 @@ def load_suite(
     intermediate checkpoints (``list_revisions`` lists a Hub repo's ``global_step`` branches)."""
     path = Path(path)
     where = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: suite file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{where}: invalid YAML ({err})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with 'models' and 'task_folders'")
+    raw = read_yaml_mapping(path, "suite file", "a mapping with 'models' and 'task_folders'")
     unknown = set(raw) - _SUITE_KEYS
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_SUITE_KEYS))})")

@@ -55,6 +55,25 @@ def save_hf_dir(model, tokenizer_dir: Path, out: Path, max_shard_size: str = "60
     return out
 
 
+def round_trip(model, tokenizer_dir: Path, root: Path, max_shard_size: str = "60KB",
+               back_shard_size: str | None = "100KB") -> tuple[Path, Path, Path]:
+    """Save ``model`` as an HF dir, then `hf-to-neoxt` and `neoxt-to-hf` through the CLI: (hf, neoxt, back)."""
+    hf_dir = save_hf_dir(model, tokenizer_dir, root / "hf", max_shard_size)
+    assert run_cli(["convert", "hf-to-neoxt", "--hf-model", str(hf_dir), "--output-dir", str(root / "neoxt")]) == 0
+    shard = ["--max-shard-size", back_shard_size] if back_shard_size else []
+    assert run_cli(["convert", "neoxt-to-hf", "--checkpoint", str(root / "neoxt"),
+                    "--output-dir", str(root / "back"), *shard]) == 0
+    return hf_dir, root / "neoxt", root / "back"
+
+
+def assert_same_state_dict(a_model, b_model) -> None:
+    """Same tensor names, dtypes and values, bit for bit."""
+    a, b = a_model.state_dict(), b_model.state_dict()
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
 def run_cli(argv: list[str]) -> int:
     """What `neoxt convert …` does (parser from our commands module, NeoxtError → exit 2 + one line)."""
     from neoxt.convert import commands

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hfkit import greedy, run_cli, save_hf_dir
+from hfkit import assert_same_state_dict, greedy, round_trip, run_cli
 from mambakit import hf_model
 
 import neoxt
@@ -24,11 +24,7 @@ def converted(tmp_path_factory, tiny_tokenizer_dir):
     for arch in ARCHS:
         root = tmp_path_factory.mktemp(arch)
         model = hf_model(arch)
-        hf_dir = save_hf_dir(model, tiny_tokenizer_dir, root / "hf", max_shard_size="40KB")
-        assert run_cli(["convert", "hf-to-neoxt", "--hf-model", str(hf_dir), "--output-dir", str(root / "neoxt")]) == 0
-        assert run_cli(["convert", "neoxt-to-hf", "--checkpoint", str(root / "neoxt"),
-                        "--output-dir", str(root / "back")]) == 0
-        out[arch] = (model, hf_dir, root / "neoxt", root / "back")
+        out[arch] = (model, *round_trip(model, tiny_tokenizer_dir, root, max_shard_size="40KB", back_shard_size=None))
     return out
 
 
@@ -51,10 +47,7 @@ def test_export_is_bit_identical_and_loads_with_transformers(converted, arch):
     hf, _, run_dir, back = converted[arch]
     reloaded = AutoModelForCausalLM.from_pretrained(back)
     assert type(reloaded) is type(hf)
-    a, b = hf.state_dict(), reloaded.state_dict()
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert_same_state_dict(hf, reloaded)
     assert json.loads((back / "config.json").read_text())["tie_word_embeddings"] == (arch == "mamba")
     cfg = load_config([str(run_dir / "config.yml")]).model  # the generated config resolves to the same model
     assert cfg == neoxt.load_model(run_dir).cfg and cfg.mamba_inner == 64

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hfkit import greedy, run_cli, save_hf_dir
+from hfkit import assert_same_state_dict, greedy, round_trip
 from moekit import MOE_ARCHS, hf_moe_model
 
 import neoxt
@@ -21,11 +21,7 @@ def converted(tmp_path_factory, tiny_tokenizer_dir):
     for arch in MOE_ARCHS:
         root = tmp_path_factory.mktemp(arch)
         model = hf_moe_model(arch)
-        hf_dir = save_hf_dir(model, tiny_tokenizer_dir, root / "hf", max_shard_size="100KB")
-        assert run_cli(["convert", "hf-to-neoxt", "--hf-model", str(hf_dir), "--output-dir", str(root / "neoxt")]) == 0
-        assert run_cli(["convert", "neoxt-to-hf", "--checkpoint", str(root / "neoxt"),
-                        "--output-dir", str(root / "back"), "--max-shard-size", "100KB"]) == 0
-        out[arch] = (model, hf_dir, root / "neoxt", root / "back")
+        out[arch] = (model, *round_trip(model, tiny_tokenizer_dir, root, max_shard_size="100KB"))
     return out
 
 
@@ -48,10 +44,7 @@ def test_moe_export_is_bit_identical_and_loads_with_transformers(converted, arch
     hf, _, _, back = converted[arch]
     reloaded = AutoModelForCausalLM.from_pretrained(back)
     assert type(reloaded) is type(hf)
-    a, b = hf.state_dict(), reloaded.state_dict()
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert_same_state_dict(hf, reloaded)
     saved, ref = json.loads((back / "config.json").read_text()), hf.config.to_dict()
     for key in ("num_experts_per_tok", "norm_topk_prob", "moe_intermediate_size", "mlp_only_layers",
                 "num_local_experts", "num_experts", "router_aux_loss_coef"):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hfkit import ARCHS, hf_config, hf_model, run_cli, save_hf_dir
+from hfkit import ARCHS, assert_same_state_dict, hf_config, hf_model, round_trip, run_cli
 
 import neoxt
 from neoxt.model.hf_names import detect_architecture, hf_config_object, model_config_from_hf
@@ -20,12 +20,9 @@ def converted(tmp_path_factory, tiny_tokenizer_dir):
     for arch in ARCHS:
         root = tmp_path_factory.mktemp(arch)
         model = hf_model(arch)
-        hf_dir = save_hf_dir(model, tiny_tokenizer_dir, root / "hf")
+        hf_dir, run_dir, back = round_trip(model, tiny_tokenizer_dir, root)
         assert len(list(hf_dir.glob("model-*.safetensors"))) > 1  # sharded input
-        assert run_cli(["convert", "hf-to-neoxt", "--hf-model", str(hf_dir), "--output-dir", str(root / "neoxt")]) == 0
-        assert run_cli(["convert", "neoxt-to-hf", "--checkpoint", str(root / "neoxt"),
-                        "--output-dir", str(root / "back"), "--max-shard-size", "100KB"]) == 0
-        out[arch] = (model, hf_dir, root / "neoxt", root / "back")
+        out[arch] = (model, hf_dir, run_dir, back)
     return out
 
 
@@ -70,10 +67,7 @@ def test_export_is_bit_identical_and_loads_with_transformers(converted, arch):
     assert len(list(back.glob("model-*.safetensors"))) > 1 and (back / "model.safetensors.index.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(back)
     assert type(reloaded) is type(hf)
-    a, b = hf.state_dict(), reloaded.state_dict()
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert_same_state_dict(hf, reloaded)
     cfg = json.loads((back / "config.json").read_text())
     assert cfg["tie_word_embeddings"] == (arch == "llama_tied")
     tok = AutoTokenizer.from_pretrained(back)

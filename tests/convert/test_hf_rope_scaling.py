@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from hfkit import VOCAB, greedy, run_cli, save_hf_dir
+from hfkit import VOCAB, assert_same_state_dict, greedy, run_cli, save_hf_dir
 
 import neoxt
 from neoxt.errors import ConversionError
@@ -117,10 +117,7 @@ def test_export_is_bit_identical_with_the_same_rope_config(converted, case):
         assert reloaded_cfg.rope_parameters["sliding_attention"]["rope_type"] == "default"
         assert reloaded_cfg.rope_parameters["full_attention"]["rope_type"] == "yarn"
     reloaded = AutoModelForCausalLM.from_pretrained(back).eval()
-    a, b = hf.state_dict(), reloaded.state_dict()
-    assert set(a) == set(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert_same_state_dict(hf, reloaded)
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, hf(TOKENS).logits)
 

@@ -118,3 +118,57 @@ def test_loss_chunk_size_config():
     assert loss_chunk_size(tp) == 0  # tensor parallel keeps its sharded head
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         loss_chunk_size(replace(cfg, training=replace(cfg.training, loss_chunk_size=-1)))
+
+
+def _reinforce_terms(model, reference, kl_impl: str, chunk: int):
+    """REINFORCE's (log p of each label, KL term) through the objective's own method."""
+    from types import SimpleNamespace
+
+    from neoxt.train.objectives.reinforce import ReinforceObjective
+
+    obj = ReinforceObjective.__new__(ReinforceObjective)
+    obj.model, obj.reference, obj.chunk = model, reference, chunk
+    obj.t = SimpleNamespace(fp32_reinforce=True, precision="fp32", kl_impl=kl_impl)
+    return obj._token_terms(_batch(False))
+
+
+@pytest.mark.parametrize("kl_impl", ["abs", "mse", "kl"])
+def test_reinforce_terms_chunked_equal_plain_without_full_logits(kl_impl, monkeypatch):
+    import neoxt.train.objectives.reinforce as reinforce
+
+    model, reference = _model(), _model(tied=True)
+    advantages = torch.randn(2, 1, generator=torch.Generator().manual_seed(5))
+
+    def run(chunk: int):
+        logp, kl = _reinforce_terms(model, reference, kl_impl, chunk)
+        loss = (-logp * advantages + 0.1 * kl).sum()
+        return torch.stack([logp.detach(), kl.detach()]), _grads(model, loss)
+
+    plain = run(0)
+
+    def full_logits(*args, **kwargs):
+        raise AssertionError("the chunked path computed the full logits")
+
+    monkeypatch.setattr(reinforce, "forward_logits", full_logits)
+    _assert_same(plain, run(6))
+
+
+def test_unlearning_steps_take_the_chunked_loss(monkeypatch):
+    """Gradient-ascent / retain losses go through the LM loss with the run's loss_chunk_size."""
+    from types import SimpleNamespace
+
+    import neoxt.train.objectives.lm as lm
+    from neoxt.train.objectives.unlearning import UnlearningObjective
+
+    seen: list[int] = []
+    real = lm.token_loss_sum
+
+    def spy(model, batch, precision, z_loss=0.0, chunk=0):
+        seen.append(chunk)
+        return real(model, batch, precision, z_loss, chunk)
+
+    monkeypatch.setattr(lm, "token_loss_sum", spy)
+    obj = UnlearningObjective.__new__(UnlearningObjective)
+    obj.model, obj.group, obj.lm = _model(), None, SimpleNamespace(precision="fp32", chunk=5)
+    obj._loss([_batch(True)], 1.0, True)
+    assert seen == [5]

@@ -17,6 +17,10 @@ completion token of the global batch; the fork instead divides each micro-batch'
 token count and then by its rows again (a ``.mean()`` after a sum), a constant scale that would
 make the result depend on how the batch is split, so it is not reproduced.
 
+With ``loss_chunk_size`` > 0 and a per-token ``kl_impl`` (not ``full``, which needs both whole
+distributions), the label log-probabilities of the policy and the reference are projected in chunks
+(``neoxt.train.chunked_loss``), always in fp32, without the full logits.
+
 Sampling is seeded from (``seed``, the step, the prompt's tokens): the same prompt at the same step
 gets the same completions whichever rank or micro-batch holds it, so 2 processes equal 1 and a
 resumed run samples what the uninterrupted one did (the step count is this objective's state).
@@ -43,13 +47,24 @@ from neoxt.config.schema import RunConfig
 from neoxt.distributed.mesh import all_reduce_sum
 from neoxt.errors import ConfigError
 from neoxt.generate import SamplingParams, generate_tokens_no_grad
-from neoxt.train.objectives.base import ObjectiveContext, StepOutcome, forward_logits
+from neoxt.train.objectives.base import (
+    ObjectiveContext,
+    StepOutcome,
+    forward_logits,
+    loss_chunk_size,
+    token_logprobs,
+)
 from neoxt.train.objectives.reference import frozen_reference
 from neoxt.train.precision import autocast
 from neoxt.train.prompts import prompt_lengths
 from neoxt.train.rewards import Samples, build_reward, decode_all, leave_one_out
 
 _SUMS = ("loss", "tokens", "reward", "reward_sq", "kl", "logp", "rows")
+
+
+def sampled_token_kl(ratio: torch.Tensor, kl_impl: str) -> torch.Tensor:
+    """The per-position KL term from the sampled token's log-ratio (policy - reference)."""
+    return {"abs": ratio.abs(), "mse": 0.5 * ratio.square(), "kl": ratio}[kl_impl]
 
 
 def check_reinforce_config(cfg: RunConfig) -> None:
@@ -97,6 +112,7 @@ class ReinforceObjective:
         self.reference = frozen_reference(ctx, t.kl_div_beta > 0)
         self.model = ctx.parallelize(ctx.model)
         self.parts = [self.model]
+        self.chunk = loss_chunk_size(ctx.cfg)
         self.tokenizer = load_tokenizer(ctx.cfg.tokenizer)
         self.eod = self.tokenizer.eod_id
         self.reward = build_reward(t.reinforce_reward, ctx.device)
@@ -154,6 +170,13 @@ class ReinforceObjective:
     def _token_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log p of each label under the policy, the KL term per position), both [rows, T]."""
         fp32 = self.t.fp32_reinforce
+        if self.chunk and self.t.kl_impl != "full":  # label log-probs only: projected in chunks, in fp32
+            logp = token_logprobs(self.model, batch, self.t.precision, self.chunk)
+            if self.reference is None:
+                return logp, torch.zeros_like(logp)
+            with torch.no_grad():
+                ref = token_logprobs(self.reference, batch, self.t.precision, self.chunk)
+            return logp, sampled_token_kl(logp - ref, self.t.kl_impl)
         logits = forward_logits(self.model, {"tokens": batch["tokens"]}, self.t.precision)
         logp_all = torch.log_softmax(logits.float() if fp32 else logits, dim=-1)
         logp = logp_all.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
@@ -164,9 +187,8 @@ class ReinforceObjective:
             ref_all = torch.log_softmax(ref_logits.float() if fp32 else ref_logits, dim=-1)
         if self.t.kl_impl == "full":
             return logp, F.kl_div(ref_all, logp_all, log_target=True, reduction="none").sum(-1)
-        ratio = logp - ref_all.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
-        kl = {"abs": ratio.abs(), "mse": 0.5 * ratio.square(), "kl": ratio}[self.t.kl_impl]
-        return logp, kl
+        return logp, sampled_token_kl(logp - ref_all.gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1),
+                                      self.t.kl_impl)
 
     def _run(self, micro: list[dict[str, torch.Tensor]], step: int, loss_scale: float, backward: bool) -> StepOutcome:
         batches = [self._sample(b, step) for b in micro]

@@ -246,7 +246,8 @@ class UnlearningObjective:
         return UnlearningBatches(lm, forget, retain, self.scheduler, t.gradient_accumulation_steps)
 
     def _loss(self, micro: Micro, scale: float, backward: bool) -> torch.Tensor:
-        return accumulate_gradients(self.model, micro, self.lm.precision, scale, 0.0, self.group, backward)
+        return accumulate_gradients(self.model, micro, self.lm.precision, scale, 0.0, self.group, backward,
+                                    chunk=self.lm.chunk)
 
     def _unlearn(self, micro: Micro, loss_scale: float) -> tuple[float, float | None, bool]:
         """(forget loss, retain loss or None, whether the update is applied) of one GA/GD step."""

@@ -457,13 +457,16 @@ def _resolve_data(r: _Resolver) -> None:
 def _resolve_batch(r: _Resolver, world_size: int | None) -> None:
     t = r.values["training"]
     p = r.values["parallelism"]
-    model_parallel = max(p.get("model_parallel_size", 1), 1) * max(p.get("pipe_parallel_size", 0), 1)
+    # Context-parallel ranks share their batches like tensor-parallel ones: not data-parallel for batch sizes.
+    model_parallel = (max(p.get("model_parallel_size", 1), 1) * max(p.get("pipe_parallel_size", 0), 1)
+                      * max(p.get("context_parallel_size", 1), 1))
     if world_size is None:
         # Outside a launched job (e.g. `neoxt config`), assume the smallest world the config fits.
         world_size = int(os.environ.get("WORLD_SIZE", model_parallel))
     if world_size % model_parallel:
         raise ConfigError(
-            f"world size {world_size} is not divisible by model_parallel_size × pipe_parallel_size = {model_parallel}"
+            f"world size {world_size} is not divisible by model_parallel_size × pipe_parallel_size × "
+            f"context_parallel_size = {model_parallel}"
         )
     dp = world_size // model_parallel
     micro = r.get("train_micro_batch_size_per_gpu", int)

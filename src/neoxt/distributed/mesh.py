@@ -1,12 +1,19 @@
-"""The process group and the 4-D device mesh ``(pp, dp_replicate, dp_shard, tp)`` a run trains on.
+"""The process group and the 5-D device mesh ``(pp, dp_replicate, dp_shard, cp, tp)`` a run trains on.
 
-Why four named dims, always: every consumer asks the mesh by name (``mesh["tp"]``, ``mesh["dp"]``)
+Why five named dims, always: every consumer asks the mesh by name (``mesh["tp"]``, ``mesh["dp"]``)
 and a dim of size 1 costs nothing, so the code that parallelizes, loads data and saves checkpoints
 never branches on which kinds of parallelism are on. ``dp`` (replicate x shard flattened) is the
-data-parallel group: the data loader's rank/size and the loss all-reduce use it.
+data-parallel group: the data loader's rank/size use it.
+
+Context parallelism (``context_parallel_size`` > 1) splits every sequence over ``cp``: the ranks of
+one ``cp`` group read the same batch (same ``dp`` rank) and each keeps 1/cp of its tokens
+(``neoxt.distributed.context_parallel``). So token counts and loss shares are summed over ``dp_cp``
+(dp x cp flattened, ``dp_group``), and FSDP shards and sums gradients over ``dp_shard_cp``, as
+torchtitan does: a cp rank is a data-parallel rank for everything but the choice of batch.
 
 Order matters for locality: ``tp`` is innermost so a tensor-parallel group lands on the GPUs of one
-node (NVLink), then FSDP's shard group, then HSDP replicas, then pipeline stages across nodes.
+node (NVLink), then ``cp`` (ring attention passes K/V around it every layer), then FSDP's shard
+group, then HSDP replicas, then pipeline stages across nodes.
 
 Expert parallelism (``moe_expert_parallel_size`` > 1) splits ``dp_shard`` into
 ``(dp_shard_mod_ep, ep)``: MoE experts are divided over ``ep`` (its ranks exchange tokens
@@ -28,7 +35,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from neoxt.config.schema import ParallelismConfig
 from neoxt.errors import ConfigError
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,7 @@ class MeshShape:
     dp_shard: int
     tp: int
     ep: int = 1  # experts split over ep ranks of dp_shard
+    cp: int = 1  # each sequence split over cp ranks
 
     @property
     def dp(self) -> int:
@@ -45,10 +53,10 @@ class MeshShape:
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
-    def as_tuple(self) -> tuple[int, int, int, int]:
-        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
 
 
 def mesh_shape(par: ParallelismConfig, world_size: int) -> MeshShape:
@@ -59,19 +67,23 @@ def mesh_shape(par: ParallelismConfig, world_size: int) -> MeshShape:
     tp = par.model_parallel_size
     pp = max(par.pipe_parallel_size, 1)
     rep = par.data_parallel_replicate
+    cp = par.context_parallel_size
     if tp < 1:
         raise ConfigError(f"model_parallel_size must be >= 1, got {tp}")
     if rep < 1:
         raise ConfigError(f"data_parallel_replicate must be >= 1, got {rep}")
-    if world_size % (tp * pp):
+    if cp < 1:
+        raise ConfigError(f"context_parallel_size must be >= 1, got {cp}")
+    if world_size % (tp * pp * cp):
         raise ConfigError(
-            f"model_parallel_size={tp} x pipe_parallel_size={pp} does not divide the {world_size} processes"
+            f"model_parallel_size={tp} x pipe_parallel_size={pp} x context_parallel_size={cp} does not divide "
+            f"the {world_size} processes"
         )
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     if dp % rep:
         raise ConfigError(
-            f"data_parallel_replicate={rep} does not divide the data-parallel size {dp} "
-            f"({world_size} processes / (model_parallel_size={tp} x pipe_parallel_size={pp}))"
+            f"data_parallel_replicate={rep} does not divide the data-parallel size {dp} ({world_size} processes / "
+            f"(model_parallel_size={tp} x pipe_parallel_size={pp} x context_parallel_size={cp}))"
         )
     ep = par.moe_expert_parallel_size
     if ep < 1 or (dp // rep) % ep:
@@ -79,7 +91,10 @@ def mesh_shape(par: ParallelismConfig, world_size: int) -> MeshShape:
             f"moe_expert_parallel_size={ep} does not divide the data-parallel shard size {dp // rep} "
             "(experts are split over data-parallel ranks)"
         )
-    return MeshShape(pp=pp, dp_replicate=rep, dp_shard=dp // rep, tp=tp, ep=ep)
+    if ep > 1 and cp > 1:
+        raise ConfigError("moe_expert_parallel_size > 1 with context_parallel_size > 1 is not supported yet; "
+                          "use one of them")
+    return MeshShape(pp=pp, dp_replicate=rep, dp_shard=dp // rep, tp=tp, ep=ep, cp=cp)
 
 
 @dataclass(frozen=True)
@@ -192,6 +207,8 @@ def build_mesh(
         return mesh
     mesh = init_device_mesh(device_type, shape.as_tuple(), mesh_dim_names=MESH_DIMS)
     mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
     return mesh
 
 
@@ -203,12 +220,18 @@ def dp_rank_size(mesh: DeviceMesh | None) -> tuple[int, int]:
     return dp.get_local_rank(), dp.size()
 
 
+def loss_dim(mesh: DeviceMesh) -> str:
+    """The mesh dim whose ranks hold disjoint tokens: ``dp``, or ``dp_cp`` under context parallelism."""
+    return "dp_cp" if "cp" in (mesh.mesh_dim_names or ()) and mesh["cp"].size() > 1 else "dp"
+
+
 def dp_group(mesh: DeviceMesh | None):
     """The process group to sum token counts and loss shares over (None: no reduction needed).
 
     Not the world group: tensor-parallel (and pipeline) ranks of one data-parallel rank see the same
-    batch, so reducing over the world would count it tp x pp times.
+    batch, so reducing over the world would count it tp x pp times. Under context parallelism the cp
+    ranks of one data-parallel rank hold different tokens of that batch, so it is dp x cp.
     """
-    if mesh is None or mesh["dp"].size() == 1:
+    if mesh is None or mesh[loss_dim(mesh)].size() == 1:
         return None
-    return mesh["dp"].get_group()
+    return mesh[loss_dim(mesh)].get_group()

@@ -1,4 +1,5 @@
-"""Turn one ``Transformer`` into its parallel form: float8 -> TP -> activation checkpointing -> compile -> FSDP2.
+"""Turn one ``Transformer`` into its parallel form: float8 -> TP -> activation checkpointing -> compile ->
+context parallel -> FSDP2.
 
 How a training loop uses this package (what the tests in tests/distributed do)::
 
@@ -114,14 +115,23 @@ def parallelize(
         )
     elif par.compile:
         apply_compile(model)
-    ep_mesh = mesh["ep"] if mesh is not None and "ep" in (mesh.mesh_dim_names or ()) else None
+    names = (mesh.mesh_dim_names or ()) if mesh is not None else ()
+    ep_mesh = mesh["ep"] if "ep" in names else None
     if ep_mesh is not None:
         apply_ep(model, ep_mesh)
+    cp = mesh["cp"].size() if "cp" in names else 1
+    if cp > 1:
+        from neoxt.distributed.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, mesh)
     # FSDP also on a one-rank dp mesh when TP is on: it turns the parameters TP left plain (norms,
     # replicated embeddings) into DTensors too, so optimizers' foreach kernels never meet a mix of
     # DTensors and plain tensors ("aten._foreach_mul_.Scalar got mixed torch.Tensor and DTensor").
-    if mesh is not None and (mesh["dp"].size() > 1 or mesh["tp"].size() > 1):
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    # Under context parallelism FSDP shards over dp_shard x cp: cp ranks hold different tokens, so
+    # their gradients are summed like data-parallel ones.
+    if mesh is not None and (mesh["dp"].size() > 1 or mesh["tp"].size() > 1 or cp > 1):
+        shard = "dp_shard_cp" if cp > 1 else "dp_shard"
+        dp_mesh = mesh["dp_replicate", shard] if mesh["dp_replicate"].size() > 1 else mesh[shard]
         expert_mesh = mesh["dp_mod_ep"] if ep_mesh is not None else None
         apply_fsdp(model, dp_mesh, cfg.training.precision, reshard_after_forward, grad_reduction, expert_mesh)
     return model

@@ -12,6 +12,11 @@ Kernels: ``F.scaled_dot_product_attention`` everywhere (its fused causal path wh
 is needed); on CUDA, sliding-window layers without cache or padding use ``flex_attention`` with a
 block mask, which skips the fully masked blocks that SDPA would still compute. On CPU, torch 2.13's
 flex_attention is forward-only, so it is used there only when asked for (tests compare the two).
+
+Context parallelism (``neoxt.distributed.context_parallel``) gives a layer ``context_parallel``, an
+object whose ``attend(q, k, v, mask)`` attends this rank's share of the queries to the whole
+sequence; the mask is then built over sequence *positions* (``slots``) rather than local indices,
+and ``None`` still means "causal and nothing else".
 """
 
 from __future__ import annotations
@@ -37,16 +42,23 @@ def build_mask(
     key_padding_mask: torch.Tensor | None,
     attn_mask: torch.Tensor | None,
     device: torch.device,
+    slots: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
-    """Boolean mask [B|1, 1, q_len, kv_len], or None when plain causal attention without offset suffices."""
+    """Boolean mask [B|1, 1, q_len, kv_len], or None when plain causal attention without offset suffices.
+
+    ``slots``: (sequence position of each query, of each key) when they are not ``offset + i`` and
+    ``j`` (a context-parallel rank's share of the sequence; no cache)."""
     offset = kv_len - q_len
     if window is None and key_padding_mask is None and attn_mask is None:
-        if offset == 0:
-            return None  # SDPA's is_causal path
+        if offset == 0 or slots is not None:
+            return None  # SDPA's is_causal path (the ring under context parallelism)
         if q_len == 1:
             return None  # one new token sees the whole cache
-    q_slot = torch.arange(q_len, device=device)[:, None] + offset
-    k_slot = torch.arange(kv_len, device=device)[None, :]
+    if slots is None:
+        q_slot = torch.arange(q_len, device=device)[:, None] + offset
+        k_slot = torch.arange(kv_len, device=device)[None, :]
+    else:
+        q_slot, k_slot = slots[0][:, None], slots[1][None, :]
     mask = k_slot <= q_slot
     if window is not None:
         mask = mask & (q_slot - k_slot < window)
@@ -122,6 +134,7 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window_width if sliding else None
         self.dropout = cfg.attention_dropout
         self.backend = "auto"  # "auto" | "sdpa" | "flex"; see module docstring
+        self.context_parallel = None  # set by neoxt.distributed.context_parallel; see module docstring
 
     def forward(
         self,
@@ -151,7 +164,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         dropout = self.dropout if self.training else 0.0
-        if self._use_flex(q, k, plain, dropout):
+        if self.context_parallel is not None:
+            out = self.context_parallel.attend(q, k, v, mask)
+        elif self._use_flex(q, k, plain, dropout):
             out = flex_sliding_attention(q, k, v, self.window)
         else:
             out = sdpa_attention(q, k, v, mask, dropout)

@@ -148,6 +148,7 @@ class Transformer(nn.Module):
             self.lm_head: nn.Linear | None = nn.Linear(H, 1, bias=False)
         else:
             self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(H, V, bias=False)
+        self.context_parallel = None  # neoxt.distributed.context_parallel.SequenceSplit when cp > 1
         init_weights(self, cfg)
 
     def forward(
@@ -180,6 +181,13 @@ class Transformer(nn.Module):
         if key_padding_mask is not None and key_padding_mask.shape != (B, S):
             raise ValueError(f"key_padding_mask must be [{B}, {S}] (batch, cached + new), got "
                              f"{list(key_padding_mask.shape)}")
+        split = self.context_parallel  # neoxt.distributed.context_parallel: this rank holds 1/cp of the sequence
+        if split is not None and (kv_cache is not None or key_padding_mask is not None or positions is None):
+            raise ValueError("under context parallelism the forward takes the rank's share of a training "
+                             "sequence with its position ids, and no cache or padding mask")
+        slots = split.slots(T, tokens.device) if split is not None else None
+        if split is not None:
+            S = T * split.size  # the keys span the whole sequence
         if positions is None:
             positions = (torch.arange(T, device=tokens.device) + past)[None].expand(B, T)
 
@@ -198,7 +206,7 @@ class Transformer(nn.Module):
             if window == PADDING:  # Mamba blocks: which of the T new tokens are real
                 return None if key_padding_mask is None else key_padding_mask[:, past:].to(torch.bool)
             if window not in masks:
-                masks[window] = build_mask(T, S, window, key_padding_mask, attn_mask, tokens.device)
+                masks[window] = build_mask(T, S, window, key_padding_mask, attn_mask, tokens.device, slots)
             return masks[window]
 
         plain = key_padding_mask is None and attn_mask is None

@@ -81,7 +81,7 @@ def _step(run: Run, result: TrainResult) -> StepResult:
                               f"(on_nan: skip, max_consecutive_nan: {run.cfg.training.max_consecutive_nan}): "
                               f"the run is diverging; stopped without saving{kept}")
     p.iteration += int(r.advance)
-    tokens = sum(int(b["tokens"].numel()) for b in micro) * run.dp_size
+    tokens = sum(int(b["tokens"].numel()) for b in micro) * run.dp_size * run.cp_size
     p.consumed_tokens += tokens
     p.consumed_samples += sum(int(b["tokens"].shape[0]) for b in micro) * run.dp_size
     result.losses.append(r.loss if not r.skipped else float("nan"))

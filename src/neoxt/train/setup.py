@@ -68,6 +68,7 @@ class Run:
     device: torch.device
     rank: int
     dp_size: int
+    cp_size: int  # context parallel: each rank's batches hold 1/cp_size of every sequence
     data: TrainData
     objective: Objective
     optimizers: list[torch.optim.Optimizer]
@@ -98,9 +99,11 @@ def check_config(cfg: RunConfig) -> None:
                       ("tensorboard_dir", cfg.logging.tensorboard_dir)):
         if path:  # writable now, not at the first checkpoint hours later
             check_writable(path, key, directory=True)
+    from neoxt.distributed.context_parallel import check_context_parallel
     from neoxt.distributed.float8 import check_float8
 
     check_float8(cfg, default_device())  # float8_recipe: refused in one line where it cannot run
+    check_context_parallel(cfg)
 
 
 def resolve_vocab(cfg: RunConfig) -> RunConfig:
@@ -196,6 +199,7 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
     own_source = getattr(objective, "train_source", None)  # base.py (d): an objective that mixes in its own data
     if own_source is not None:
         data = replace(data, train=own_source(data.train))
+    data, cp_size = split_sequences(data, mesh)
     optimizers = [build_optimizer(part, cfg.optimizer) for part in parts]
     schedule = build_schedule(cfg.schedule, cfg.optimizer.lr, t.train_iters)
     scaler = LossScaler.from_config(t)
@@ -210,10 +214,21 @@ def setup(cfg: RunConfig, config_yaml: str, data: TrainData | None, model: nn.Mo
     clip = gradient_clipper(parts, cfg.optimizer.gradient_clipping, mesh["pp"] if pipelined else None)
     stepper = Stepper(objective, optimizers, scaler, cfg, counters, clip)
     rank = rank_world()[0]
-    return Run(cfg=cfg, device=device, rank=rank, dp_size=dp_size, data=data, objective=objective,
+    return Run(cfg=cfg, device=device, rank=rank, dp_size=dp_size, cp_size=cp_size, data=data, objective=objective,
                optimizers=optimizers, schedule=schedule, stepper=stepper, checkpointer=checkpointer,
                metrics=_metrics(cfg, device, rank, counters, progress.iteration), progress=progress, counters=counters,
                resumed_from=resume_from)
+
+
+def split_sequences(data: TrainData, mesh: Any) -> tuple[TrainData, int]:
+    """(data whose batches are this rank's share of every sequence, cp size) under context parallelism."""
+    from neoxt.distributed.context_parallel import SplitBatches, sequence_split
+
+    split = sequence_split(mesh)
+    if split is None:
+        return data, 1
+    valid = SplitBatches(data.valid, split) if data.valid is not None else None
+    return replace(data, train=SplitBatches(data.train, split), valid=valid), split.size
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> nn.Module:

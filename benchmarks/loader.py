@@ -30,9 +30,11 @@ import time
 
 import numpy as np
 
+from neoxt.data.index_builder import build_index_maps
+from neoxt.data.index_maps import IndexSpec
 from neoxt.data.indexed import IndexedDataset, IndexedDatasetWriter
 from neoxt.data.loader import BatchLoader
-from neoxt.data.sampling import GPTDataset, IndexSpec, build_index_maps
+from neoxt.data.sampling import GPTDataset
 
 EOD = 0
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_step import RandomBatches  # noqa: E402  (the sibling benchmark's batches: same for both sides)
+from train_step import lm_loss, step_fns  # noqa: E402  (the sibling benchmark's step code, shared)
 
 
 def build_hf(args):
@@ -60,48 +59,6 @@ def convert(hf):
     return ours
 
 
-def step_fns(hf, ours, args):
-    """One optimizer step each: ours as train() runs it, HF as a plain torch loop."""
-    import torch.nn.functional as F
-
-    from neoxt.config.schema import OptimizerConfig
-    from neoxt.train.objectives.lm import accumulate_gradients
-    from neoxt.train.optim import build_optimizer
-
-    ocfg = OptimizerConfig(optimizer_type="adam", lr=1e-4, weight_decay=0.1, gradient_clipping=1.0)
-    hf.train()
-    ours.train()
-    hf_opt, our_opt = build_optimizer(hf, ocfg), build_optimizer(ours, ocfg)
-    hf_data = RandomBatches(args.micro, args.seq, args.vocab)
-    our_data = RandomBatches(args.micro, args.seq, args.vocab)
-
-    def hf_step() -> float:
-        micro = [next(hf_data) for _ in range(args.accum)]
-        began = time.perf_counter()
-        for b in micro:
-            out = hf(input_ids=b["tokens"])
-            lm = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), b["labels"].reshape(-1))
-            loss = lm + hf.config.router_aux_loss_coef * out.aux_loss
-            (loss / args.accum).backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        lm.item()
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - began
-
-    def our_step() -> float:
-        micro = [next(our_data) for _ in range(args.accum)]
-        began = time.perf_counter()
-        loss = accumulate_gradients(ours, micro)
-        torch.nn.utils.clip_grad_norm_(list(ours.parameters()), 1.0, foreach=True)
-        loss.item()
-        our_opt.step()
-        our_opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - began
-
-    return our_step, hf_step
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -121,7 +78,11 @@ def main() -> None:
 
     hf = build_hf(args)
     ours = convert(hf)
-    our_step, hf_step = step_fns(hf, ours, args)
+    # HF adds Mixtral's load-balancing loss as a user would; ours adds model.aux_loss() in its step.
+    # Both sides compute full logits (chunk=0).
+    our_step, hf_step = step_fns(
+        hf, ours, args, chunk=0, hf_loss=lambda out, b: lm_loss(out, b) + hf.config.router_aux_loss_coef * out.aux_loss
+    )
     for _ in range(2):
         our_step()
         hf_step()

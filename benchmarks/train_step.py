@@ -19,14 +19,12 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-
-# What a step's time is measured with (--clock): the wall clock, or this process's CPU time, which
-# other processes on a shared machine disturb far less (with --threads 1 the two agree when idle).
-CLOCK = time.perf_counter
+import torch.nn.functional as F
 
 
 def build_hf(arch: str, layers: int, hidden: int, vocab: int, seq: int, seed: int):
@@ -98,12 +96,17 @@ def run_ours(model_cfg, model, args) -> float:
     return records[-1]["tokens_per_s"]
 
 
-def step_fns(hf, ours, args):
-    """One optimizer step each: ours exactly as train() runs it, HF as a plain torch loop."""
-    import torch.nn.functional as F
+def lm_loss(out, batch) -> torch.Tensor:
+    """Cross-entropy over the HF model's logits, as a user's plain loop computes it."""
+    logits = out.logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1))
 
-    from neoxt.config.schema import OptimizerConfig, RunConfig
-    from neoxt.train.objectives.base import loss_chunk_size
+
+def step_fns(hf, ours, args, *, chunk: int, hf_loss: Callable = lm_loss, clock: Callable[[], float] = time.perf_counter):
+    """One optimizer step each: ours exactly as train() runs it (``accumulate_gradients`` with loss
+    chunk ``chunk``), HF as a plain torch loop minimising ``hf_loss(output, batch)``. Each step returns
+    its time by ``clock``. Shared with benchmarks/moe.py, so both compare the same step code."""
+    from neoxt.config.schema import OptimizerConfig
     from neoxt.train.objectives.lm import accumulate_gradients
     from neoxt.train.optim import build_optimizer
 
@@ -115,30 +118,28 @@ def step_fns(hf, ours, args):
     hf_data = RandomBatches(args.micro, args.seq, args.vocab)
     our_data = RandomBatches(args.micro, args.seq, args.vocab)
     our_params = [p for p in ours.parameters() if p.requires_grad]
-    chunk = loss_chunk_size(RunConfig()) if args.loss_chunk_size is None else args.loss_chunk_size
 
     def hf_step() -> float:
         micro = [next(hf_data) for _ in range(args.accum)]
-        began = CLOCK()
+        began = clock()
         for b in micro:
-            logits = hf(input_ids=b["tokens"]).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["labels"].reshape(-1))
+            loss = hf_loss(hf(input_ids=b["tokens"]), b)
             (loss / args.accum).backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         loss.item()
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
-        return CLOCK() - began
+        return clock() - began
 
     def our_step() -> float:
         micro = [next(our_data) for _ in range(args.accum)]
-        began = CLOCK()
+        began = clock()
         loss = accumulate_gradients(ours, micro, chunk=chunk)
         torch.nn.utils.clip_grad_norm_(our_params, 1.0, foreach=True)
         loss.item()  # the loop reads the loss and norm every step for its NaN check
         our_opt.step()
         our_opt.zero_grad(set_to_none=True)
-        return CLOCK() - began
+        return clock() - began
 
     return our_step, hf_step
 
@@ -162,8 +163,9 @@ def main() -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time steps by the wall clock or by this process's CPU time (shared machines)")
     args = p.parse_args()
-    global CLOCK
-    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    # The CPU clock: other processes on a shared machine disturb it far less (with --threads 1 the
+    # two clocks agree when the machine is idle).
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -173,7 +175,11 @@ def main() -> None:
         from neoxt.distributed.parallelize import apply_compile
 
         apply_compile(ours)
-    our_step, hf_step = step_fns(hf, ours, args)
+    from neoxt.config.schema import RunConfig
+    from neoxt.train.objectives.base import loss_chunk_size
+
+    chunk = loss_chunk_size(RunConfig()) if args.loss_chunk_size is None else args.loss_chunk_size
+    our_step, hf_step = step_fns(hf, ours, args, chunk=chunk, clock=clock)
     for _ in range(3):
         our_step()
         hf_step()

@@ -41,10 +41,7 @@ TEMPORARY_EDGES = {
 MAX_FILE_LINES = 600
 MAX_FUNCTION_LINES = 80
 # (module path relative to src/neoxt, function qualname or None for the file) → why it may be longer.
-SIZE_EXCEPTIONS = {
-    # Older debt outside this split (other engineers own these files); each is one job, long
-    # because of its many GPT-NeoX keys or formats, to be split when next touched:
-    ("data/sampling.py", None): "GPT-NeoX's doc/sample/shuffle index builders, reproduced as upstream lays them out",
+SIZE_EXCEPTIONS: dict[tuple[str, str | None], str] = {
 }
 
 

@@ -175,14 +175,14 @@ def _loader_config(tmp_path, cache_dir) -> object:
 
 
 def test_index_cache_dir_that_is_a_regular_file_fails_before_the_build(blocker, tmp_path, monkeypatch):
-    import neoxt.data.sampling as sampling
+    import neoxt.data.index_builder as index_builder
     from neoxt.data.loader import build_loader
     from neoxt.errors import DataError
 
     def no_build(*args, **kwargs):
         raise AssertionError("index maps built although the cache cannot be written")
 
-    monkeypatch.setattr(sampling, "build_index_maps", no_build)
+    monkeypatch.setattr(index_builder, "build_index_maps", no_build)
     cfg = _loader_config(tmp_path, blocker / "cache")
     with pytest.raises(DataError, match="regular file") as info:
         build_loader(cfg, "train")

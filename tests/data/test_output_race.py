@@ -162,7 +162,8 @@ def test_lock_without_flock_support_falls_back_to_exclusive_create(tmp_path, mon
 
 def _build_cache(args) -> tuple[bytes, ...]:
     prefix, cache_dir, start_at = args
-    from neoxt.data.sampling import IndexSpec, load_or_build_index_maps
+    from neoxt.data.index_builder import load_or_build_index_maps
+    from neoxt.data.index_maps import IndexSpec
 
     ds = IndexedDataset(prefix)
     spec = IndexSpec("train", 400, 8, 1234)
@@ -174,7 +175,9 @@ def _build_cache(args) -> tuple[bytes, ...]:
 
 
 def test_two_processes_building_one_index_cache_never_corrupt_it(tmp_path):
-    from neoxt.data.sampling import IndexSpec, cache_paths, load_or_build_index_maps
+    from neoxt.data.index_builder import load_or_build_index_maps
+    from neoxt.data.index_cache import cache_paths
+    from neoxt.data.index_maps import IndexSpec
 
     prefix = tmp_path / "d"
     with IndexedDatasetWriter(prefix, np.uint16) as w:

@@ -3,7 +3,7 @@
 The expected samples are re-derived here from upstream's published procedure (gpt2_dataset.py
 _build_index_mappings / helpers.cpp build_sample_idx / GPT2Dataset.__getitem__, then
 SequentialSampler + DistributedBatchSampler with drop_last) by a plain loop-based reimplementation
-that imports nothing from neoxt.data.sampling, blend or loader.
+that imports nothing from neoxt.data's index builders, sampling, blend or loader.
 """
 
 from __future__ import annotations

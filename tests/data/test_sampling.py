@@ -2,7 +2,7 @@
 
 ``Upstream*`` below is a deliberately plain, loop-based re-derivation of upstream's procedure
 (megatron/data/gpt2_dataset.py and the C++ build_sample_idx), written from reading it and sharing no
-code with neoxt.data.sampling, so the two can disagree.
+code with neoxt.data's index builders and sampling, so the two can disagree.
 """
 
 from __future__ import annotations
@@ -12,15 +12,11 @@ import os
 import numpy as np
 import pytest
 
+from neoxt.data.index_builder import build_index_maps, load_or_build_index_maps
+from neoxt.data.index_cache import cache_paths
+from neoxt.data.index_maps import IndexSpec
 from neoxt.data.indexed import IndexedDataset, IndexedDatasetWriter
-from neoxt.data.sampling import (
-    GPTDataset,
-    IndexSpec,
-    build_gpt_dataset,
-    build_index_maps,
-    cache_paths,
-    load_or_build_index_maps,
-)
+from neoxt.data.sampling import GPTDataset, build_gpt_dataset
 from neoxt.errors import DataError
 
 # --------------------------------------------------------------------------------------------------

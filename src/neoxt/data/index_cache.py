@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Protocol
 
 import numpy as np
 
+from neoxt.data.index_maps import IndexSpec
 from neoxt.data.outputs import check_output_dir
 from neoxt.errors import DataError
 from neoxt.io import unique_temp_path
@@ -23,13 +23,6 @@ from neoxt.io import unique_temp_path
 log = logging.getLogger(__name__)
 
 PARTS = ("doc_idx", "sample_idx", "shuffle_idx")
-
-
-class IndexSpec(Protocol):
-    """What names a cache (``neoxt.data.sampling.IndexSpec``; a Protocol so this module needs no import
-    of sampling, which imports it)."""
-
-    def stem(self, base: str) -> str: ...
 
 
 def cache_paths(prefix: str, spec: IndexSpec, cache_dir: str | None = None) -> dict[str, str]:

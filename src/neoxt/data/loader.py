@@ -45,7 +45,8 @@ from neoxt.data.blend import (
     split_boundaries,
     weights_by_num_docs,
 )
-from neoxt.data.sampling import GPTDataset, IndexSpec, build_gpt_dataset, build_pairwise_dataset
+from neoxt.data.index_maps import IndexSpec
+from neoxt.data.sampling import GPTDataset, build_gpt_dataset, build_pairwise_dataset
 from neoxt.errors import ConfigError, DataError
 
 if TYPE_CHECKING:

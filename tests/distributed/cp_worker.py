@@ -10,7 +10,8 @@ Scenario: "<arch>:<mask>:<layout>" with arch llama (GQA, causal: the ring) or ol
 and full layers: all-gathered K/V for the windowed ones), mask "causal" or "docs" (a document mask
 from reset_attention_mask, plus restarting position ids), layout "cp" (all ranks on cp), "cpac" (the same
 with activation checkpointing: the ring runs again in the recompute), "cptp" (cp=2 x tp=2, four
-ranks) or "dpcp" (dp=2 x cp=2, four ranks: each data-parallel rank takes its rows of the batch).
+ranks), "dpcp" (dp=2 x cp=2, four ranks: each data-parallel rank takes its rows of the batch) or
+"cpcompile" (torch.compile per block).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def run(name: str) -> dict:
     tp = 2 if layout == "cptp" else 1
     dp = 2 if layout == "dpcp" else 1
     par = ParallelismConfig(context_parallel_size=world // (tp * dp), model_parallel_size=tp,
-                            checkpoint_activations=layout == "cpac")
+                            checkpoint_activations=layout == "cpac", compile=layout == "cpcompile")
     cfg = RunConfig(model=model_cfg(arch), parallelism=par)
     mesh = build_mesh(par)
     b = batch(mask)

@@ -118,6 +118,12 @@ def test_two_cp_ranks_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_cp_ranks_with_compiled_blocks_equal_one_process(tmp_path):
+    """torch.compile per block: the ring runs eagerly inside the compiled block (compiler.disable)."""
+    _check_equal_to_one_process(tmp_path, 2, ["llama:causal:cpcompile", "olmo3:docs:cpcompile"])
+
+
+@pytest.mark.slow
 def test_four_ranks_cp4_cp2_with_tp2_and_dp2_equal_one_process(tmp_path):
     _check_equal_to_one_process(tmp_path, 4, ["llama:causal:cp", "olmo3:docs:cp", "llama:causal:cptp",
                                               "olmo3:docs:cptp", "llama:causal:dpcp", "olmo3:docs:dpcp"])

@@ -136,7 +136,7 @@ class SequenceSplit:
             groups = q.shape[1] // k.shape[1]
             if groups > 1:  # the ring's kernels take as many K/V heads as query heads
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            return _RingAttention.apply(q, k.contiguous(), v.contiguous(), self.group)
+            return _ring_attention(q, k.contiguous(), v.contiguous(), self.group)
         k = funcol.all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.group)
         v = funcol.all_gather_single_autograd(v.contiguous(), gather_dim=2, group=self.group)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
@@ -232,6 +232,11 @@ def _head_tail_ring():
         yield
     finally:
         options.enable_load_balance = before
+
+
+@torch.compiler.disable  # a compiled block runs the ring eagerly: dynamo cannot trace its collectives' loop
+def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return _RingAttention.apply(q, k, v, group)
 
 
 class _RingAttention(torch.autograd.Function):

@@ -5,12 +5,13 @@ one JSON file of per-step losses (rank 0). Every layout sees the same global bat
 the same weights (same seed), so its loss curve must equal the single-process one.
 
 Usage: python dist_worker.py OUT.json SCENARIO [SCENARIO ...]
-Scenario names: "<layout>:<arch>" with layout in tp, sp, fsdp, hsdp, pp1f1b, ppgpipe, ppint and
+Scenario names: "<layout>:<arch>" with layout in tp, sp, fsdp, hsdp, pp1f1b, ppgpipe, ppint, ppchunk and
 arch in neox, llama, olmo3.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import traceback
@@ -18,6 +19,8 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from neoxt.config.schema import ParallelismConfig, RunConfig, TrainingConfig
 from neoxt.distributed.parallelize import build_parallel_model, clip_grad_norm_
@@ -152,10 +155,115 @@ def run_checkpoint_scenario(layout: str, arch: str) -> dict[str, list[float]]:
     return out
 
 
-def run_scenario(name: str) -> list[float] | dict:
+def chunked_mean_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``ce`` of ``hidden @ weight.T`` without the logits: the pipeline's ``head_loss``, 5 tokens a chunk."""
+    from neoxt.train.chunked_loss import linear_cross_entropy
+
+    mask = labels >= 0
+    return linear_cross_entropy(hidden, weight, labels, mask, chunk=5) / mask.sum()
+
+
+def run_pipeline_scenario(layout: str, arch: str) -> list[float]:
+    """pp1f1b / ppgpipe / ppint (2 processes), ppfsdp / pptp (4: 2 stages x FSDP or TP over 2): the loss
+    from the hidden states in chunks (``head_loss``), except under TP (full logits, ``lm_loss``)."""
     from neoxt.distributed.mesh import build_mesh, dp_group, dp_rank_size
-    from neoxt.distributed.parallelize import parallelize
     from neoxt.distributed.pipeline import build_pipeline
+
+    world = dist.get_world_size()
+    tokens, labels = batch()
+    sched = {"pp1f1b": "1f1b", "ppgpipe": "gpipe", "ppint": "interleaved_1f1b", "ppfsdp": "1f1b",
+             "pptp": "interleaved_1f1b"}[layout]
+    pp = 2 if layout in ("ppfsdp", "pptp") else world
+    par = ParallelismConfig(pipe_parallel_size=pp, pipeline_schedule=sched,
+                            model_parallel_size=2 if layout == "pptp" else 1)
+    cfg = run_config(arch, par)
+    mesh = build_mesh(par, world)
+    dp_rank, dp_size = dp_rank_size(mesh)
+    per = BATCH // dp_size
+    tok, lab = tokens[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]
+    pipe = build_pipeline(build(arch), cfg, mesh, n_microbatches=per if dp_size > 1 else 4,
+                          head_loss=None if layout == "pptp" else chunked_mean_ce)
+    opt = torch.optim.AdamW(list(pipe.parameters()), lr=LR)
+    group = dp_group(mesh)
+
+    def step(train: bool) -> float:
+        loss = pipe.step(tok if pipe.has_first else None, lab if pipe.has_last else None, train=train)
+        if group is not None:
+            dist.all_reduce(loss, group=group)
+            loss = loss / dp_size
+        return loss.item()
+
+    losses = []
+    for _ in range(STEPS):
+        loss = step(train=True)
+        GRAD_NORMS.append(float(clip_grad_norm_(list(pipe.parameters()), CLIP, pp_mesh=mesh["pp"])))
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss)
+    # Forward-only pass after training: equals the reference's loss before a 5th update.
+    return losses + [step(train=False)]
+
+
+def run_pipeline_chunk_scenario(layout: str, arch: str) -> dict:
+    """"ppchunk" (1f1b) / "ppchunkint" (interleaved, 2 stages a rank): the objective's pipeline loss
+    (``PipelineLoss``: token-loss sum x factor, z-loss, ignored labels, micro-batches counting
+    different tokens) from full logits (loss_chunk_size 0) and from the hidden states 5 tokens at a
+    time, 4 SGD steps and a forward-only one each. Per run: losses, pre-clipping gradient norms and
+    ``vocab_rows``, the most rows of any [..., vocab] tensor the last stage's rank computed."""
+    from neoxt.distributed.mesh import build_mesh
+    from neoxt.distributed.pipeline import build_pipeline
+    from neoxt.train.objectives.pipeline import PipelineLoss
+
+    par = ParallelismConfig(pipe_parallel_size=dist.get_world_size(),
+                            pipeline_schedule="interleaved_1f1b" if layout.endswith("int") else "1f1b")
+    mesh = build_mesh(par, dist.get_world_size())
+    vocab = 100  # no other activation of these models is 100 wide (llama's fused q/k/v is 128)
+    tokens, labels = batch(vocab)
+    labels[0, :5] = labels[2, 3:] = -100
+    n_micro = 4
+    out = {}
+    for chunk in (0, 5):
+        loss_fn = PipelineLoss(z_loss=1e-3, factor=n_micro / float((labels >= 0).sum()), chunk=chunk)
+        pipe = build_pipeline(build(arch, padded_vocab_size=vocab), run_config(arch, par, padded_vocab_size=vocab),
+                              mesh, n_microbatches=n_micro, loss_fn=loss_fn,
+                              head_loss=loss_fn.from_hidden if chunk else None)
+        opt = make_opt(list(pipe.parameters()), "sgd")
+        spy = VocabRows(vocab)
+        losses, norms = [], []
+        for train in (True,) * STEPS + (False,):
+            with spy if pipe.has_last else contextlib.nullcontext():
+                losses.append(pipe.step(tokens if pipe.has_first else None, labels if pipe.has_last else None,
+                                        train=train).item())
+            if train:
+                norms.append(float(clip_grad_norm_(list(pipe.parameters()), CLIP, pp_mesh=mesh["pp"])))
+                opt.step()
+                opt.zero_grad()
+        rows = torch.tensor(spy.rows)
+        dist.all_reduce(rows, op=dist.ReduceOp.MAX)
+        out[f"chunk{chunk}"] = {"losses": losses, "grad_norms": norms, "vocab_rows": int(rows)}
+    return out
+
+
+class VocabRows(TorchDispatchMode):
+    """Records the most rows (elements / vocab) of any floating tensor with a last dimension of
+    ``vocab`` that an op computes (views excluded: ``weight.t()`` is [H, vocab] but no logits)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() and t.shape[-1] == self.vocab:
+                    self.rows = max(self.rows, t.numel() // self.vocab)
+        return out
+
+
+def run_scenario(name: str) -> list[float] | dict:
+    from neoxt.distributed.mesh import build_mesh, dp_rank_size
+    from neoxt.distributed.parallelize import parallelize
 
     layout, arch = name.split(":")
     if layout.startswith("ckpt"):
@@ -163,40 +271,12 @@ def run_scenario(name: str) -> list[float] | dict:
     over = {}
     if layout.endswith("tied"):  # tied embeddings: replicated over tp, head is F.linear(x, embed.weight)
         layout, over = layout[: -len("tied")], {"no_weight_tying": False}
+    if layout.startswith("ppchunk"):
+        return run_pipeline_chunk_scenario(layout, arch)
+    if layout.startswith("pp"):
+        return run_pipeline_scenario(layout, arch)
     world = dist.get_world_size()
     tokens, labels = batch()
-    if layout.startswith("pp"):
-        # "ppfsdp"/"pptp": 4 processes, 2 stages x (FSDP or TP) over 2.
-        sched = {"pp1f1b": "1f1b", "ppgpipe": "gpipe", "ppint": "interleaved_1f1b", "ppfsdp": "1f1b",
-                 "pptp": "interleaved_1f1b"}[layout]
-        pp = 2 if layout in ("ppfsdp", "pptp") else world
-        par = ParallelismConfig(pipe_parallel_size=pp, pipeline_schedule=sched,
-                                model_parallel_size=2 if layout == "pptp" else 1)
-        cfg = run_config(arch, par)
-        mesh = build_mesh(par, world)
-        dp_rank, dp_size = dp_rank_size(mesh)
-        per = BATCH // dp_size
-        tok, lab = tokens[dp_rank * per : (dp_rank + 1) * per], labels[dp_rank * per : (dp_rank + 1) * per]
-        pipe = build_pipeline(build(arch), cfg, mesh, n_microbatches=per if dp_size > 1 else 4)
-        opt = torch.optim.AdamW(list(pipe.parameters()), lr=LR)
-        losses = []
-        for _ in range(STEPS):
-            loss = pipe.step(tok if pipe.has_first else None, lab if pipe.has_last else None)
-            clip_grad_norm_(list(pipe.parameters()), CLIP, pp_mesh=mesh["pp"])
-            opt.step()
-            opt.zero_grad()
-            group = dp_group(mesh)
-            if group is not None:
-                dist.all_reduce(loss, group=group)
-                loss = loss / dp_size
-            losses.append(loss.item())
-        # Forward-only pass after training: equals the reference's loss before a 5th update.
-        loss = pipe.step(tok if pipe.has_first else None, lab if pipe.has_last else None, train=False)
-        group = dp_group(mesh)
-        if group is not None:
-            dist.all_reduce(loss, group=group)
-            loss = loss / dp_size
-        return losses + [loss.item()]
     par = {
         "tp": ParallelismConfig(model_parallel_size=world),
         "sp": ParallelismConfig(model_parallel_size=world, sequence_parallel=True),

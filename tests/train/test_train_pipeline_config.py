@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
+import torch
 from trainkit import PatternSource, tiny_config
 
 from neoxt.config.schema import ParallelismConfig
@@ -43,3 +45,31 @@ def test_optimizer_state_layout_is_read_from_the_saved_keys():
     assert not flat_optimizer_state(nested)
     assert flat_optimizer_state(flat)
     assert not flat_optimizer_state({"model.embed.weight"})
+
+
+@pytest.mark.parametrize(
+    ("chunk", "tp", "chunked"), [(1024, 1, True), (5, 1, True), (0, 1, False), (1024, 2, False)]
+)
+def test_pipeline_objective_projects_in_chunks_unless_off_or_tensor_parallel(monkeypatch, chunk, tp, chunked):
+    """The objective hands build_pipeline its chunked head loss (``loss_chunk_size`` tokens a chunk)
+    unless ``loss_chunk_size: 0`` or tensor parallel; tests/distributed/test_pipeline_chunked_loss.py
+    runs both paths on 2 ranks."""
+    import neoxt.distributed.pipeline as pipeline
+    from neoxt.train.objectives.base import ObjectiveContext
+    from neoxt.train.objectives.pipeline import PipelineObjective
+
+    seen = {}
+
+    def fake_build(model, cfg, mesh, n_microbatches, loss_fn, head_loss):
+        seen.update(loss_fn=loss_fn, head_loss=head_loss)
+        return SimpleNamespace(parts=[])
+
+    monkeypatch.setattr(pipeline, "build_pipeline", fake_build)
+    cfg = _pipelined(training={"loss_chunk_size": chunk})
+    cfg = replace(cfg, parallelism=replace(cfg.parallelism, model_parallel_size=tp))
+    ctx = ObjectiveContext(cfg=cfg, model=None, mesh=object(), group=None, dp_size=1, device=torch.device("cpu"),
+                           fresh_start=True, load_weights=None, parallelize=lambda m: m)
+    objective = PipelineObjective(ctx)
+    assert seen["loss_fn"] is objective.loss_fn
+    assert seen["head_loss"] == (objective.loss_fn.from_hidden if chunked else None)
+    assert objective.loss_fn.chunk == (chunk if chunked else 0)

@@ -15,6 +15,16 @@ Tied embeddings are refused with more than one stage: the head would need the fi
 Gradients: the schedule divides them by the number of micro-batches and the loss is a per-micro-batch
 mean, so a step equals one step on the whole batch when micro-batches hold as many counted tokens
 (always true for packed pretraining data).
+
+Loss without full logits (``head_loss``): the last stage would otherwise return [micro, seq, vocab]
+logits for the schedule's ``loss_fn`` (1.6 GB per sequence in fp32 at seq 8192 and a 50k vocabulary).
+With a ``head_loss`` the labels travel into the stages' forward as a keyword argument (the schedule
+splits them into micro-batches like the tokens) and the last stage computes the micro-batch's loss
+*inside* its forward through ``Transformer.forward``'s ``head`` hook, e.g. projecting in chunks
+(``neoxt.train.chunked_loss``). Inside the forward is where FSDP has the output weight unsharded, so
+its gradient reaches FSDP's reduce-scatter exactly as through ``lm_head``; the stage's output is then
+the loss itself (a scalar: nothing of the vocabulary's size crosses the schedule) and ``loss_fn`` is
+not used.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +90,28 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``head_loss(final hidden [micro, seq, H], output weight [V, H], labels [micro, seq])`` -> the
+micro-batch's loss, as ``loss_fn`` would compute it from the logits ``hidden @ weight.T``."""
+
+
+def _labels_to_head(
+    module: nn.Module, args: tuple, kwargs: dict[str, Any], head_loss: HeadLoss | None
+) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook of every stage when the pipeline has a ``head_loss``: the schedule hands the
+    ``labels`` keyword to all stages of the last stage's rank, so each drops it; the last stage turns
+    it into the ``head`` that makes ``Transformer.forward`` return the loss instead of logits."""
+    labels = kwargs.pop("labels", None)
+    if head_loss is not None and labels is not None:
+        kwargs["head"] = lambda hidden, weight: head_loss(hidden, weight, labels)
+    return args, kwargs
+
+
+def _stage_output_is_the_loss(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The schedule's ``loss_fn`` when the last stage already returns the loss (``head_loss``)."""
+    return loss
+
+
 @dataclass
 class Pipeline:
     """The stages this rank runs and the schedule that drives them.
@@ -92,6 +126,7 @@ class Pipeline:
     has_first: bool
     has_last: bool
     pp_mesh: DeviceMesh
+    labels_in_forward: bool = False  # a head_loss: the last stage's forward takes the labels
 
     def step(self, tokens: torch.Tensor | None, labels: torch.Tensor | None, train: bool = True) -> torch.Tensor:
         """Forward + backward (``train=False``: forward only, e.g. evaluation) over ``n_microbatches``
@@ -101,7 +136,13 @@ class Pipeline:
         """
         losses: list[torch.Tensor] = []
         args = (tokens,) if self.has_first else ()
-        kwargs = {"target": labels, "losses": losses} if self.has_last else {}
+        # return_outputs=False: the schedule would otherwise keep every micro-batch's output (the
+        # logits, without a head_loss) alive until the step ends, only to concatenate them.
+        kwargs: dict[str, Any] = {"return_outputs": False}
+        if self.has_last:
+            kwargs.update(target=labels, losses=losses)
+            if self.labels_in_forward:
+                kwargs["labels"] = labels
         if train:
             self.schedule.step(*args, **kwargs)
         else:
@@ -127,12 +168,17 @@ def build_pipeline(
     n_microbatches: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss,
     virtual_stages: int = 2,
+    head_loss: HeadLoss | None = None,
 ) -> Pipeline:
     """Split ``model`` over ``mesh["pp"]``, parallelize each stage (TP/AC/compile/FSDP), build the schedule.
 
     ``model`` is the full model, identical on every rank (same seed); the parts this rank does not
     run are dropped. ``n_microbatches`` must be >= the number of pp ranks (and a multiple of it for
-    the interleaved schedule).
+    the interleaved schedule). ``loss_fn(logits, labels)`` is the micro-batch loss; a ``head_loss``
+    replaces it and computes that loss inside the last stage's forward from the final hidden states
+    and the output weight, so the full logits are never built (see the module docstring). Tensor
+    parallel has no ``head_loss``: its head is a column-sharded module whose output layout the
+    hidden-state path would bypass.
     """
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import (
@@ -146,8 +192,12 @@ def build_pipeline(
     pp, pp_rank = pp_mesh.size(), pp_mesh.get_local_rank()
     if par.pipeline_schedule not in SCHEDULES:
         raise ConfigError(f"pipeline_schedule {par.pipeline_schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    if head_loss is not None and mesh["tp"].size() > 1:
+        raise ValueError("head_loss needs model_parallel_size 1 (a tensor-parallel head keeps full logits)")
     if pp > 1 and model.cfg.tie_word_embeddings:
         raise ConfigError("pipe_parallel_size > 1 needs no_weight_tying: true (the head is on another stage)")
+    if head_loss is not None:
+        loss_fn = _stage_output_is_the_loss
     interleaved = par.pipeline_schedule == "interleaved_1f1b"
     v = virtual_stages if interleaved else 1
     num_stages = pp * v
@@ -163,6 +213,10 @@ def build_pipeline(
         part = make_stage_module(model, ranges[s], first=s == 0, last=s == num_stages - 1)
         # The schedule's loss is a per-micro-batch mean, so data-parallel gradients are averaged.
         parallelize(part, cfg, mesh, reshard_after_forward=False, grad_reduction="mean")
+        if head_loss is not None:
+            last = s == num_stages - 1
+            part.register_forward_pre_hook(partial(_labels_to_head, head_loss=head_loss if last else None),
+                                           with_kwargs=True)
         parts.append(part)
         stages.append(PipelineStage(part, s, num_stages, device, group=pp_mesh.get_group()))
     if interleaved:
@@ -177,4 +231,5 @@ def build_pipeline(
         has_first=any(st.is_first for st in stages),
         has_last=any(st.is_last for st in stages),
         pp_mesh=pp_mesh,
+        labels_in_forward=head_loss is not None,
     )

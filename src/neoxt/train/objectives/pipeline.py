@@ -6,6 +6,12 @@ FSDP's mean over data-parallel ranks (``grad_reduction="mean"`` in ``build_pipel
 by the global counted tokens, so the gradient is the global-mean gradient even when micro-batches
 hold different token counts. Each rank's stages (named as in the whole model) are its ``parts``:
 each gets an optimizer and goes into checkpoints.
+
+As for LM / SFT (``loss_chunk_size``, default 1024), the last stage never holds the full
+[micro, seq, vocab] logits: ``PipelineLoss.from_hidden`` is the pipeline's ``head_loss``, run inside
+the last stage's forward, which projects ``loss_chunk_size`` tokens at a time
+(``neoxt.train.chunked_loss``) with the same loss and gradients. ``loss_chunk_size: 0`` and tensor
+parallel (``loss_chunk_size()`` is 0 then) keep the logits path.
 """
 
 from __future__ import annotations
@@ -17,20 +23,28 @@ import torch
 from neoxt.config.schema import RunConfig
 from neoxt.distributed.mesh import all_reduce_sum
 from neoxt.errors import ConfigError
+from neoxt.train.chunked_loss import linear_cross_entropy
 from neoxt.train.losses import lm_loss_sum, token_mask
-from neoxt.train.objectives.base import ObjectiveContext, Stateless, StepOutcome
+from neoxt.train.objectives.base import ObjectiveContext, Stateless, StepOutcome, loss_chunk_size
 from neoxt.train.precision import autocast
 
 
 @dataclass
 class PipelineLoss:
-    """The schedule's per-micro-batch loss: ``factor`` x the token-loss sum (see the module docstring)."""
+    """The schedule's per-micro-batch loss: ``factor`` x the token-loss sum (see the module docstring),
+    from the logits (``__call__``) or, without them, from the final hidden states (``from_hidden``)."""
 
     z_loss: float = 0.0
     factor: float = 1.0
+    chunk: int = 1024  # tokens per output-projection chunk in from_hidden
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return lm_loss_sum(logits, labels, None, self.z_loss)[0] * self.factor
+
+    def from_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The same loss from ``hidden @ weight.T`` computed ``chunk`` tokens at a time."""
+        mask = token_mask(labels, None)
+        return linear_cross_entropy(hidden, weight, labels, mask, self.z_loss, self.chunk) * self.factor
 
 
 def pipeline_batch(micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,9 +82,10 @@ class PipelineObjective(Stateless):
 
         assert ctx.mesh is not None  # pipe_parallel_size > 1 needs as many processes
         t = ctx.cfg.training
-        self.loss_fn = PipelineLoss(z_loss=t.z_loss)
+        chunk = loss_chunk_size(ctx.cfg)
+        self.loss_fn = PipelineLoss(z_loss=t.z_loss, chunk=chunk)
         self.pipe = build_pipeline(ctx.model, ctx.cfg, ctx.mesh, n_microbatches=t.gradient_accumulation_steps,
-                                   loss_fn=self.loss_fn)
+                                   loss_fn=self.loss_fn, head_loss=self.loss_fn.from_hidden if chunk else None)
         self.parts = list(self.pipe.parts)
         self.precision, self.group, self.dp_size = t.precision, ctx.group, ctx.dp_size
 

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_neoxt(*args: str) -> str:
+    """``python -m neoxt.cli ARGS`` from the repo root (one thread); its output, asserting exit 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "neoxt.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
 
 
 def tokenized_corpus(root: Path, tokenizer_dir: Path, corpus: list[str]) -> tuple[str, str]:

@@ -25,9 +25,8 @@ from neoxt.model.attention import build_mask
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from launchkit import metrics_losses, write_train_config  # noqa: E402
+from launchkit import metrics_losses, run_neoxt, write_train_config  # noqa: E402
 
-REPO = HERE.parents[1]
 pytestmark = pytest.mark.distributed
 
 
@@ -129,12 +128,6 @@ def test_four_ranks_cp4_cp2_with_tp2_and_dp2_equal_one_process(tmp_path):
                                               "olmo3:docs:cptp", "llama:causal:dpcp", "olmo3:docs:dpcp"])
 
 
-def _neoxt(*args: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "neoxt.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
 
 
 def test_neoxt_train_with_context_parallel_follows_one_process_and_resumes(tmp_path, tiny_tokenizer_dir, corpus):
@@ -144,13 +137,13 @@ def test_neoxt_train_with_context_parallel_follows_one_process_and_resumes(tmp_p
     common = {"log_interval": 1, "lr_decay_iters": 6, "padded_vocab_size": 512, "reset_position_ids": True,
               "eod_mask_loss": True, "num_kv_heads": 1}
     cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 6, "ref", **common)
-    _neoxt("train", str(cfg))
+    run_neoxt("train", str(cfg))
     ref = metrics_losses(run)
     cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 6, "cp", context_parallel_size=2,
                                   checkpoint_factor=3, **common)
-    _neoxt("launch", str(cfg), "--nproc-per-node", "2", "--set", "train_iters=3")
+    run_neoxt("launch", str(cfg), "--nproc-per-node", "2", "--set", "train_iters=3")
     assert (run / "latest").read_text().strip() == "global_step3"
-    out = _neoxt("train", str(cfg), "--set", "context_parallel_size=1")
+    out = run_neoxt("train", str(cfg), "--set", "context_parallel_size=1")
     assert f"resuming from {run / 'global_step3'}" in out
     got = metrics_losses(run)
     assert [got[i] for i in range(1, 7)] == pytest.approx([ref[i] for i in range(1, 7)], abs=1e-5)

@@ -8,8 +8,6 @@ order (tolerance 1e-5 on per-step losses).
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,18 +16,11 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from launchkit import metrics_losses, write_train_config  # noqa: E402
+from launchkit import metrics_losses, run_neoxt, write_train_config  # noqa: E402
 
-REPO = HERE.parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _neoxt(*args: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "neoxt.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
 
 
 # lr_decay_iters pins the schedule to 8 steps when a run is stopped early with --set train_iters=4;
@@ -40,7 +31,7 @@ BATCH = {"train_batch_size": 4, "log_interval": 1, "lr_decay_iters": 8, "padded_
 @pytest.fixture()
 def reference(tmp_path, tiny_tokenizer_dir, corpus) -> dict[int, float]:
     cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 8, "ref", **BATCH)
-    _neoxt("train", str(cfg))
+    run_neoxt("train", str(cfg))
     losses = metrics_losses(run)
     assert sorted(losses) == list(range(1, 9))
     return losses
@@ -54,17 +45,17 @@ def _check(run: Path, ref: dict[int, float]) -> None:
 
 def test_two_ranks_then_one(tmp_path, tiny_tokenizer_dir, corpus, reference):
     cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 8, "a", **BATCH)
-    _neoxt("launch", str(cfg), "--nproc-per-node", "2", "--set", "train_iters=4")
+    run_neoxt("launch", str(cfg), "--nproc-per-node", "2", "--set", "train_iters=4")
     assert (run / "latest").read_text().strip() == "global_step4"
-    out = _neoxt("train", str(cfg))
+    out = run_neoxt("train", str(cfg))
     assert f"resuming from {run / 'global_step4'}" in out
     _check(run, reference)
 
 
 def test_one_rank_then_two(tmp_path, tiny_tokenizer_dir, corpus, reference):
     cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 8, "b", **BATCH)
-    _neoxt("train", str(cfg), "--set", "train_iters=4")
-    out = _neoxt("launch", str(cfg), "--nproc-per-node", "2")
+    run_neoxt("train", str(cfg), "--set", "train_iters=4")
+    out = run_neoxt("launch", str(cfg), "--nproc-per-node", "2")
     assert f"resuming from {run / 'global_step4'}" in out
     # rank 1 has no RNG state of its own in a 1-rank checkpoint: it takes rank 0's, said once
     assert out.count("holds no RNG state for rank(s) [1]") == 1, out[-3000:]
@@ -76,10 +67,10 @@ def test_one_rank_then_two(tmp_path, tiny_tokenizer_dir, corpus, reference):
 def test_tensor_parallel_training_matches_one_rank(tmp_path, tiny_tokenizer_dir, corpus, reference, extra):
     """`neoxt train` under TP=2 (dp=1: the same micro-batches) follows the 1-rank curve (tolerance 1e-4)."""
     cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 8, "tp", **BATCH, **extra)
-    _neoxt("launch", str(cfg), "--nproc-per-node", "2")
+    run_neoxt("launch", str(cfg), "--nproc-per-node", "2")
     got = metrics_losses(run)
     assert [got[i] for i in range(1, 9)] == pytest.approx([reference[i] for i in range(1, 9)], abs=1e-4)
     # and the TP checkpoint continues on one rank (same config, TP switched off on the command line)
-    out = _neoxt("train", str(cfg), "--set", "train_iters=9", "--set", "model_parallel_size=1",
+    out = run_neoxt("train", str(cfg), "--set", "train_iters=9", "--set", "model_parallel_size=1",
                  "--set", "sequence_parallel=false")
     assert f"resuming from {run / 'global_step8'}" in out

@@ -181,13 +181,12 @@ class Transformer(nn.Module):
         if key_padding_mask is not None and key_padding_mask.shape != (B, S):
             raise ValueError(f"key_padding_mask must be [{B}, {S}] (batch, cached + new), got "
                              f"{list(key_padding_mask.shape)}")
-        split = self.context_parallel  # neoxt.distributed.context_parallel: this rank holds 1/cp of the sequence
-        if split is not None and (kv_cache is not None or key_padding_mask is not None or positions is None):
-            raise ValueError("under context parallelism the forward takes the rank's share of a training "
-                             "sequence with its position ids, and no cache or padding mask")
-        slots = split.slots(T, tokens.device) if split is not None else None
+        split, slots = self.context_parallel, None  # neoxt.distributed.context_parallel: 1/cp of the sequence
         if split is not None:
-            S = T * split.size  # the keys span the whole sequence
+            if kv_cache is not None or key_padding_mask is not None or positions is None:
+                raise ValueError("under context parallelism the forward takes the rank's share of a training "
+                                 "sequence with its position ids, and no cache or padding mask")
+            slots, S = split.slots(T, tokens.device), T * split.size  # the keys span the whole sequence
         if positions is None:
             positions = (torch.arange(T, device=tokens.device) + past)[None].expand(B, T)
 

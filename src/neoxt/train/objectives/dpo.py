@@ -8,9 +8,9 @@ precomputed reference log-probs (``precompute_model_name``) come with the batch 
 Log-probabilities are always taken in fp32 (upstream's ``dpo_fp32`` default; false is accepted).
 MoE policies: the weighted auxiliary losses (load balancing, router z-loss) of each micro-batch's
 policy forward join the backward as for the LM objective (``moe_aux_term``: a mean over micro-batches x
-data-parallel ranks), never the frozen reference's (it runs first, in eval mode, and records none);
-the reported loss stays the DPO loss and the unweighted losses are logged as ``moe_aux_loss`` /
-``moe_z_loss``.
+data-parallel ranks), never the frozen reference's (a module of its own, in eval mode: it records
+none; its forward runs before the policy's anyway); the reported loss stays the DPO loss and the
+unweighted losses are logged as ``moe_aux_loss`` / ``moe_z_loss``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class DPOObjective(Stateless):
         all_reduce_sum(pairs, self.group)
 
         def micro_loss(b: dict[str, torch.Tensor]) -> torch.Tensor:
-            ref_c, ref_r = self._reference(b)  # before the policy: the MoE aux term reads its last forward
+            ref_c, ref_r = self._reference(b)  # first: the MoE aux term reads the last forward, the policy's
             pi_c, pi_r = self._logps(self.model, b)
             return dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta).sum() / pairs.float()
 

@@ -8,9 +8,9 @@ micro-batch loss is the mean over its pairs of sequences; the step loss the mean
 (and data-parallel ranks), as upstream's per-micro-batch mean averaged by accumulation.
 MoE policies: the weighted auxiliary losses (load balancing, router z-loss) of each micro-batch's
 policy forward join the backward as for the LM objective (``moe_aux_term``: a mean over micro-batches x
-data-parallel ranks), never the frozen reference's (it runs first, in eval mode, and records none);
-the reported loss stays the KTO loss and the unweighted losses are logged as ``moe_aux_loss`` /
-``moe_z_loss``.
+data-parallel ranks), never the frozen reference's (a module of its own, in eval mode: it records
+none; its forward runs before the policy's anyway); the reported loss stays the KTO loss and the
+unweighted losses are logged as ``moe_aux_loss`` / ``moe_z_loss``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class KTOObjective(Stateless):
         if b["tokens"].shape[0] % 2:
             raise ConfigError("train_impl: kto needs an even train_micro_batch_size_per_gpu (each micro-batch is split in halves)")
         mask = token_mask(b["labels"], b.get("loss_mask"))
-        with torch.no_grad():  # the reference before the policy: the MoE aux term reads the last forward
+        with torch.no_grad():  # the reference first: the MoE aux term reads the last forward, the policy's
             if "ref" in b:
                 ref = torch.where(mask, b["ref"].float(), torch.zeros_like(b["ref"].float()))
             else:

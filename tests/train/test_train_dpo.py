@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -40,6 +41,10 @@ def pref_data(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def _cfg(pref_data, tmp_path, **extra):
+    return config_from_dict(_cfg_dict(pref_data, tmp_path, **extra))
+
+
+def _cfg_dict(pref_data, tmp_path, **extra) -> dict:
     p, n = pref_data["pos"], pref_data["neg"]
     d = {
         "num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
@@ -59,7 +64,7 @@ def _cfg(pref_data, tmp_path, **extra):
         "save": str(tmp_path / "run"), "checkpoint_factor": 4,
     }
     d.update(extra)
-    return config_from_dict(d)
+    return d
 
 
 def _base_model(tmp_path, pref_data):
@@ -87,6 +92,22 @@ def test_dpo_starts_at_log2_learns_the_preference_and_resumes_exactly(tmp_path, 
     second = train(cfg, None, log=lines.append)
     assert lines[0].startswith("resuming from") and second.start_iteration == 4
     assert first.losses[:4] + second.losses == ref.losses
+
+
+def test_dpo_trains_a_moe_model_end_to_end(tmp_path, pref_data):
+    """The reported loss stays the DPO loss (log 2 at step 1: a fresh run's reference is the starting
+    model) while the policy's MoE auxiliary losses join the backward and reach metrics.jsonl."""
+    moe = {"moe_num_experts": 4, "moe_top_k": 2, "moe_router_type": "topk", "moe_aux_loss_coeff": 0.01,
+           "moe_z_loss_coeff": 0.001}
+    # `neoxt train` runs this same `train` (in-process here: a subprocess would spend ~10 s importing torch)
+    run = train(_cfg(pref_data, tmp_path, train_iters=3, eval_interval=3, checkpoint_factor=3, **moe), None,
+                log=lambda m: None)
+    assert len(run.losses) == 3
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for r in records:
+        assert math.isfinite(r["loss"]) and r["moe_aux_loss"] >= 0.9 and r["moe_z_loss"] > 0
+    assert (tmp_path / "run" / "eval.jsonl").exists()
 
 
 def test_dpo_reference_free_and_bad_setups(tmp_path, pref_data):

@@ -1,6 +1,6 @@
 """The objective interface: what the training loop asks of LM/SFT, DPO, KTO, the pipeline schedule and
-every objective added later (reward model, REINFORCE, gradient ascent / difference, MoE auxiliary
-losses).
+every objective added later (reward model, REINFORCE, gradient ascent / difference); MoE auxiliary
+losses join an objective's backward through ``moe_aux_term``.
 
 The loop (``neoxt.train.loop``) never branches on ``train_impl``: it builds the objective named by
 ``train_impl`` from the registry (``neoxt.train.objectives.OBJECTIVES``) and then only calls this
@@ -176,23 +176,53 @@ def accumulate(
     micro_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     loss_scale: float = 1.0,
     backward: bool = True,
-    aux_loss: Callable[[], torch.Tensor | float] | None = None,
+    aux_loss: Callable[[], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Sum of ``micro_loss(b)`` over the micro-batches (float64, detached); with ``backward`` each
     micro-batch's loss (times ``loss_scale``) is backpropagated as soon as it is computed, so only one
     micro-batch's activations are alive at a time. ``micro_loss`` returns the micro-batch's share of
-    the global loss (already divided by the global count). ``aux_loss`` (called after each training
-    forward) is a term that joins that micro-batch's backward but not the returned loss (MoE
-    auxiliary losses)."""
+    the global loss (already divided by the global count). ``aux_loss`` (called right after each
+    training ``micro_loss``, so it sees that call's forwards) is a term that joins that micro-batch's
+    backward but not the returned loss (MoE auxiliary losses, see ``moe_aux_term``); None from it
+    adds nothing."""
     device = micro[0]["tokens"].device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro:
         if backward:
             loss = micro_loss(b)
-            full = loss + aux_loss() if aux_loss is not None else loss
+            extra = aux_loss() if aux_loss is not None else None
+            full = loss if extra is None else loss + extra
             (full * loss_scale if loss_scale != 1.0 else full).backward()
         else:
             with torch.no_grad():
                 loss = micro_loss(b)
         total += loss.detach().double()
     return total
+
+
+def moe_aux_term(
+    model: nn.Module, n_micro: int, group: Any = None, out: dict[str, float] | None = None
+) -> Callable[[], torch.Tensor | None] | None:
+    """The MoE auxiliary losses as ``accumulate``'s ``aux_loss``, shared by every objective that adds them.
+
+    Each call reads the router statistics of ``model``'s last training forward (each MoE layer keeps
+    its own; a frozen reference is another module in eval mode and records none) and returns that
+    micro-batch's share of the weighted loss, ``model.aux_loss()`` / (micro-batches x data-parallel
+    ranks): a mean over them, whatever the objective's own loss averages over. None when there is
+    nothing to add (a dense model, both coefficients 0), so such a step is unchanged. ``out`` (when
+    given) receives this rank's unweighted losses averaged over its micro-batches, the
+    ``moe_aux_loss`` / ``moe_z_loss`` metrics. The objective's ``micro_loss`` must run the policy's
+    training forward last (any reference forward before it). None for a model without ``aux_loss``.
+    """
+    if not hasattr(model, "aux_loss"):
+        return None
+    dp = torch.distributed.get_world_size(group) if group is not None else 1
+
+    def share() -> torch.Tensor | None:
+        if out is not None:
+            for key, value in model.aux_losses().items():
+                out[key] = out.get(key, 0.0) + value.item() / n_micro
+        weighted = model.aux_loss()
+        return None if weighted is None else weighted / (n_micro * dp)
+
+    return share

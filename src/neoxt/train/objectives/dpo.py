@@ -6,7 +6,11 @@ averaged over the pairs of the global batch (so gradient accumulation does not c
 holds the chosen rows then the rejected rows. ``dpo_reference_free`` uses 0 for the reference terms;
 precomputed reference log-probs (``precompute_model_name``) come with the batch as ``ref``.
 Log-probabilities are always taken in fp32 (upstream's ``dpo_fp32`` default; false is accepted).
-MoE auxiliary losses (load balancing, router z-loss) are not added to the DPO loss yet.
+MoE policies: the weighted auxiliary losses (load balancing, router z-loss) of each micro-batch's
+policy forward join the backward as for the LM objective (``moe_aux_term``: a mean over micro-batches x
+data-parallel ranks), never the frozen reference's (a module of its own, in eval mode: it records
+none; its forward runs before the policy's anyway); the reported loss stays the DPO loss and the
+unweighted losses are logged as ``moe_aux_loss`` / ``moe_z_loss``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from neoxt.train.objectives.base import (
     StepOutcome,
     accumulate,
     loss_chunk_size,
+    moe_aux_term,
     token_logprobs,
 )
 from neoxt.train.objectives.lm import counted_tokens
@@ -59,7 +64,9 @@ class DPOObjective(Stateless):
         with torch.no_grad():
             return self._logps(self.reference, b)
 
-    def _loss(self, micro: list[dict[str, torch.Tensor]], loss_scale: float, backward: bool) -> torch.Tensor:
+    def _loss(
+        self, micro: list[dict[str, torch.Tensor]], loss_scale: float, backward: bool, aux: dict[str, float] | None = None
+    ) -> torch.Tensor:
         pairs = torch.zeros((), dtype=torch.float64, device=micro[0]["tokens"].device)
         for b in micro:
             if b["tokens"].shape[0] % 2:
@@ -68,14 +75,16 @@ class DPOObjective(Stateless):
         all_reduce_sum(pairs, self.group)
 
         def micro_loss(b: dict[str, torch.Tensor]) -> torch.Tensor:
-            ref_c, ref_r = self._reference(b)
+            ref_c, ref_r = self._reference(b)  # first: the MoE aux term reads the last forward, the policy's
             pi_c, pi_r = self._logps(self.model, b)
             return dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta).sum() / pairs.float()
 
-        return all_reduce_sum(accumulate(micro, micro_loss, loss_scale, backward), self.group)
+        moe = moe_aux_term(self.model, len(micro), self.group, aux) if backward else None
+        return all_reduce_sum(accumulate(micro, micro_loss, loss_scale, backward, moe), self.group)
 
     def train_batch(self, micro: list[dict[str, torch.Tensor]], loss_scale: float) -> StepOutcome:
-        return StepOutcome(loss=self._loss(micro, loss_scale, backward=True))
+        aux: dict[str, float] = {}  # MoE auxiliary losses for the log (empty for dense models)
+        return StepOutcome(loss=self._loss(micro, loss_scale, backward=True, aux=aux), metrics=aux)
 
     def eval_batch(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
         # Validation reports the mean over batches of each batch's pair mean (weight 1 per batch).

@@ -6,7 +6,11 @@ detached mean log-ratio. Per sequence:
 half's mean of ``kto_desirable_weight`` (reward > 0) / ``kto_undesirable_weight`` (reward < 0). The
 micro-batch loss is the mean over its pairs of sequences; the step loss the mean over micro-batches
 (and data-parallel ranks), as upstream's per-micro-batch mean averaged by accumulation.
-MoE auxiliary losses (load balancing, router z-loss) are not added to the KTO loss yet.
+MoE policies: the weighted auxiliary losses (load balancing, router z-loss) of each micro-batch's
+policy forward join the backward as for the LM objective (``moe_aux_term``: a mean over micro-batches x
+data-parallel ranks), never the frozen reference's (a module of its own, in eval mode: it records
+none; its forward runs before the policy's anyway); the reported loss stays the KTO loss and the
+unweighted losses are logged as ``moe_aux_loss`` / ``moe_z_loss``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from neoxt.train.objectives.base import (
     StepOutcome,
     accumulate,
     loss_chunk_size,
+    moe_aux_term,
     token_logprobs,
 )
 from neoxt.train.objectives.lm import counted_tokens
@@ -46,7 +51,7 @@ class KTOObjective(Stateless):
         if b["tokens"].shape[0] % 2:
             raise ConfigError("train_impl: kto needs an even train_micro_batch_size_per_gpu (each micro-batch is split in halves)")
         mask = token_mask(b["labels"], b.get("loss_mask"))
-        with torch.no_grad():
+        with torch.no_grad():  # the reference first: the MoE aux term reads the last forward, the policy's
             if "ref" in b:
                 ref = torch.where(mask, b["ref"].float(), torch.zeros_like(b["ref"].float()))
             else:
@@ -67,14 +72,18 @@ class KTOObjective(Stateless):
         half2 = 0.5 * s2.mean() * (1 - torch.sigmoid(self.beta * w2.mean(-1) * ((p2 - r2).sum(-1) - kl1)))
         return (half1 + half2).mean()
 
-    def _loss(self, micro: list[dict[str, torch.Tensor]], loss_scale: float, backward: bool) -> torch.Tensor:
+    def _loss(
+        self, micro: list[dict[str, torch.Tensor]], loss_scale: float, backward: bool, aux: dict[str, float] | None = None
+    ) -> torch.Tensor:
         device = micro[0]["tokens"].device
         count = all_reduce_sum(torch.tensor(float(len(micro)), dtype=torch.float64, device=device), self.group)
-        total = accumulate(micro, lambda b: self._micro_loss(b) / count.float(), loss_scale, backward)
+        moe = moe_aux_term(self.model, len(micro), self.group, aux) if backward else None
+        total = accumulate(micro, lambda b: self._micro_loss(b) / count.float(), loss_scale, backward, moe)
         return all_reduce_sum(total, self.group)
 
     def train_batch(self, micro: list[dict[str, torch.Tensor]], loss_scale: float) -> StepOutcome:
-        return StepOutcome(loss=self._loss(micro, loss_scale, backward=True))
+        aux: dict[str, float] = {}  # MoE auxiliary losses for the log (empty for dense models)
+        return StepOutcome(loss=self._loss(micro, loss_scale, backward=True, aux=aux), metrics=aux)
 
     def eval_batch(self, micro: list[dict[str, torch.Tensor]]) -> StepOutcome:
         return StepOutcome(loss=self._loss(micro, 1.0, backward=False),

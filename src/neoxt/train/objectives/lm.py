@@ -13,7 +13,7 @@ MoE models: each micro-batch's weighted auxiliary loss (``model.aux_loss()``: lo
 router z-loss times their coefficients) joins the backward divided by micro-batches x data-parallel
 ranks (a mean over them, as the LM loss); the reported loss stays the LM loss, and the unweighted
 losses go to the log as ``moe_aux_loss`` / ``moe_z_loss`` (``StepOutcome.metrics``, this rank's
-mean over its micro-batches). The DPO and KTO objectives do not add the MoE auxiliary losses yet.
+mean over its micro-batches). ``moe_aux_term`` (``objectives.base``) does this for DPO and KTO too.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from neoxt.train.objectives.base import (
     StepOutcome,
     accumulate,
     loss_chunk_size,
+    moe_aux_term,
     token_loss_sum,
 )
 
@@ -67,23 +68,8 @@ def accumulate_gradients(
         loss_sum = token_loss_sum(model, b, precision, z_loss, chunk)
         return loss_sum / denom.to(loss_sum.dtype)
 
-    def aux_loss() -> torch.Tensor | float:
-        return _moe_aux(model, len(micro), group, aux)
-
-    moe = backward and hasattr(model, "aux_loss")
-    return all_reduce_sum(accumulate(micro, micro_loss, loss_scale, backward, aux_loss if moe else None), group)
-
-
-def _moe_aux(model: nn.Module, n_micro: int, group: Any, out: dict[str, float] | None) -> torch.Tensor | float:
-    """This micro-batch's share of the MoE auxiliary loss (0.0 for dense models); logs into ``out``."""
-    if out is not None:
-        for key, value in model.aux_losses().items():
-            out[key] = out.get(key, 0.0) + value.item() / n_micro
-    weighted = model.aux_loss()
-    if weighted is None:
-        return 0.0
-    dp = torch.distributed.get_world_size(group) if group is not None else 1
-    return weighted / (n_micro * dp)
+    moe = moe_aux_term(model, len(micro), group, aux) if backward else None
+    return all_reduce_sum(accumulate(micro, micro_loss, loss_scale, backward, moe), group)
 
 
 class LMObjective(Stateless):

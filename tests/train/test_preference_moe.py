@@ -176,3 +176,13 @@ def test_eval_batches_add_no_aux_and_log_nothing(impl):
     objective = _objective(impl)
     out = objective.eval_batch(_micro(kto=impl == "kto"))
     assert out.metrics == {} and all(p.grad is None for p in objective.model.parameters())
+
+
+def test_gradient_ascent_still_descends_the_auxiliary_loss():
+    """A negative loss_scale (unlearning's gradient-ascent steps) flips the loss, not the regulariser."""
+    from neoxt.train.objectives.base import accumulate
+
+    w = torch.tensor([1.5, -0.5], requires_grad=True)
+    batch = {"tokens": torch.zeros(1, 1, dtype=torch.long)}
+    accumulate([batch], lambda b: (w ** 2).sum(), loss_scale=-2.0, aux_loss=lambda: 3.0 * w.sum())
+    torch.testing.assert_close(w.grad, -2.0 * 2 * w.detach() + 2.0 * 3.0)

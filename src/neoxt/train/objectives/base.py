@@ -184,15 +184,18 @@ def accumulate(
     the global loss (already divided by the global count). ``aux_loss`` (called right after each
     training ``micro_loss``, so it sees that call's forwards) is a term that joins that micro-batch's
     backward but not the returned loss (MoE auxiliary losses, see ``moe_aux_term``); None from it
-    adds nothing."""
+    adds nothing. It is scaled by ``|loss_scale|``: a gradient-ascent step (negative scale, see
+    ``objectives/unlearning.py``) ascends the loss but still descends the experts' balancing losses."""
     device = micro[0]["tokens"].device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for b in micro:
         if backward:
             loss = micro_loss(b)
             extra = aux_loss() if aux_loss is not None else None
-            full = loss if extra is None else loss + extra
-            (full * loss_scale if loss_scale != 1.0 else full).backward()
+            scaled = loss * loss_scale if loss_scale != 1.0 else loss
+            if extra is not None:  # a regulariser: descended even where the loss is ascended (scale < 0)
+                scaled = scaled + extra * abs(loss_scale)
+            scaled.backward()
         else:
             with torch.no_grad():
                 loss = micro_loss(b)

@@ -8,7 +8,9 @@ steps, takes an *unlearning* update instead:
 - GD (``gd_mode``): minimise ``gd_retain_weight * L_retain - L_forget`` on a forget batch and a
   retain batch (each ``L`` the mean token cross-entropy over its global batch);
 
-at ``ga_lr_scale`` times the schedule's learning rate. When they happen (``ga_mode``):
+at ``ga_lr_scale`` times the schedule's learning rate. On a MoE model the experts' balancing and
+router z-losses are still descended on those steps (``objectives/base.accumulate``): ascending them
+would unbalance the router, which is not what unlearning asks. When they happen (``ga_mode``):
 
 - ``interval``: after every ``ga_interval``-th iteration (not after the last), a burst of
   ``ga_iters`` updates that do not advance the iteration counter, the LR schedule, or the checkpoint

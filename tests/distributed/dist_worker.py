@@ -6,7 +6,7 @@ the same weights (same seed), so its loss curve must equal the single-process on
 
 Usage: python dist_worker.py OUT.json SCENARIO [SCENARIO ...]
 Scenario names: "<layout>:<arch>" with layout in tp, sp, fsdp, hsdp, pp1f1b, ppgpipe, ppint, ppchunk and
-arch in neox, llama, olmo3.
+arch in neox, llama, olmo3, moe (LLaMA with 4 experts + a shared one).
 """
 
 from __future__ import annotations
@@ -31,14 +31,17 @@ BATCH, SEQ = 4, 16
 LR = 1e-2
 CLIP = 0.5  # active from the first step: a wrong global gradient norm changes the curve
 GRAD_NORMS: list[float] = []  # pre-clipping global norms seen by dp_step, in order
-PRESETS = {"neox": "gpt-neox-tiny", "llama": "llama-tiny", "olmo3": "olmo3-tiny"}
+PRESETS = {"neox": "gpt-neox-tiny", "llama": "llama-tiny", "olmo3": "olmo3-tiny", "moe": "llama-tiny"}
+# "moe": LLaMA with every MLP a mixture of 4 experts (top-2) plus one shared expert.
+MOE = {"moe_num_experts": 4, "moe_top_k": 2, "moe_router_type": "topk", "moe_norm_topk_prob": True,
+       "moe_num_shared_experts": 1, "moe_intermediate_size": 32}
 
 
 def model_cfg(arch: str, **over):
     # Untied heads (vocab-parallel head under TP, and required by PP); 4 layers for the 2x2 interleaved split.
     base = {"no_weight_tying": True, "num_layers": 4, "padded_vocab_size": 128, "hidden_dropout": 0.0,
             "attention_dropout": 0.0}
-    cfg = preset(PRESETS[arch], **{**base, **over})
+    cfg = preset(PRESETS[arch], **{**base, **(MOE if arch == "moe" else {}), **over})
     if len(cfg.attention_types) != cfg.num_layers:
         kinds = ("sliding", "sliding", "sliding", "global") if arch == "olmo3" else ("global",) * 4
         cfg = replace(cfg, attention_types=kinds[: cfg.num_layers])

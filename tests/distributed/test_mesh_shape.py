@@ -54,7 +54,7 @@ def test_split_layers_is_contiguous_and_even():
 
 
 def test_tp_refuses_uneven_head_split():
-    from neoxt.distributed.parallelize import check_tp
+    from neoxt.distributed.tensor_parallel import check_tp
     from neoxt.model import Transformer, preset
 
     model = Transformer(preset("llama-tiny"))  # 4 heads, 2 kv heads

@@ -29,6 +29,8 @@ SCENARIOS = [
     "tp:llama",
     "tp:olmo3",
     "tptied:neox",
+    "tp:moe",
+    "sp:moe",
     "sp:llama",
     "sp:olmo3",
     "sptied:neox",

@@ -91,6 +91,9 @@ def mesh_shape(par: ParallelismConfig, world_size: int) -> MeshShape:
             f"moe_expert_parallel_size={ep} does not divide the data-parallel shard size {dp // rep} "
             "(experts are split over data-parallel ranks)"
         )
+    if ep > 1 and tp > 1:
+        raise ConfigError("moe_expert_parallel_size > 1 with model_parallel_size > 1 is not supported yet; "
+                          "use one of them")
     if ep > 1 and cp > 1:
         raise ConfigError("moe_expert_parallel_size > 1 with context_parallel_size > 1 is not supported yet; "
                           "use one of them")

@@ -25,6 +25,12 @@ One MoE sublayer, read top to bottom:
    balanced, HF's and Switch's formula) and the router z-loss ``mean(logsumexp(logits)^2)``. The
    trainer adds ``moe_aux_loss_coeff`` x and ``moe_z_loss_coeff`` x their means over MoE layers.
 
+Tensor parallelism (``model_parallel_size``): each expert's hidden width F is split over the
+``tp`` ranks (``gate``/``up`` on their F dim, ``down`` on its), as a dense MLP's is, and the shared
+experts are a dense MLP under the usual plan. The router and routing run whole on every rank (same
+input, same choice); the experts' partial outputs are all-reduced per assignment, before the routing
+weights multiply in, so every downstream gradient, the router's included, is whole on every rank.
+
 Expert parallelism (``moe_expert_parallel_size``, see ``neoxt.distributed.parallelize``): the
 stacked expert weights become DTensors sharded on dim 0 over the ``ep`` mesh dim and
 ``Experts.ep_group`` is set; each rank routes its own tokens, sends every assignment to the rank
@@ -97,6 +103,22 @@ def _local(p: torch.Tensor) -> torch.Tensor:
     return p.to_local() if isinstance(p, DTensor) else p
 
 
+def _tp_rows(x: torch.Tensor, mesh) -> torch.Tensor:
+    """Tensor parallel input: every rank holds all rows, and its gradient for them covers only its
+    share of F, so the gradients are summed over the mesh in backward."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    return DTensor.from_local(x, mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
+def _tp_sum(y: torch.Tensor, mesh) -> torch.Tensor:
+    """Tensor parallel output: each rank's rows are a partial sum over its share of F; all-reduce them
+    before the routing weights multiply in, so the router's gradient is whole on every rank."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    return DTensor.from_local(y, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()]).to_local()
+
+
 def _grouped_mm():
     """torch's grouped GEMM (public ``F.grouped_mm`` from torch 2.10, else ``torch._grouped_mm``), or None."""
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -164,11 +186,15 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(E, H, F_))
         self.act = act
         self.ep_group = None
+        self.tp_mesh = None  # tensor parallel: every expert's hidden width F split over this mesh
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [M, H] sorted by global expert id, ``counts`` [E] rows per expert -> outputs in x's order."""
         gate = _local(self.gate) if self.gate is not None else None
         up, down = _local(self.up), _local(self.down)
+        if self.tp_mesh is not None:
+            return _tp_sum(expert_mlp(_tp_rows(x, self.tp_mesh), counts.tolist(), gate, up, down, self.act),
+                           self.tp_mesh)
         if self.ep_group is None:
             return expert_mlp(x, counts.tolist(), gate, up, down, self.act)
         return self._exchange_and_run(x, counts, gate, up, down)

@@ -54,7 +54,7 @@ class Stall:
         """The one stderr line: who, where, how long, what to do."""
         return (f"neoxt watchdog: rank {self.rank} of {self.world_size} made no progress for "
                 f"{self.waited_s:.0f} s in iteration {self.iteration} ({self.phase}); step_timeout_s is "
-                f"{self.timeout_s:g} s. Another rank has probably died or hung and this one waits for it in a "
+                f"{self.timeout_s:g} s. Probably another rank died or hung and this one waits for it in a "
                 "collective: look for the first error in the other ranks' logs (this rank's stacks follow). "
                 f"If steps are legitimately this slow, raise step_timeout_s (0 turns the watchdog off). "
                 f"Exiting with code {EXIT_CODE}.")

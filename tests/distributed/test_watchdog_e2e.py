@@ -60,6 +60,7 @@ def test_a_hung_rank_ends_the_job_with_the_watchdog_line(tmp_path, tiny_tokenize
     ended = time.monotonic()
     out = "".join(lines)
     assert proc.returncode != 0 and hung_at is not None, out[-4000:]
+    assert f"step watchdog: a rank whose step makes no progress for {STEP_TIMEOUT_S} s exits" in out
     line = next((ln for ln in out.splitlines() if "neoxt watchdog: rank 0 of 2" in ln), None)
     assert line is not None, out[-4000:]
     assert "in iteration 3 (training step)" in line and "other ranks' logs" in line and "step_timeout_s" in line

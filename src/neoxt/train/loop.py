@@ -136,14 +136,17 @@ def _loop(run: Run, signals: SignalFlag, result: TrainResult, on_step: Sequence[
     return "finished"
 
 
-def _watchdog(run: Run) -> Watchdog:
+def _watchdog(run: Run, say: Callable[[str], None]) -> Watchdog:
     """The process's step watchdog (off for one process); when it fires on rank 0, the heartbeat says
     failed with its reason, so ``neoxt status`` shows FAILED instead of RUNNING."""
     from neoxt.distributed.mesh import rank_world
 
-    world = rank_world()[1]
-    return for_run(run.cfg.parallelism.step_timeout_s, run.rank, world,
-                   on_fire=lambda stall: run.metrics.heartbeat(run.progress.iteration, "failed", stall.reason()))
+    dog = for_run(run.cfg.parallelism.step_timeout_s, run.rank, rank_world()[1],
+                  on_fire=lambda stall: run.metrics.heartbeat(run.progress.iteration, "failed", stall.reason()))
+    if dog.enabled:
+        say(f"step watchdog: a rank whose step makes no progress for {dog.timeout_s:g} s exits "
+            "(step_timeout_s; 0 turns it off)")
+    return dog
 
 
 def train(
@@ -184,7 +187,7 @@ def train(
         status = "failed"
         own_signals = signals is None
         signals = (signals or SignalFlag()).install()
-        dog = _watchdog(run)
+        dog = _watchdog(run, say)
         try:
             status = _loop(run, signals, result, on_step, say, dog.start())
         finally:

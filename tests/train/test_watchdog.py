@@ -164,3 +164,56 @@ def test_step_timeout_s_reaches_the_config(tmp_path):
     cfg.write_text("num_layers: 2\nhidden_size: 32\nnum_attention_heads: 4\nstep_timeout_s: 30\n")
     par = load_config([cfg]).parallelism
     assert (par.step_timeout_s, par.dist_timeout_s) == (30, 1800)
+
+
+class Recorder(Watchdog):
+    """A watchdog that records what the training loop tells it (and would exit the test if it fired)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.events: list[tuple] = []
+
+    def pet(self, iteration, phase="training step"):
+        self.events.append(("pet", iteration))
+        super().pet(iteration, phase)
+
+    def arm(self):
+        self.events.append(("arm",))
+        super().arm()
+
+    def keep_alive(self, phase=None):
+        self.events.append(("alive", phase))
+        super().keep_alive(phase)
+
+    def suspended(self, phase):
+        self.events.append(("suspend", phase))
+        return super().suspended(phase)
+
+
+def test_the_training_loop_pets_arms_and_suspends(tmp_path, monkeypatch):
+    """In-process: pet at each step's start, armed only after the first step, validation batches keep it
+    alive, checkpoint saves are not timed, stopped at the end (``for_run`` forced on for one process)."""
+    from dataclasses import replace
+
+    from trainkit import PatternSource, tiny_config, with_checkpoint
+
+    from neoxt.train import loop
+    from neoxt.train.setup import TrainData
+
+    dogs = []
+
+    def forced(timeout_s, rank, world_size, on_fire=None):
+        dogs.append(Recorder(1000.0, rank, 2, on_fire=on_fire, exit=lambda code: pytest.fail("the watchdog fired")))
+        return dogs[-1]
+
+    monkeypatch.setattr(loop, "for_run", forced)
+    cfg = with_checkpoint(tiny_config(tmp_path / "run", train_iters=4, eval_interval=2, eval_iters=1),
+                          checkpoint_factor=2)
+    cfg = replace(cfg, training=replace(cfg.training, gradient_accumulation_steps=1, train_batch_size=2))
+    loop.train(cfg, "", data=TrainData(PatternSource(seed=1), PatternSource(seed=2)), log=lambda m: None)
+    events = dogs[0].events
+    assert events[:2] == [("pet", 1), ("arm",)]  # nothing armed it before the first step completed
+    step = [("pet", 2), ("arm",), ("alive", "validation"), ("suspend", "checkpoint save")]
+    assert events[2:6] == step and events[6:8] == [("pet", 3), ("arm",)]
+    assert events[8:12] == [("pet", 4), ("arm",), ("alive", "validation"), ("suspend", "checkpoint save")]
+    assert dogs[0]._stop.is_set() and wd._ACTIVE is None  # stopped before the run's closing wait

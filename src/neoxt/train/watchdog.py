@@ -6,8 +6,9 @@ default, and then the error names a collective, not the rank. The training loop 
 here when a step completes (``pet``); a daemon thread (standard library: it must run while the main
 thread is stuck in C++) exits the process once no progress was reported for ``step_timeout_s``:
 one line on stderr naming this rank, the iteration, the phase and what to do, the Python stacks of
-all threads (``faulthandler``), the heartbeat marked failed (``on_fire``: ``neoxt status`` then says
-FAILED, not RUNNING), and ``os._exit(EXIT_CODE)``; torchrun then tears down the other ranks.
+all threads (``faulthandler``), the heartbeat marked failed (``on_fire``, rank 0 only, as rank 0 writes
+it: ``neoxt status`` then says FAILED; when another rank fires, rank 0 is torn down and it says
+CRASHED), and ``os._exit(EXIT_CODE)``; torchrun then tears down the other ranks.
 
 It must never fire in a healthy run, so only time while *armed* counts:
 

@@ -32,7 +32,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "momentum": (0, 1), "warmup": (0, INF), "warmup_iters": (0, INF),
     "rotary_pct": (0, 1), "rotary_emb_base": (1e-9, INF), "layernorm_epsilon": (0, 1), "rms_norm_epsilon": (0, 1),
     "attention_dropout": (0, 0.999999), "hidden_dropout": (0, 0.999999), "init_method_std": (0, 1e6),
-    "rope_scaling_factor": (1e-9, 1e6), "dist_timeout_s": (1, 10**7), "dist_startup_timeout_s": (1, 10**7), "dpo_beta": (0, 1e6), "kto_beta": (0, 1e6),
+    "rope_scaling_factor": (1e-9, 1e6), "dist_timeout_s": (1, 10**7), "dist_startup_timeout_s": (1, 10**7),
+    "step_timeout_s": (0, 10**7), "dpo_beta": (0, 1e6), "kto_beta": (0, 1e6),
 }
 
 

@@ -400,6 +400,8 @@ class ParallelismConfig:
     # Expert parallelism: MoE experts split over this many data-parallel ranks (tokens all-to-all).
     moe_expert_parallel_size: int = 1
     dist_startup_timeout_s: float = 600.0  # all ranks must join within this (neoxt.distributed.rendezvous)
+    # A rank whose step makes no progress this long exits with one line (neoxt.train.watchdog); 0: off.
+    step_timeout_s: float = 600.0
     # Context parallelism: every sequence split over this many ranks, attention by ring (or all-gathered
     # K/V where a document mask or sliding window applies); see neoxt.distributed.context_parallel.
     context_parallel_size: int = 1

@@ -11,6 +11,7 @@
 - ``losses.py``: token cross-entropy as (sum, count) so the global batch sets the mean; DPO pieces.
 - ``optim.py``, ``schedule.py``, ``precision.py``, ``signals.py``: GPT-NeoX optimizers, LR schedules,
   fp16/bf16, the walltime-signal flag.
+- ``watchdog.py``: ends a rank whose step makes no progress for ``step_timeout_s`` (a hung peer).
 - checkpoints: the format lives in ``neoxt.checkpoint`` (shared with convert, generate, evaluate).
 - ``metrics.py``: console line, ``metrics.jsonl``, ``heartbeat.json``, TensorBoard, W&B.
 - ``demo.py``: the shipped-corpus demo behind ``make demo``.

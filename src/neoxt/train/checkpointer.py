@@ -45,6 +45,7 @@ from neoxt.train.objectives import Objective
 from neoxt.train.precision import LossScaler
 from neoxt.train.schedule import LRSchedule
 from neoxt.train.step import StepCounters
+from neoxt.train.watchdog import suspended
 
 
 @dataclass
@@ -241,10 +242,15 @@ class Checkpointer:
         current one, e.g. the start of a step that is being undone), then prune to keep-last-N.
 
         With ``async_save`` the write continues in the background after this returns (``wait``: not
-        this time); ``finish`` waits for it. Either way ``latest`` moves only once it is complete."""
-        c = self.cfg.checkpoint
-        if not c.save:
+        this time); ``finish`` waits for it. Either way ``latest`` moves only once it is complete.
+        A save may take longer than any step: the step watchdog does not time it."""
+        if not self.cfg.checkpoint.save:
             return None
+        with suspended("checkpoint save"):
+            return self._save(schedule, data_state, wait)
+
+    def _save(self, schedule: LRSchedule, data_state: dict[str, Any] | None, wait: bool) -> Path | None:
+        c = self.cfg.checkpoint
         t0 = time.perf_counter()
         p = self.progress
         if self.writer is not None:
@@ -271,7 +277,8 @@ class Checkpointer:
     def finish(self) -> None:
         """Wait for a background save still being written (the end of a run, SIGTERM, an error)."""
         if self.writer is not None:
-            path = self.writer.wait()
+            with suspended("checkpoint save"):
+                path = self.writer.wait()
             if path is not None:
                 self._published(path, self._started)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from neoxt.config.schema import RunConfig
 from neoxt.train.objectives import Objective
+from neoxt.train.watchdog import keep_alive, suspended
 
 
 def move(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def validate(objective: Objective, source: Any, iters: int, cfg: RunConfig,
     acc = cfg.training.gradient_accumulation_steps
     with _EvalMode(objective.parts), torch.random.fork_rng(devices=[]):
         for _ in range(iters):
+            keep_alive("validation")  # each batch is progress for the step watchdog
             outcome = objective.eval_batch([move(next(source), device) for _ in range(acc)])
             total += outcome.loss.double() * outcome.weight
             weight += outcome.weight
@@ -70,7 +72,8 @@ def eval_tasks(model: nn.Module, cfg: RunConfig, iteration: int, rank: int) -> d
     from neoxt.tokenizer import load_tokenizer
 
     out_dir = cfg.checkpoint.save or cfg.logging.log_dir
-    with _EvalMode([model]), torch.random.fork_rng(devices=[]):
+    # lm-eval runs many forwards with no hook between them: not timed by the step watchdog.
+    with _EvalMode([model]), torch.random.fork_rng(devices=[]), suspended("eval_tasks"):
         return eval_during_training(model, load_tokenizer(cfg.tokenizer), cfg, iteration, out_dir if rank == 0 else None)
 
 

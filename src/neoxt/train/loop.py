@@ -7,7 +7,8 @@ it exactly, ``evaluation.py`` runs validation and eval tasks, ``metrics.py`` rep
 
 A run stops when ``train_iters`` is reached, at an ``exit_interval`` multiple (saved), on SIGTERM /
 SIGUSR1 (saved after the current step; before the first step nothing is saved: nothing changed),
-or with ``TrainingStopped`` under ``on_nan: stop`` (the last good state saved).
+or with ``TrainingStopped`` under ``on_nan: stop`` (the last good state saved). Under several ranks,
+``watchdog.py`` ends the process when a step makes no progress for ``step_timeout_s`` (a hung peer).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from neoxt.train.metrics import StepStats
 from neoxt.train.setup import Run, TrainData, check_config, resolve_vocab, setup
 from neoxt.train.signals import SignalFlag
 from neoxt.train.step import StepResult, TrainingStopped
+from neoxt.train.watchdog import Watchdog, for_run
 
 # Called after every step with (iteration after the step, its result); for instrumentation. An
 # exception raised here ends ``train`` at once, without a save, as a crash would (tests use that).
@@ -97,8 +99,11 @@ def _step(run: Run, result: TrainResult) -> StepResult:
 
 
 def _loop(run: Run, signals: SignalFlag, result: TrainResult, on_step: Sequence[StepCallback],
-          say: Callable[[str], None]) -> str:
-    """Steps until done; returns the heartbeat status and sets ``result.status``."""
+          say: Callable[[str], None], dog: Watchdog) -> str:
+    """Steps until done; returns the heartbeat status and sets ``result.status``.
+
+    ``dog`` hears of each step's start and is armed once the first one completed (compile and the
+    first collectives may take long); checkpoint saves and evaluation report to it themselves."""
     t, p, saver = run.cfg.training, run.progress, run.checkpointer
     if _any_rank(signals.received is not None, run.device):
         # During start-up: nothing has changed since the state we started from, so no save.
@@ -110,7 +115,9 @@ def _loop(run: Run, signals: SignalFlag, result: TrainResult, on_step: Sequence[
         saver.save(run.schedule)  # e.g. extra_save_iters: [0] keeps the base model
     evaluator = Evaluator(run.cfg, run.objective, run.data.valid, run.device, run.metrics, run.rank)
     while p.iteration < t.train_iters:
+        dog.pet(p.iteration + 1)
         r = _step(run, result)
+        dog.arm()
         if r.advance:
             evaluator.maybe_run(p.iteration)
             if _any_rank(signals.received is not None, run.device):
@@ -127,6 +134,19 @@ def _loop(run: Run, signals: SignalFlag, result: TrainResult, on_step: Sequence[
             result.status = "exit_interval"
             return "interrupted"
     return "finished"
+
+
+def _watchdog(run: Run, say: Callable[[str], None]) -> Watchdog:
+    """The process's step watchdog (off for one process); when it fires on rank 0, the heartbeat says
+    failed with its reason, so ``neoxt status`` shows FAILED instead of RUNNING."""
+    from neoxt.distributed.mesh import rank_world
+
+    dog = for_run(run.cfg.parallelism.step_timeout_s, run.rank, rank_world()[1],
+                  on_fire=lambda stall: run.metrics.heartbeat(run.progress.iteration, "failed", stall.reason()))
+    if dog.enabled:
+        say(f"step watchdog: a rank whose step makes no progress for {dog.timeout_s:g} s exits "
+            "(step_timeout_s; 0 turns it off)")
+    return dog
 
 
 def train(
@@ -167,9 +187,11 @@ def train(
         status = "failed"
         own_signals = signals is None
         signals = (signals or SignalFlag()).install()
+        dog = _watchdog(run, say)
         try:
-            status = _loop(run, signals, result, on_step, say)
+            status = _loop(run, signals, result, on_step, say, dog.start())
         finally:
+            dog.stop()
             try:
                 run.checkpointer.close()  # an async save still being written completes before the run exits
             finally:

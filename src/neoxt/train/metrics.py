@@ -249,7 +249,9 @@ class MetricsLogger:
             self._wandb_run.log(clean, step=iteration)
 
     # ---------------------------------------------------------------- lifecycle
-    def heartbeat(self, iteration: int, status: str) -> None:
+    def heartbeat(self, iteration: int, status: str, reason: str | None = None) -> None:
+        """Rewrite ``heartbeat.json``; a "failed" one carries ``reason`` (default: the exception being
+        handled, if any)."""
         if not self.enabled or self.run_dir is None:
             return
         beat = {
@@ -264,7 +266,9 @@ class MetricsLogger:
         # A failed run is closed from the trainer's `finally` while its exception propagates: record
         # why (e.g. "TrainingStopped: non-finite loss at iteration 4 (on_nan: stop)") for `neoxt status`.
         exc = sys.exc_info()[1]
-        if status == "failed" and exc is not None:
+        if status == "failed" and reason is not None:
+            beat["reason"] = reason[:300]
+        elif status == "failed" and exc is not None:
             beat["reason"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         _write_json(self.run_dir / HEARTBEAT_FILE, beat)
 

@@ -58,6 +58,7 @@ from neoxt.train.objectives.reference import frozen_reference
 from neoxt.train.precision import autocast
 from neoxt.train.prompts import prompt_lengths
 from neoxt.train.rewards import Samples, build_reward, decode_all, leave_one_out
+from neoxt.train.watchdog import keep_alive
 
 _SUMS = ("loss", "tokens", "reward", "reward_sq", "kl", "logp", "rows")
 
@@ -130,6 +131,7 @@ class ReinforceObjective:
     # -- sampling -------------------------------------------------------------------------------
     def _complete(self, prompt: list[int], step: int) -> list[list[int]]:
         """``reinforce_samples`` completions of one prompt, each cut after its first EOD (kept)."""
+        keep_alive()  # sampling runs inside the step: each prompt is progress for the step watchdog
         gen = torch.Generator(device=self.device).manual_seed(_seed(self.t.seed, step, prompt))
         with autocast(self.t.precision, self.device.type):
             rows = generate_tokens_no_grad(self.model, [prompt] * self.t.reinforce_samples, self.params,

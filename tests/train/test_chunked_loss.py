@@ -60,6 +60,26 @@ def test_lm_loss_chunked_equals_plain(masked, tied, z_loss):
         _assert_same(plain, run(chunk))
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["lm", "sft_masked"])
+def test_lm_loss_recomputed_in_backward_equals_plain(masked):
+    """The GPipe variant (logits recomputed in backward, nothing [V, H] held): same loss and gradients."""
+    from neoxt.train.chunked_loss import linear_cross_entropy
+    from neoxt.train.losses import token_mask
+
+    model, batch = _model(), _batch(masked)
+    labels, mask = batch["labels"], token_mask(batch["labels"], batch.get("loss_mask"))
+
+    def run(chunk: int):
+        if not chunk:
+            loss = token_loss_sum(model, batch, "fp32", 1e-2, 0)
+        else:
+            head = lambda h, w: linear_cross_entropy(h, w, labels, mask, 1e-2, chunk, recompute=True)  # noqa: E731
+            loss = model(batch["tokens"], head=head)
+        return loss.detach(), _grads(model, loss)
+
+    _assert_same(run(0), run(7))
+
+
 def test_lm_accumulated_step_chunked_equals_plain():
     """Through the objective's global-batch accumulation (loss over the global token count)."""
     model = _model()

@@ -73,3 +73,18 @@ def test_pipeline_objective_projects_in_chunks_unless_off_or_tensor_parallel(mon
     assert seen["loss_fn"] is objective.loss_fn
     assert seen["head_loss"] == (objective.loss_fn.from_hidden if chunked else None)
     assert objective.loss_fn.chunk == (chunk if chunked else 0)
+    assert not objective.loss_fn.recompute  # 1f1b: each micro-batch's backward follows soon after its forward
+
+
+def test_gpipe_recomputes_the_chunked_logits_in_backward(monkeypatch):
+    """GPipe holds every micro-batch's graph until its backwards: no [V, H] gradient per micro-batch."""
+    import neoxt.distributed.pipeline as pipeline
+    from neoxt.train.objectives.base import ObjectiveContext
+    from neoxt.train.objectives.pipeline import PipelineObjective
+
+    monkeypatch.setattr(pipeline, "build_pipeline", lambda *a, **k: SimpleNamespace(parts=[]))
+    cfg = _pipelined()
+    cfg = replace(cfg, parallelism=replace(cfg.parallelism, pipeline_schedule="gpipe"))
+    ctx = ObjectiveContext(cfg=cfg, model=None, mesh=object(), group=None, dp_size=1, device=torch.device("cpu"),
+                           fresh_start=True, load_weights=None, parallelize=lambda m: m)
+    assert PipelineObjective(ctx).loss_fn.recompute

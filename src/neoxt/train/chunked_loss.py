@@ -125,17 +125,26 @@ def linear_cross_entropy(
     mask: torch.Tensor,
     z_loss: float = 0.0,
     chunk: int = 1024,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Sum over tokens where ``mask`` of cross-entropy (+ ``z_loss * lse^2``) of ``hidden @ weight.T``.
 
     ``hidden`` [..., H], ``labels`` / ``mask`` [...] (bool). Equals ``lm_loss_sum(F.linear(hidden,
     weight), ...)[0]`` in value and gradients.
+
+    ``recompute``: keep only the per-token log-sum-exp and recompute each chunk's logits in backward
+    (``linear_token_logprobs``'s way) instead of holding the finished ``[V, H]`` weight gradient
+    until backward. For schedules that run many micro-batches' forwards before their backwards
+    (GPipe), where one such fp32 gradient per micro-batch would add up.
     """
     dtype = _compute_dtype(hidden)
     h, weight = hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight.to(dtype)
     flat_mask = mask.reshape(-1)
     targets = torch.where(flat_mask, labels.reshape(-1), torch.zeros_like(labels.reshape(-1)))
     weights = flat_mask.float()
+    if recompute:
+        logp, lse = _LinearLogProbs.apply(h, weight, targets, chunk)
+        return (lse.square() * float(z_loss) - logp).mul(weights).sum()
     track = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _LinearCrossEntropy.apply(h, weight, targets, weights, float(z_loss), chunk, track)
 

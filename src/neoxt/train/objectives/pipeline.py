@@ -37,6 +37,7 @@ class PipelineLoss:
     z_loss: float = 0.0
     factor: float = 1.0
     chunk: int = 1024  # tokens per output-projection chunk in from_hidden
+    recompute: bool = False  # GPipe: recompute the chunks' logits in backward (chunked_loss.linear_cross_entropy)
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return lm_loss_sum(logits, labels, None, self.z_loss)[0] * self.factor
@@ -44,7 +45,7 @@ class PipelineLoss:
     def from_hidden(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The same loss from ``hidden @ weight.T`` computed ``chunk`` tokens at a time."""
         mask = token_mask(labels, None)
-        return linear_cross_entropy(hidden, weight, labels, mask, self.z_loss, self.chunk) * self.factor
+        return linear_cross_entropy(hidden, weight, labels, mask, self.z_loss, self.chunk, self.recompute) * self.factor
 
 
 def pipeline_batch(micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +84,10 @@ class PipelineObjective(Stateless):
         assert ctx.mesh is not None  # pipe_parallel_size > 1 needs as many processes
         t = ctx.cfg.training
         chunk = loss_chunk_size(ctx.cfg)
-        self.loss_fn = PipelineLoss(z_loss=t.z_loss, chunk=chunk)
+        # GPipe runs every micro-batch's forward before any backward: recompute rather than hold one
+        # [V, H] weight gradient per micro-batch on the last stage.
+        gpipe = ctx.cfg.parallelism.pipeline_schedule == "gpipe"
+        self.loss_fn = PipelineLoss(z_loss=t.z_loss, chunk=chunk, recompute=gpipe)
         self.pipe = build_pipeline(ctx.model, ctx.cfg, ctx.mesh, n_microbatches=t.gradient_accumulation_steps,
                                    loss_fn=self.loss_fn, head_loss=self.loss_fn.from_hidden if chunk else None)
         self.parts = list(self.pipe.parts)

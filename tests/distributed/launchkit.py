@@ -35,9 +35,11 @@ def tokenized_corpus(root: Path, tokenizer_dir: Path, corpus: list[str]) -> tupl
 
 
 def write_train_config(
-    root: Path, tokenizer_dir: Path, corpus: list[str], train_iters: int, run_name: str = "run", **extra
+    root: Path, tokenizer_dir: Path, corpus: list[str], train_iters: int, run_name: str = "run",
+    with_valid: bool = False, **extra
 ) -> tuple[Path, Path]:
-    """(config path, run dir): a 1-layer model that trains fast on CPU; checkpoints only at the end."""
+    """(config path, run dir): a 1-layer model that trains fast on CPU; checkpoints only at the end.
+    ``with_valid``: the corpus is the validation set too (set ``eval_interval`` to use it)."""
     prefix, vocab = tokenized_corpus(root, tokenizer_dir, corpus)
     run = root / run_name
     cfg = root / f"{run_name}.yml"
@@ -49,6 +51,8 @@ def write_train_config(
         "tokenizer_type": "HFTokenizer", "vocab_file": vocab, "save": str(run), "checkpoint_factor": 10**9,
         "eval_interval": 10**9, "log_interval": 1000, "index_cache_dir": str(root / "cache"),
     }
+    if with_valid:
+        d["valid_data_paths"] = [prefix]
     d.update(extra)
     cfg.write_text(yaml.safe_dump(d))
     return cfg, run

@@ -132,14 +132,15 @@ def test_four_ranks_cp4_cp2_with_tp2_and_dp2_equal_one_process(tmp_path):
 
 def test_neoxt_train_with_context_parallel_follows_one_process_and_resumes(tmp_path, tiny_tokenizer_dir, corpus):
     """`neoxt launch` with context_parallel_size 2 (both ranks read the same batches, each keeps half of
-    every sequence) gives the one-process loss curve; its checkpoint continues on one process."""
+    every sequence) gives the one-process loss and validation curves; its checkpoint continues on one
+    process."""
     # Causal layers (the ring) with GQA, positions restarting at each document and EOD masked out of the loss.
     common = {"log_interval": 1, "lr_decay_iters": 6, "padded_vocab_size": 512, "reset_position_ids": True,
-              "eod_mask_loss": True, "num_kv_heads": 1}
-    cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 6, "ref", **common)
+              "eod_mask_loss": True, "num_kv_heads": 1, "eval_interval": 2, "eval_iters": 1}
+    cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 6, "ref", with_valid=True, **common)
     run_neoxt("train", str(cfg))
     ref = metrics_losses(run)
-    cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 6, "cp", context_parallel_size=2,
+    cfg, run = write_train_config(tmp_path, tiny_tokenizer_dir, corpus, 6, "cp", True, context_parallel_size=2,
                                   checkpoint_factor=3, **common)
     run_neoxt("launch", str(cfg), "--nproc-per-node", "2", "--set", "train_iters=3")
     assert (run / "latest").read_text().strip() == "global_step3"
@@ -147,3 +148,10 @@ def test_neoxt_train_with_context_parallel_follows_one_process_and_resumes(tmp_p
     assert f"resuming from {run / 'global_step3'}" in out
     got = metrics_losses(run)
     assert [got[i] for i in range(1, 7)] == pytest.approx([ref[i] for i in range(1, 7)], abs=1e-5)
+    ref_eval, cp_eval = _valid_losses(tmp_path / "ref"), _valid_losses(run)  # validation splits sequences too
+    assert len(ref_eval) == 3 and cp_eval == pytest.approx(ref_eval, abs=1e-5)
+
+
+def _valid_losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    return [r["valid_loss"] for r in records if "valid_loss" in r]

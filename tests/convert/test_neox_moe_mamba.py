@@ -18,6 +18,8 @@ from test_neox_import import our_logits, write_neox
 from test_neox_roundtrip import _read_exported
 
 from neoxt.checkpoint.loading import read_checkpoint_model_state
+from neoxt.cli import main
+from neoxt.config import load_config
 from neoxt.config.schema import CheckpointConfig, DataConfig, ModelConfig, RunConfig
 from neoxt.convert import neox
 from neoxt.convert.neox_load import import_load_on_the_fly
@@ -60,19 +62,24 @@ def _attention_layer(idx: int, g: str, norm_bias: bool) -> dict[str, tuple[int, 
     return out
 
 
+def mamba_layer_names(idx: int, g: str) -> dict[str, tuple[int, ...]]:
+    """One ``ParallelMambaResidualLayer`` (d_inner 48, mamba_use_bias_in_conv on)."""
+    return {
+        f"{idx}.norm.{g}": (H,), f"{idx}.mixer.in_proj.weight": (2 * D_INNER, H),
+        f"{idx}.mixer.conv1d.weight": (D_INNER, 1, 4), f"{idx}.mixer.conv1d.bias": (D_INNER,),
+        f"{idx}.mixer.x_proj.weight": (DT_RANK + 2 * D_STATE, D_INNER),
+        f"{idx}.mixer.dt_proj.weight": (D_INNER, DT_RANK), f"{idx}.mixer.dt_proj.bias": (D_INNER,),
+        f"{idx}.mixer.A_log": (D_INNER, D_STATE), f"{idx}.mixer.D": (D_INNER,),
+        f"{idx}.mixer.out_proj.weight": (H, D_INNER),
+    }
+
+
 def expected_mamba_names(norm: str) -> dict[str, tuple[int, ...]]:
     """GPT-NeoX's TP-1 tensors for ``mamba_config(norm)``: layers at 2..4, final norm 6, final_linear 7."""
     g = "scale" if norm == "rmsnorm" else "weight"
     out = {"0.word_embeddings.weight": (V, H), f"6.norm.{g}": (H,), "7.final_linear.weight": (V, H)}
     for idx in (2, 4):
-        out.update({
-            f"{idx}.norm.{g}": (H,), f"{idx}.mixer.in_proj.weight": (2 * D_INNER, H),
-            f"{idx}.mixer.conv1d.weight": (D_INNER, 1, 4), f"{idx}.mixer.conv1d.bias": (D_INNER,),
-            f"{idx}.mixer.x_proj.weight": (DT_RANK + 2 * D_STATE, D_INNER),
-            f"{idx}.mixer.dt_proj.weight": (D_INNER, DT_RANK), f"{idx}.mixer.dt_proj.bias": (D_INNER,),
-            f"{idx}.mixer.A_log": (D_INNER, D_STATE), f"{idx}.mixer.D": (D_INNER,),
-            f"{idx}.mixer.out_proj.weight": (H, D_INNER),
-        })
+        out.update(mamba_layer_names(idx, g))
         if norm == "layernorm":
             out[f"{idx}.norm.bias"] = (H,)
     out.update(_attention_layer(3, g, norm == "layernorm"))
@@ -218,10 +225,24 @@ def test_hand_built_mamba_lands_in_the_same_names(tmp_path):
                          ("layers.0.mixer.conv1d.bias", "2.mixer.conv1d.bias"), ("layers.1.attn_norm.weight", "3.input_layernorm.scale"),
                          ("final_norm.weight", "6.norm.scale"), ("lm_head.weight", "7.final_linear.weight")):
         assert torch.equal(sd[ours], full[theirs]), ours
-    # GPT-NeoX's in_proj output is [x | z] (xz.chunk(2)): x feeds the conv, z the gate.
-    mixer = Transformer(cfg).layers[0].mixer
-    assert mixer.in_proj.out_features == 2 * D_INNER and mixer.conv1d.in_channels == D_INNER
-    torch.testing.assert_close(our_logits(sd, cfg, _tokens()).shape, (2, 12, V))
+    # GPT-NeoX's mixer forward, from mamba.py (unfused path, selective_scan_ref's recurrence).
+    model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True)
+    h = torch.randn(1, 6, H, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = model.eval().layers[0].mixer(h, None, None)
+    t = {k.split("mixer.", 1)[1]: v for k, v in full.items() if k.startswith("2.mixer.")}
+    x, z = (h[0] @ t["in_proj.weight"].t()).t().chunk(2, dim=0)  # [d_inner, L] each: [x | z]
+    x = F.silu(F.conv1d(x[None], t["conv1d.weight"], t["conv1d.bias"], padding=3, groups=D_INNER)[0, :, :6])
+    dt, B, C = torch.split(x.t() @ t["x_proj.weight"].t(), [DT_RANK, D_STATE, D_STATE], dim=-1)
+    delta = F.softplus(t["dt_proj.weight"] @ dt.t() + t["dt_proj.bias"][:, None])  # [d_inner, L]
+    A = -torch.exp(t["A_log"])
+    state, ys = torch.zeros(D_INNER, D_STATE), []
+    for i in range(6):
+        state = torch.exp(delta[:, i, None] * A) * state + delta[:, i, None] * B[i] * x[:, i, None]
+        ys.append(state @ C[i] + t["D"] * x[:, i])
+    y = torch.stack(ys, 1) * F.silu(z)
+    torch.testing.assert_close(got[0], y.t() @ t["out_proj.weight"].t(), atol=1e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,11 +329,53 @@ def test_load_imports_a_gpt_neox_moe_checkpoint_on_the_fly(tmp_path):
 
 
 def test_gpt_neox_moe_config_reads_its_router_weighting(tmp_path):
-    from neoxt.config import load_config
-
     (tmp_path / "a.yml").write_text('{"moe_num_experts": 8, "num_layers": 2}')  # upstream defaults: sinkhorn, top 1
     (tmp_path / "b.yml").write_text('{"moe_num_experts": 8, "num_layers": 2, "moe_top_k": 2}')
     (tmp_path / "c.yml").write_text('{"moe_num_experts": 8, "num_layers": 2, "moe_router_type": "topk"}')
     (tmp_path / "d.yml").write_text('{"num_layers": 2}')
     got = [load_config([tmp_path / f"{n}.yml"]).model.moe_score_func for n in "abcd"]
     assert got == ["sigmoid", "softmax", "softmax", "softmax"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the CLI, with GPT-NeoX's own config keys (configs/mamba/*.yml, configs/125M-dmoe.yml, tiny).
+
+MAMBA_YML = """{"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
+ "max_position_embeddings": 64, "norm": "rmsnorm", "rms_norm_epsilon": 1.0e-5, "attention_config": [[["mamba"], 2]],
+ "intermediate_size": 48, "activation": "silu", "no_weight_tying": true, "mamba_inner_func_fusion": true,
+ "pipe_parallel_size": 0, "model_parallel_size": 1, "train_micro_batch_size_per_gpu": 4, "train_iters": 10}
+"""
+
+DMOE_YML = """{"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
+ "max_position_embeddings": 64, "norm": "layernorm", "pos_emb": "rotary", "no_weight_tying": true,
+ "gpt_j_residual": false, "moe_num_experts": 4, "moe_expert_interval": 2, "intermediate_size": 48,
+ "pipe_parallel_size": 1, "model_parallel_size": 2, "train_micro_batch_size_per_gpu": 4, "train_iters": 10}
+"""
+
+
+def test_cli_imports_gpt_neox_mamba_and_dmoe_configs(tmp_path, capsys):
+    pure = {"0.word_embeddings.weight": (V, H), "5.norm.scale": (H,), "6.final_linear.weight": (V, H),
+            **mamba_layer_names(2, "scale"), **mamba_layer_names(3, "scale")}
+    cases = (("mamba", MAMBA_YML, [_hand_built(pure)], "sequential"),
+             ("dmoe", DMOE_YML, _gpt_neox_tp2(_hand_built(expected_moe_names())), "pipeline"))
+    for name, yml, shards, layout in cases:
+        (tmp_path / f"{name}.yml").write_text(yml)
+        step = write_neox(shards, tmp_path / f"{name}-neox", layout)
+        out = tmp_path / f"{name}-run"
+        assert main(["convert", "neox-to-neoxt", "--input-dir", str(step), "--config", str(tmp_path / f"{name}.yml"),
+                     "--output-dir", str(out)]) == 0, capsys.readouterr().err
+        cfg = load_config([out / "config.yml"]).model
+        sd = read_checkpoint_model_state(out / "global_step7", cfg)
+        if name == "mamba":
+            assert cfg.attention_types == ("mamba", "mamba") and cfg.mamba_inner == D_INNER
+            assert torch.equal(sd["layers.1.mixer.x_proj.weight"], shards[0]["3.mixer.x_proj.weight"])
+        else:  # upstream's defaults: sinkhorn router, top 1, weighted by sigmoid
+            assert (cfg.moe_router_type, cfg.moe_top_k, cfg.moe_score_func) == ("sinkhorn", 1, "sigmoid")
+            w1 = torch.cat([shards[0]["2.mlp.experts.mlp.w1"], shards[1]["2.mlp.experts.mlp.w1"]])
+            assert torch.equal(sd["layers.0.mlp.experts.up"], w1.reshape(E, FF, H))
+    (tmp_path / "bad.yml").write_text(DMOE_YML.replace('"norm": "layernorm"', '"activation": "swiglu", "norm": "layernorm"'))
+    capsys.readouterr()
+    assert main(["convert", "neox-to-neoxt", "--input-dir", str(tmp_path / "dmoe-neox"), "--config",
+                 str(tmp_path / "bad.yml"), "--output-dir", str(tmp_path / "bad")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("neoxt:")]
+    assert len(err) == 1 and "ungated" in err[0] and not (tmp_path / "bad").exists()

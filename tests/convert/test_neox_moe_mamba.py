@@ -267,6 +267,7 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
         (moe_config(moe_token_dropping=True), "dropless"),
         (moe_config(moe_router_type="sinkhorn", moe_top_k=1), "sigmoid"),
         (moe_config(moe_layers=(1,)), "moe_expert_interval"),
+        (moe_config(gpt_j_residual=True), "drops the attention output"),
     ],
 )
 def test_unrepresentable_configs_are_refused_both_ways(tmp_path, cfg, words):
@@ -313,6 +314,14 @@ def test_expert_width_mismatch_names_the_tensor(tmp_path):
         neox.read_neox_checkpoint(step, moe_config(intermediate_size=32, moe_intermediate_size=32))
     msg = _one_line(err)
     assert "2.mlp.experts.mlp.w1" in msg and "expert width of 48" in msg
+
+
+def test_mamba_width_mismatch_says_which_key_to_set(tmp_path):
+    step = write_neox([_hand_built(expected_mamba_names("rmsnorm"))], tmp_path / "src", "sequential")
+    with pytest.raises(NeoxtError) as err:
+        neox.read_neox_checkpoint(step, mamba_config(mamba_d_inner=None))  # a hybrid: 2 x hidden here
+    msg = _one_line(err)
+    assert "2.mixer.in_proj.weight" in msg and "set mamba_d_inner: 48" in msg
 
 
 def test_load_imports_a_gpt_neox_moe_checkpoint_on_the_fly(tmp_path):

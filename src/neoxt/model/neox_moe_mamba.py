@@ -24,7 +24,8 @@ e·F..(e+1)·F; the expert computes ``act(x @ w1_e.T) @ w2_e``, so our ``experts
 ``w1`` viewed per expert and our ``experts.down`` [E, H, F] is ``w2_e`` transposed. Under TP the
 model-parallel group is the expert-parallel group: rank r holds experts r·E/tp..(r+1)·E/tp whole,
 so w1/w2 concatenate on dim 0. Only ``ParallelGroupedMLP`` is ever built: experts are ungated
-whatever ``activation`` says, dropless, biasless, with no shared experts and no renormalised top-k;
+whatever ``activation`` says, dropless, biasless, with no shared experts and no renormalised top-k
+(and under ``gpt_j_residual`` the layer returns the MoE output without the attention output);
 the topk router weights by softmax, the sinkhorn router by sigmoid when ``moe_top_k`` is 1, else
 softmax.
 """
@@ -91,6 +92,9 @@ def _moe_problem(cfg: ModelConfig) -> str | None:
     if cfg.gated:
         return (f"activation '{cfg.activation}' makes neoxt's experts gated; GPT-NeoX's MoE experts are ungated "
                 "(w1 -> activation -> w2) whatever activation says")
+    if cfg.gpt_j_residual:
+        return ("gpt_j_residual: GPT-NeoX's parallel-residual layer drops the attention output beside an MoE "
+                "(its MoE returns no bias, so output = mlp_output)")
     if cfg.moe_num_shared_experts:
         return f"moe_num_shared_experts {cfg.moe_num_shared_experts}: GPT-NeoX's MoE has no shared experts"
     if cfg.moe_norm_topk_prob:
@@ -132,7 +136,15 @@ def import_mamba(m: Importer, idx: int, p: str, gain: str, bias: str, norm_bias:
     m.move(p + "norm.weight", idx, f"norm.{gain}")
     if norm_bias or m.maybe(idx, f"norm.{bias}"):
         m.move(p + "norm.bias", idx, f"norm.{bias}")
-    names = MAMBA_MIXER + (("conv1d.bias",) if m.cfg.mamba_use_bias_in_conv or m.maybe(idx, "mixer.conv1d.bias") else ())
+    in_proj = m.take(idx, "mixer.in_proj.weight")
+    if (rows := in_proj.shape[0]) != 2 * m.cfg.mamba_inner:
+        raise CheckpointError(
+            f"{m.where(idx)}: tensor '{idx}.mixer.in_proj.weight' has {rows} rows: the checkpoint's Mamba d_inner is "
+            f"{rows // 2}, the config's {m.cfg.mamba_inner} (GPT-NeoX sizes Mamba blocks from intermediate_size / "
+            f"expansion_factor, even beside attention layers); set mamba_d_inner: {rows // 2}"
+        )
+    m.put(p + "mixer.in_proj.weight", in_proj, idx, "mixer.in_proj.weight")
+    names = MAMBA_MIXER[1:] + (("conv1d.bias",) if m.cfg.mamba_use_bias_in_conv or m.maybe(idx, "mixer.conv1d.bias") else ())
     for name in names:
         m.move(p + "mixer." + name, idx, "mixer." + name)
 
@@ -145,7 +157,8 @@ def import_moe(m: Importer, idx: int, p: str) -> None:
     for name, ours in ((EXPERTS_W1, "up"), (EXPERTS_W2, "down")):
         t = m.take(idx, name)
         if tuple(t.shape) != (E * F, H):
-            implied = f"; the checkpoint implies an expert width of {t.shape[0] // E}" if t.dim() == 2 else ""
+            implied = (f"; the checkpoint implies an expert width of {t.shape[0] // E} (intermediate_size)"
+                       if t.dim() == 2 else "")
             raise CheckpointError(
                 f"{m.where(idx)}: tensor '{idx}.{name}' has shape {tuple(t.shape)}, the config expects {(E * F, H)} "
                 f"(moe_num_experts {E} x expert width {F}, hidden_size {H}){implied}"

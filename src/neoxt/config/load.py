@@ -309,7 +309,7 @@ def _resolve_model(r: _Resolver) -> None:
     if m.get("use_qk_layernorm") and m.get("use_separate_qk_norms"):
         m["use_qk_layernorm"] = False  # the OLMo-3 fork's configs set both: separate norms take precedence
     if m.get("moe_num_experts", 1) > 1 and m.get("moe_top_k", 1) == 1 and m.get("moe_router_type") != "topk":
-        m.setdefault("moe_score_func", "sigmoid")  # upstream's SinkhornRouter weights a top-1 choice so
+        m.setdefault("moe_score_func", "sigmoid")  # upstream's SinkhornRouter: sigmoid(logit) at top 1
 
 
 def _mlp_width(r: _Resolver, hidden: int) -> int:

@@ -68,8 +68,9 @@ _IGNORED_SUFFIXES = ("inv_freq", "attention.bias", "attention.masked_bias", "_ex
 
 def tp_rule(name: str, cfg: ModelConfig | None = None) -> str:
     """How a tensor (by its name inside a layer) is sharded: qkv, linear1, column, row, row_bias,
-    replicated, mamba (a Mamba mixer tensor: TP 1 only), ignore (derived buffers) or unknown. A reward model's one-output final linear is
-    row-parallel (the fork's is_rm output layer splits the hidden dimension)."""
+    replicated, mamba (a Mamba mixer tensor: TP 1 only), ignore (derived buffers) or unknown. A
+    reward model's one-output final linear is row-parallel (the fork's is_rm output layer splits the
+    hidden dimension)."""
     if cfg is not None and cfg.value_head and name == "final_linear.weight":
         return "row"
     if name in _QKV:
@@ -224,7 +225,7 @@ def split_tp(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int) -> list[d
             ]
         elif rule == "row_bias" and cfg.gpt_j_residual:
             pieces = [t / tp] * tp  # each rank adds its copy before the all-reduce
-        elif rule in ("replicated", "row_bias") or (rule == "mamba" and tp == 1):
+        elif rule in ("replicated", "row_bias", "mamba"):  # mamba: TP 1 only (check_tp)
             pieces = [t] * tp
         else:
             raise ConversionError(f"internal: no TP split rule for GPT-NeoX tensor '{key}'")

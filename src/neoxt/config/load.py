@@ -307,8 +307,9 @@ def _resolve_model(r: _Resolver) -> None:
             f"({r.src('gpt_j_residual')})"
         )
     if m.get("use_qk_layernorm") and m.get("use_separate_qk_norms"):
-        # The OLMo-3 fork's configs set both (its docs require it): separate norms take precedence.
-        m["use_qk_layernorm"] = False
+        m["use_qk_layernorm"] = False  # the OLMo-3 fork's configs set both: separate norms take precedence
+    if m.get("moe_num_experts", 1) > 1 and m.get("moe_top_k", 1) == 1 and m.get("moe_router_type") != "topk":
+        m.setdefault("moe_score_func", "sigmoid")  # upstream's SinkhornRouter: sigmoid(logit) at top 1
 
 
 def _mlp_width(r: _Resolver, hidden: int) -> int:

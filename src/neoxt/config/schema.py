@@ -95,6 +95,8 @@ class ModelConfig:
     # "sinkhorn" (upstream's default): experts chosen by Sinkhorn-balanced scores while training,
     # plain top-k in eval. "topk": top-k of the router scores always (Mixtral, OLMoE, Qwen3-MoE).
     moe_router_type: Literal["sinkhorn", "topk"] = "sinkhorn"
+    # Read from a YAML without the key: "sigmoid" for sinkhorn with moe_top_k 1 (upstream's
+    # SinkhornRouter weights a single choice by sigmoid(logit)), else "softmax".
     moe_score_func: Literal["softmax", "sigmoid"] = "softmax"
     # Renormalise the k chosen scores to sum to one (Mixtral; Qwen3-MoE's norm_topk_prob).
     moe_norm_topk_prob: bool = False

@@ -42,6 +42,9 @@ norms}.py``, ``megatron/mpu/layers.py``, ``megatron/checkpointing.py``, ``tools/
   README; upstream has no OLMo-3. Its converter shards q_norm/k_norm with TP, so at TP > 1 the fork
   normalises each rank's slice; the merged weights here give the TP-1 model, i.e. HF's OLMo-3.)
 * ``attention.rotary_emb.inv_freq`` (``rotary_save_freqs_buffer``) is derived, not a weight: ignored.
+* Mamba layers (``norm`` + ``mixer.*``, TP 1 only) and MoE MLPs (``mlp.router.layer.weight``,
+  megablocks' stacked ``mlp.experts.mlp.w1``/``w2``, whole experts per TP rank): see
+  ``neoxt.model.neox_moe_mamba``, which also refuses the settings GPT-NeoX cannot reproduce exactly.
 * Upstream ``use_qk_layernorm``: ``attention.qk_layernorm.*`` has a [heads_per_rank, head_dim] gain,
   split over TP with the heads. (With LayerNorm and TP > 1 upstream normalises over each rank's
   heads only, so such a checkpoint is mapped exactly but its logits differ slightly from TP 1's.)
@@ -76,6 +79,7 @@ from neoxt.convert.neox_files import (
 from neoxt.convert.neox_tp import compact, merge_tp, split_tp
 from neoxt.errors import CheckpointError, ConversionError
 from neoxt.io import publish_dir, temp_dir_beside
+from neoxt.model.neox_moe_mamba import has_moe
 from neoxt.model.neox_names import EMBED_IDX, check_supported, neox_to_neoxt, neoxt_to_neox
 from neoxt.model.neox_te import is_te_layout, legacy_to_te, te_to_legacy
 
@@ -185,6 +189,9 @@ def export_neox(
     sd = read_checkpoint_model_state(ckpt, model)
     full = neoxt_to_neox(sd, model)
     if te_layout:
+        if has_moe(model):  # with te_layernorm_mlp GPT-NeoX builds no pre-MLP norm for an MoE layer
+            raise ConversionError("--te-layout: GPT-NeoX's MoE layers have no Transformer Engine form (with "
+                                  "te_layernorm_mlp they lose their pre-MLP norm); export the legacy layout")
         full = legacy_to_te(full, model)
     shards = split_tp(full, model, model_parallel_size)
     out_cfg = dataclasses.replace(

@@ -1,7 +1,9 @@
 """Tensor-parallel merge and split of GPT-NeoX checkpoints (GPT-NeoX names on both sides,
 ``<idx>.<name>`` keys): which tensors are column-parallel, row-parallel or replicated, how fused QKV
 and ``[up | gate]`` halves are laid out per rank, and why row-parallel biases are summed under
-``gpt_j_residual`` (see ``neoxt.convert.neox`` for the upstream facts)."""
+``gpt_j_residual`` (see ``neoxt.convert.neox`` for the upstream facts). MoE expert stacks are
+column-parallel (whole experts per rank) and the router replicated; Mamba layers only exist at TP 1
+(``neoxt.model.neox_moe_mamba``)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from neoxt.convert.neox_files import NeoxFiles
 from neoxt.errors import CheckpointError, ConversionError
+from neoxt.model import neox_moe_mamba
 from neoxt.model.neox_names import is_gqa, qkv_sizes
 
 if TYPE_CHECKING:
@@ -18,8 +21,9 @@ if TYPE_CHECKING:
     from neoxt.config.schema import ModelConfig
 
 # Merge/split rules, by tensor name inside a layer.
-# Merge/split rules, by tensor name inside a layer.
 _COLUMN = {
+    neox_moe_mamba.EXPERTS_W1,  # [E*F, H]: rank r holds experts r*E/tp..(r+1)*E/tp whole
+    neox_moe_mamba.EXPERTS_W2,
     "word_embeddings.weight",
     "final_linear.weight",
     "mlp.w1.weight",
@@ -64,8 +68,9 @@ _IGNORED_SUFFIXES = ("inv_freq", "attention.bias", "attention.masked_bias", "_ex
 
 def tp_rule(name: str, cfg: ModelConfig | None = None) -> str:
     """How a tensor (by its name inside a layer) is sharded: qkv, linear1, column, row, row_bias,
-    replicated, ignore (derived buffers) or unknown. A reward model's one-output final linear is
-    row-parallel (the fork's is_rm output layer splits the hidden dimension)."""
+    replicated, mamba (a Mamba mixer tensor: TP 1 only), ignore (derived buffers) or unknown. A
+    reward model's one-output final linear is row-parallel (the fork's is_rm output layer splits the
+    hidden dimension)."""
     if cfg is not None and cfg.value_head and name == "final_linear.weight":
         return "row"
     if name in _QKV:
@@ -80,6 +85,10 @@ def tp_rule(name: str, cfg: ModelConfig | None = None) -> str:
         return "row_bias"
     if name == "position_embeddings.weight" or name.startswith(_NORM_PARTS) or name in _TE_REPLICATED:
         return "replicated"
+    if name == neox_moe_mamba.ROUTER:
+        return "replicated"
+    if name.startswith("mixer."):
+        return "mamba"  # TP 1 only (check_tp)
     if name.endswith(_IGNORED_SUFFIXES):
         return "ignore"
     return "unknown"
@@ -92,6 +101,7 @@ def merge_tp(
     import torch
 
     tp = len(shards)
+    neox_moe_mamba.check_tp(cfg, tp)
     keys0 = set(shards[0])
     for r in range(1, tp):
         diff = keys0.symmetric_difference(shards[r])
@@ -195,6 +205,7 @@ def split_tp(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int) -> list[d
     ):
         if n % tp:
             raise ConversionError(f"cannot split {what}={n} over model parallel size {tp}")
+    neox_moe_mamba.check_tp(cfg, tp)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
     for key, t in full.items():
         name = key.split(".", 1)[1]
@@ -214,7 +225,7 @@ def split_tp(full: dict[str, torch.Tensor], cfg: ModelConfig, tp: int) -> list[d
             ]
         elif rule == "row_bias" and cfg.gpt_j_residual:
             pieces = [t / tp] * tp  # each rank adds its copy before the all-reduce
-        elif rule in ("replicated", "row_bias"):
+        elif rule in ("replicated", "row_bias", "mamba"):  # mamba: TP 1 only (check_tp)
             pieces = [t] * tp
         else:
             raise ConversionError(f"internal: no TP split rule for GPT-NeoX tensor '{key}'")

@@ -4,7 +4,8 @@ model (torchtitan's ``state_dict_adapter`` role) and shared by the GPT-NeoX impo
 Layer indices are those of GPT-NeoX's ``GPT2ModelPipe.specs``: 0 = embedding, 2..L+1 = transformer
 layers, L+3 = final norm, L+4 = ``final_linear`` (see ``neoxt.convert.neox`` for the full list of
 upstream facts: fused QKV per head or ``[Q|K|V]`` for GQA, ``[up | gate]`` gated MLP, legacy
-``w1/w2/w3`` llama names, the OLMo-3 fork's post-norms and q/k norms). Shapes are checked against
+``w1/w2/w3`` llama names, the OLMo-3 fork's post-norms and q/k norms; Mamba layers and MoE MLPs in
+``neox_moe_mamba``). Shapes are checked against
 ``parameter_shapes`` (the model itself on the meta device), so there is one shape table.
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from neoxt.config.schema import MAMBA_TYPES
 from neoxt.errors import CheckpointError, ConversionError
+from neoxt.model import neox_moe_mamba as mm
 from neoxt.model.shapes import parameter_shapes
 
 if TYPE_CHECKING:
@@ -202,9 +205,15 @@ def neox_to_neoxt(
         m.move("pos_embed.weight", EMBED_IDX, "position_embeddings.weight")
     for i in range(cfg.num_layers):
         idx, p = i + FIRST_LAYER_IDX, f"layers.{i}."
+        if cfg.attention_types[i] in MAMBA_TYPES:
+            mm.import_mamba(m, idx, p, m.g, m.b, _uses_norm_bias(cfg))
+            continue
         m.norms(idx, p)
         m.attention(idx, p)
-        m.mlp(idx, p)
+        if cfg.is_moe_layer(i):
+            mm.import_moe(m, idx, p)
+        else:
+            m.mlp(idx, p)
     final_norm_idx = cfg.num_layers + 3
     m.move("final_norm.weight", final_norm_idx, f"norm.{m.g}")
     if _uses_norm_bias(cfg) or m.maybe(final_norm_idx, f"norm.{m.b}"):
@@ -224,6 +233,8 @@ def neox_to_neoxt(
 
 def _config_hint(name: str, cfg: ModelConfig) -> str:
     """The config keys that decide whether/how a GPT-NeoX tensor exists, for error messages."""
+    if hint := mm.config_hint(name, cfg):
+        return hint
     if "final_linear" in name:
         return f"no_weight_tying={cfg.no_weight_tying}"
     if "layernorm" in name or name.startswith("norm."):
@@ -262,6 +273,11 @@ def neoxt_to_neox(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
     norm_map = _layer_norm_map(cfg)
     for i in range(cfg.num_layers):
         idx, p = i + FIRST_LAYER_IDX, f"layers.{i}."
+        if cfg.attention_types[i] in MAMBA_TYPES:
+            out.update(mm.export_mamba(sd, p, idx, g, b))
+            continue
+        if cfg.is_moe_layer(i):
+            out.update(mm.export_moe(sd, cfg, p, idx))
         for neox_norm, our_norm in norm_map.items():
             out[f"{idx}.{neox_norm}.{g}"] = sd[p + our_norm + ".weight"]
             if p + our_norm + ".bias" in sd:
@@ -312,3 +328,4 @@ def check_supported(cfg: ModelConfig) -> None:
         raise ConversionError(
             f"config: num_attention_heads {cfg.num_attention_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}"
         )
+    mm.check_supported(cfg)

@@ -58,19 +58,21 @@ def test_hybrid_attention_config():
     })
     m = cfg.model
     assert m.attention_types == ("global", "mamba", "mamba2", "sliding") and m.has_attention
-    # with attention layers, intermediate_size is the MLP width and Mamba blocks use mamba_expand
-    assert m.intermediate_size == 96 and m.mamba_inner == 128
+    # GPT-NeoX: intermediate_size sizes the Mamba blocks in a hybrid stack too (and the MLPs)
+    assert m.intermediate_size == 96 and m.mamba_inner == 96
     model = Transformer(replace(m, padded_vocab_size=100))
     assert sum(p.numel() for p in model.parameters()) == num_params(replace(m, padded_vocab_size=100))
     assert [type(b).__name__ for b in model.layers] == ["Block", "MambaBlock", "MambaBlock", "Block"]
 
 
-def test_pure_mamba_reads_upstream_width_keys():
-    """Upstream sizes Mamba blocks from intermediate_size / expansion_factor when there is no MLP."""
-    base = {"num_layers": 2, "hidden_size": 64, "attention_config": [[["mamba"], 2]]}
+@pytest.mark.parametrize("kinds", [[[["mamba"], 2]], [[["global", "mamba"], 1]]], ids=["pure", "hybrid"])
+def test_mamba_width_reads_upstream_keys(kinds):
+    """Upstream sizes Mamba blocks from intermediate_size / expansion_factor, else 2 x hidden."""
+    base = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "attention_config": kinds}
     assert config_from_dict({**base, "intermediate_size": 96}).model.mamba_inner == 96
     assert config_from_dict({**base, "expansion_factor": 3}).model.mamba_inner == 192
     assert config_from_dict({**base, "mamba_d_inner": 80}).model.mamba_inner == 80
+    assert config_from_dict(base).model.mamba_inner == 128
 
 
 def test_bad_mamba2_shape_names_the_key():

@@ -68,12 +68,14 @@ def fork_widths(
 def mamba_width(
     hidden: int, attention: bool, intermediate_size: int | None, expansion_factor: float | None, expand: int
 ) -> int:
-    """Mamba block width when ``mamba_d_inner`` is not set. Upstream GPT-NeoX sizes its Mamba blocks
-    (it has no MLPs in a pure Mamba stack) from ``intermediate_size``, else ``expansion_factor`` x
-    hidden (default 2): a stack with no attention layers keeps that reading; with attention layers
-    those keys size the MLP, and Mamba blocks use ``mamba_expand`` x hidden."""
-    if not attention and intermediate_size is not None:
+    """Mamba block width when ``mamba_d_inner`` is not set, as upstream GPT-NeoX sizes its Mamba blocks
+    (``megatron/model/mamba/mamba.py``): ``intermediate_size``, else ``expansion_factor`` x hidden,
+    else ``mamba_expand`` x hidden (default 2) — in hybrid stacks too, where ``intermediate_size``
+    then sizes both the MLPs and the Mamba blocks, so a GPT-NeoX hybrid config builds the same model
+    and its checkpoints import. ``attention`` is kept for the caller's other checks."""
+    del attention
+    if intermediate_size is not None:
         return intermediate_size
-    if not attention and expansion_factor is not None:
+    if expansion_factor is not None:
         return int(expansion_factor * hidden)
     return expand * hidden

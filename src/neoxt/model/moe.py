@@ -6,8 +6,9 @@ One MoE sublayer, read top to bottom:
    scores are their softmax (Mixtral, OLMoE, Qwen3-MoE) or sigmoid (DeepSeek-V3 style).
 2. **Choice.** The top-k scores per token (``moe_router_type: topk``), or while training under
    upstream GPT-NeoX's default ``sinkhorn`` the top-k of Sinkhorn-balanced scores (a few scaling
-   iterations that push every expert towards an equal share; weights stay the raw scores). With
-   ``moe_norm_topk_prob`` the k weights are rescaled to sum to one.
+   iterations that push every expert towards an equal share; weights stay the raw scores, which for
+   a GPT-NeoX sinkhorn top-1 config are sigmoids, as upstream's router weighs them: see
+   ``config/load.py``). With ``moe_norm_topk_prob`` the k weights are rescaled to sum to one.
 3. **Capacity.** Dropless by default. With ``moe_token_dropping`` each expert takes at most
    ``max(moe_min_capacity, ceil(factor * N * k / E))`` assignments, first choices before second
    ones, earlier tokens first (GShard's order); a dropped assignment contributes nothing (the

@@ -321,13 +321,34 @@ def run_group(cmd: list[str], timeout: float) -> tuple[int | None, str, str]:
     """Run ``cmd`` in its own process group; on timeout kill the whole group (torchrun and its worker,
     which would otherwise keep the GPU) and return ``None`` as the exit code."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _PEERS.append(proc.pid)
+    deadline = time.monotonic() + timeout
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-        return proc.returncode, stdout, stderr
-    except subprocess.TimeoutExpired:
+        while True:  # in 1 s slices, so a SIGTERM handler gets to run (Python runs them between bytecodes)
+            try:
+                stdout, stderr = proc.communicate(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+                return proc.returncode, stdout, stderr
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    break
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         return None, stdout, stderr
+    finally:
+        _PEERS.remove(proc.pid)
+
+
+_PEERS: list[int] = []  # process groups of running peers, killed if this process is told to stop
+
+
+def _stop(signum: int, frame) -> None:
+    """SIGTERM (e.g. from ``timeout``): end the running peer too; its own session would outlive us."""
+    for pid in list(_PEERS):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
 
 
 _LAUNCHER_NOISE = ("ChildFailedError", "elastic/errors.html", "error_file", "exitcode", "Root Cause", "Failures:")
@@ -494,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(r.key for r in rows))
         return 0
+    signal.signal(signal.SIGTERM, _stop)
     env = init_distributed()
     device = env.device
     _single_process_group(device)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,7 +134,30 @@ torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
     assert mfu.error_line("just this\n") == "just this" and mfu.error_line("") == "no output"
     assert mfu.run_group([sys.executable, "-c", "print('hi')"], 60) == (0, "hi\n", "")
     code, _, _ = mfu.run_group([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], 2)
-    assert code is None
+    assert code is None and mfu._PEERS == []
+
+
+def test_sigterm_ends_the_running_peer_group(tmp_path):
+    """`timeout` stops mfu.py with SIGTERM; the torchrun peer runs in its own session and must go too."""
+    pid_file, child, parent = tmp_path / "peer.pid", tmp_path / "child.py", tmp_path / "parent.py"
+    child.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    parent.write_text(
+        f"import signal, sys, threading\nsys.path.insert(0, {str(REPO / 'benchmarks')!r})\nimport mfu\n"
+        "signal.signal(signal.SIGTERM, mfu._stop)\n"
+        "threading.Timer(3, lambda: signal.raise_signal(signal.SIGTERM)).start()\n"
+        f"mfu.run_group([sys.executable, {str(child)!r}], 60)\n")
+    proc = subprocess.run([sys.executable, str(parent)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 128 + 15, proc.stderr[-2000:]
+    pid = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"peer {pid} still running after SIGTERM")
 
 
 def _run(tmp_path, *extra):

@@ -9,7 +9,7 @@
 A row is ``side/shape/seq/float8``: side ``neoxt`` or ``torchtitan``; shape ``llama-1.1b``
 (TinyLlama-1.1B dims), ``llama-7b`` (LLaMA-2-7B dims; ``gpt-neox-1b`` on request); seq 2048 / 8192;
 float8 ``off`` (bf16), ``tensorwise`` or ``rowwise`` (neoxt's ``float8_recipe`` through
-``neoxt.distributed.float8``; torchtitan 0.3.0 has rowwise only, so it has no tensorwise rows). The
+``neoxt.distributed.float8``; torchtitan's ``quantize.linear.float8.recipe_name``). The
 order is by priority (every bf16 row first), so a ``--budget-s`` that runs out drops float8 rows
 first; a row that no longer fits the budget is listed as not run. Each row: ``--warmup`` untimed
 steps (compile happens there), then ``--steps`` timed ones between two device synchronisations.
@@ -25,9 +25,9 @@ time retries once with 3/4 of the layers, also said in the note. MFU per layer h
 
 The neoxt step is what ``neoxt train`` does per micro-batch: forward with the chunked output
 head + loss (``neoxt.train.chunked_loss``), backward, grad-norm clip at 1.0, AdamW from
-``neoxt.train.optim``. The torchtitan row (``benchmarks/titan_peer.py``, one subprocess each) builds
-torchtitan's own trainer with the same dimensions, batch, AC and float8 setting and is timed the same
-way. TFLOP/s and MFU of both sides use ``neoxt.model.flops_per_token`` (6N + attention, the
+``neoxt.train.optim``. The torchtitan row (``benchmarks/titan_peer.py``, torchtitan 0.2.2, one
+subprocess each) builds torchtitan's own trainer with the same dimensions (its parameter count is
+checked against ours), batch, AC and float8 setting and is timed the same way. TFLOP/s and MFU of both sides use ``neoxt.model.flops_per_token`` (6N + attention, the
 PaLM/Megatron convention torchtitan also uses) against ``--peak-tflops`` (default 989: H100/H200 SXM
 dense bf16, also for float8 rows); torchtitan's self-reported MFU is in the JSON. Never asserts a
 timing. Data is random tokens. On CPU (``--tiny``), float8 and torchtitan rows are refused in one line
@@ -65,7 +65,7 @@ from neoxt.train.optim import build_optimizer
 
 SIDES = ("neoxt", "torchtitan")
 FLOAT8 = ("off", "tensorwise", "rowwise")
-TITAN_FLOAT8 = ("off", "rowwise")  # torchtitan 0.3.0's Float8LinearConverter recipes
+TITAN_FLOAT8 = FLOAT8  # torchtitan 0.2.2's quantize.linear.float8.recipe_name has both recipes
 HERE = Path(__file__).resolve().parent
 
 
@@ -281,8 +281,8 @@ def measure_titan(row: Row, shape: Shape, layers: int, args, device: torch.devic
     out = {"micro_batch": batch, "ac": ac, "layers": layers, "of_layers": shape.cfg.num_layers}
     if device.type != "cuda":
         return {**out, "status": "refused", "note": f"the torchtitan peer needs a CUDA GPU; this run is on {device.type}"}
-    if shape.cfg.activation != "swiglu" or shape.cfg.norm != "rmsnorm":
-        return {**out, "status": "refused", "note": "torchtitan's peer model is LLaMA-3: LLaMA-shaped rows only"}
+    if shape.cfg.activation != "swiglu" or shape.cfg.norm != "rmsnorm" or shape.cfg.tie_word_embeddings:
+        return {**out, "status": "refused", "note": "torchtitan's peer model is LLaMA-3 (untied): LLaMA-shaped rows only"}
     broken = titan_import_error()
     if broken:
         return {**out, "status": "refused", "note": f"torchtitan does not import here: {broken}"}
@@ -290,7 +290,7 @@ def measure_titan(row: Row, shape: Shape, layers: int, args, device: torch.devic
            str(HERE / "titan_peer.py"), "--model-json", json.dumps(titan_dims(mcfg)), "--seq", str(row.seq),
            "--micro-batch", str(batch), "--ac", "on" if ac else "off", "--float8", row.float8,
            "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    cmd += ([] if args.compile else ["--no-compile"]) + (["--no-cuda-graphs"] if args.titan_no_cuda_graphs else [])
+    cmd += [] if args.compile else ["--no-compile"]
     _free(device)
     code, stdout, stderr = run_group(cmd, timeout)
     _log_peer(args, row, cmd, stdout + stderr, "timed out" if code is None else f"exit {code}")
@@ -301,6 +301,9 @@ def measure_titan(row: Row, shape: Shape, layers: int, args, device: torch.devic
         oom = "OutOfMemoryError" in stderr or "CUDA out of memory" in stderr
         return {**out, "status": "oom" if oom else "failed", "note": f"torchtitan exit {code}: {error_line(stderr + stdout)}"}
     got = json.loads(result[-1][len("TITAN_RESULT "):])
+    if got["titan_params"] != num_params(mcfg):  # the two sides must have run the same shape
+        return {**out, **got, "status": "failed",
+                "note": f"torchtitan built {got['titan_params']:,} params, neoxt's shape has {num_params(mcfg):,}"}
     return {**out, **got, "status": "ok", "note": "", "flops_per_token": flops_per_token(mcfg, row.seq),
             "params_b": num_params(mcfg) / 1e9}
 
@@ -312,7 +315,7 @@ def titan_import_error() -> str:
     """'' when torchtitan's trainer and LLaMA model import in a fresh interpreter, else the error line;
     checked once per run, so a torchtitan that cannot load here costs seconds, not a failure per row."""
     if not _TITAN_IMPORT:
-        code, out, err = run_group([sys.executable, "-c", "import torchtitan.trainer, torchtitan.models.llama3"], 300)
+        code, out, err = run_group([sys.executable, "-c", "import torchtitan.train, torchtitan.models.llama3"], 300)
         _TITAN_IMPORT.append("" if code == 0 else error_line(err + out))
     return _TITAN_IMPORT[0]
 
@@ -445,7 +448,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None, help="stop starting rows that would end past this many seconds")
     p.add_argument("--row-guess-s", type=float, default=90.0, help="time budgeted for a row of a side/shape not yet timed")
     p.add_argument("--row-timeout-s", type=float, default=300.0, help="longest a torchtitan row may run")
-    p.add_argument("--titan-no-cuda-graphs", action="store_true", help="torchtitan without its CUDA graphs (on by default)")
     p.add_argument("--json", default=None, help="write the rows here (rewritten after every row)")
     p.add_argument("--markdown", default=None, help="write the REPORT.md table here at the end")
     p.add_argument("--peer-log", default=None, help="append torchtitan's full output here")

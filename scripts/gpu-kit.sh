@@ -10,26 +10,28 @@
 # benchmark imports only torch, numpy, pyyaml and tqdm from outside neoxt, all in the image).
 # Versions are pinned; each was chosen for the image's torch 2.11:
 #   torchao 0.17.0       float8 training (needs torch >= 2.11 for its C++ parts; float8 is Python + Triton)
-#   torchtitan 0.3.0     the peer; its Requires-Dist, minus what the image already has:
-#   torchdata 0.11.0, torch_checkpointing 0.1.1, spmd_types 0.2.3, tyro 1.0.17 (+ docstring-parser,
-#   typeguard, typing_extensions >= 4.13), datasets 4.7.0 (< 4.8, imported by torchtitan's trainer;
-#   + dill, multiprocess). tensorboard, einops, pillow, safetensors, tokenizers are in the image; wandb
-#   is imported only when enabled.
+#   torchtitan 0.2.2     the peer, built 2026-02-20 beside torch 2.11 (0.3.0 imports DataParallelMeshDims,
+#                        which torch gained after 2.11, so it cannot load there); its Requires-Dist minus
+#                        the image's packages: torchdata 0.11.0, tyro 1.0.17 (+ docstring-parser,
+#                        typeguard, typing_extensions >= 4.13), datasets 4.7.0 (imported by its trainer;
+#                        + dill, multiprocess, and fsspec 2026.2.0, the newest datasets 4.7 accepts).
+#                        tensorboard, einops, pillow, tokenizers are in the
+#                        image; tomli is not needed on Python 3.12.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 
 WHEELS=(
   torchao==0.17.0
-  torchtitan==0.3.0 torchdata==0.11.0 torch_checkpointing==0.1.1 spmd_types==0.2.3
+  torchtitan==0.2.2 torchdata==0.11.0
   tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.1 typing_extensions==4.15.0
-  datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18
+  datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18 fsspec==2026.2.0
 )
 LIMIT_MIB=50
 
 run_command() {
   # The exact command for the device tool's `run` (carry: [".whl"], timeout_s: 560). Under 2,000 chars.
   cat <<'EOF'
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src || exit; set -o pipefail; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee $OUT/env.txt; python3 -c "import torch,torchao,torchtitan;print('torch',torch.__version__,'torchao',torchao.__version__,'torchtitan',torchtitan.__version__)" 2>&1 | tee -a $OUT/env.txt; PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 500 python3 benchmarks/mfu.py --peer torchtitan --budget-s 440 --json $OUT/mfu.json --markdown $OUT/mfu.md --peer-log $OUT/titan.log 2>&1 | tee $OUT/mfu.log
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src || exit; set -o pipefail; nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee $OUT/env.txt; python3 -c "import torch,torchao,torchtitan,torchtitan.train;print('torch',torch.__version__,'torchao',torchao.__version__,'torchtitan',torchtitan.__version__)" 2>&1 | tee -a $OUT/env.txt; PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout 500 python3 benchmarks/mfu.py --peer torchtitan --budget-s 440 --json $OUT/mfu.json --markdown $OUT/mfu.md --peer-log $OUT/titan.log 2>&1 | tee $OUT/mfu.log
 EOF
 }
 

@@ -33,26 +33,27 @@ def _load(name: str):
 mfu = _load("mfu")
 
 
-def test_rows_cover_the_issue_grid_bf16_first_and_torchtitan_has_no_tensorwise():
+def test_rows_cover_the_issue_grid_bf16_first_both_sides():
     rows = mfu.plan_rows(["llama-1.1b", "llama-7b"], [2048, 8192], list(mfu.FLOAT8), peer=True)
     keys = [r.key for r in rows]
-    assert len(keys) == len(set(keys)) == 4 * 2 + 4 * 3  # bf16 x 2 sides + float8: 2 neoxt + 1 torchtitan
+    assert len(keys) == len(set(keys)) == 2 * 2 * 3 * 2  # shapes x seqs x float8 x sides
     assert keys[:4] == ["neoxt/llama-1.1b/2048/off", "torchtitan/llama-1.1b/2048/off",
                         "neoxt/llama-7b/2048/off", "torchtitan/llama-7b/2048/off"]
     assert all(r.float8 == "off" for r in rows[:8]) and all(r.float8 != "off" for r in rows[8:])
-    assert not [k for k in keys if k.startswith("torchtitan/") and k.endswith("/tensorwise")]
-    assert "neoxt/llama-7b/8192/tensorwise" in keys and "torchtitan/llama-7b/8192/rowwise" in keys
+    assert keys[8:12] == ["neoxt/llama-1.1b/2048/tensorwise", "torchtitan/llama-1.1b/2048/tensorwise",
+                          "neoxt/llama-1.1b/2048/rowwise", "torchtitan/llama-1.1b/2048/rowwise"]
+    assert keys[-1] == "torchtitan/llama-7b/8192/rowwise"
     assert [r.side for r in mfu.plan_rows(["llama-7b"], [2048], ["off"], peer=False)] == ["neoxt"]
 
 
 def test_row_selection_by_pattern_keeps_plan_order_and_refuses_a_pattern_matching_nothing():
     rows = mfu.plan_rows(["llama-1.1b", "llama-7b"], [2048, 8192], list(mfu.FLOAT8), peer=True)
-    got = [r.key for r in mfu.select_rows(rows, ["*/llama-7b/8192/*", "neoxt/llama-1.1b/2048/off"])]
-    assert got == ["neoxt/llama-1.1b/2048/off", "neoxt/llama-7b/8192/off", "torchtitan/llama-7b/8192/off",
-                   "neoxt/llama-7b/8192/tensorwise", "neoxt/llama-7b/8192/rowwise", "torchtitan/llama-7b/8192/rowwise"]
+    got = [r.key for r in mfu.select_rows(rows, ["neoxt/llama-7b/8192/*", "*/llama-1.1b/2048/off"])]
+    assert got == ["neoxt/llama-1.1b/2048/off", "torchtitan/llama-1.1b/2048/off", "neoxt/llama-7b/8192/off",
+                   "neoxt/llama-7b/8192/tensorwise", "neoxt/llama-7b/8192/rowwise"]
     assert mfu.select_rows(rows, None) == rows
     with pytest.raises(ConfigError, match="matches no row"):
-        mfu.select_rows(rows, ["torchtitan/llama-7b/2048/tensorwise"])
+        mfu.select_rows(rows, ["torchtitan/llama-7b/4096/off"])
 
 
 def test_7b_plan_fits_one_h200_with_ac_and_falls_back_to_fewer_layers_on_a_smaller_device():
@@ -70,6 +71,15 @@ def test_7b_plan_fits_one_h200_with_ac_and_falls_back_to_fewer_layers_on_a_small
     assert mfu.estimate_bytes(mfu.with_layers(shape.cfg, layers), 1, 8192, True) <= 80 * GIB
     one_b = mfu.shapes(False)["llama-1.1b"]
     assert mfu.fit_layers(one_b.cfg, one_b.tokens // 8192, 8192, one_b.ac, h200) == one_b.cfg.num_layers
+
+
+def test_torchtitan_ffn_rule_gives_our_exact_ffn_width():
+    peer = _load("titan_peer")
+    shapes = [s.cfg for s in mfu.shapes(False).values()] + [s.cfg for s in mfu.shapes(True).values()]
+    for cfg in shapes + [mfu.preset("olmo3-7b")]:
+        args = peer.ffn_args(cfg.hidden_size, cfg.intermediate_size)
+        assert peer.titan_ffn_width(cfg.hidden_size, **args) == cfg.intermediate_size
+    assert peer.titan_ffn_width(2048, 256, None) == 5632  # torchtitan's own default rule, for reference
 
 
 def test_torchtitan_peer_gets_the_same_dimensions():
@@ -108,7 +118,7 @@ def test_markdown_table_pairs_the_sides_and_lists_notes():
     assert lines[2] == ("| llama-7b | 24/32 | 8192 | 1 | on | off | 3,000 | 400.0 | 40.4% | 120.5 "
                         "| 2,500 | 400.0 | 40.4% | 120.5 | 1.20x |")
     assert lines[3].startswith("| llama-7b | 24/32 | 8192 | 1 | on | tensorwise | not run |")
-    assert "| — |" in lines[3]  # no torchtitan row for tensorwise
+    assert "| — |" in lines[3]  # no torchtitan row in the results
     assert "- neoxt/llama-7b/8192/off: out of memory at 32 layers: measured with 24 of 32" in lines
     assert "- neoxt/llama-7b/8192/tensorwise: not run: 5s of the time budget left" in lines
 
@@ -195,7 +205,7 @@ def test_list_and_bad_selection_exit_cleanly(capsys):
     assert mfu.main(["--tiny", "--list", "--peer", "torchtitan", "--seqs", "64"]) == 0
     assert capsys.readouterr().out.split() == [
         "neoxt/llama-tiny/64/off", "torchtitan/llama-tiny/64/off", "neoxt/llama-tiny/64/tensorwise",
-        "neoxt/llama-tiny/64/rowwise", "torchtitan/llama-tiny/64/rowwise"]
+        "torchtitan/llama-tiny/64/tensorwise", "neoxt/llama-tiny/64/rowwise", "torchtitan/llama-tiny/64/rowwise"]
     assert mfu.main(["--tiny", "--rows", "nothing/*"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "matches no row" in err[0]

@@ -1,7 +1,7 @@
 """Training throughput and MFU of 1B and 7B-class LLaMA shapes (FSDP2 + compile, float8), torchtitan beside.
 
     python benchmarks/mfu.py                                  # one GPU: the whole grid below
-    python benchmarks/mfu.py --peer torchtitan --budget-s 420 --json mfu.json   # + torchtitan rows
+    python benchmarks/mfu.py --peer torchtitan --budget-s 440 --json mfu.json   # + torchtitan rows
     python benchmarks/mfu.py --rows 'neoxt/llama-7b/*/off'    # a subset (fnmatch on row keys)
     python benchmarks/mfu.py --list                           # print the row keys and exit
     python benchmarks/mfu.py --tiny                           # CPU smoke run of the same code path
@@ -27,9 +27,10 @@ The neoxt step is what ``neoxt train`` does per micro-batch: forward with the ch
 head + loss (``neoxt.train.chunked_loss``), backward, grad-norm clip at 1.0, AdamW from
 ``neoxt.train.optim``. The torchtitan row (``benchmarks/titan_peer.py``, torchtitan 0.2.2, one
 subprocess each) builds torchtitan's own trainer with the same dimensions (its parameter count is
-checked against ours), batch, AC and float8 setting and is timed the same way. TFLOP/s and MFU of both sides use ``neoxt.model.flops_per_token`` (6N + attention, the
-PaLM/Megatron convention torchtitan also uses) against ``--peak-tflops`` (default 989: H100/H200 SXM
-dense bf16, also for float8 rows); torchtitan's self-reported MFU is in the JSON. Never asserts a
+checked against ours), batch, AC and float8 setting and is timed the same way. TFLOP/s and MFU of
+both sides use ``neoxt.model.flops_per_token`` (6N + attention, the PaLM/Megatron convention
+torchtitan also uses) against ``--peak-tflops`` (default 989: H100/H200 SXM dense bf16, also for
+float8 rows); torchtitan's self-reported MFU is in the JSON. Never asserts a
 timing. Data is random tokens. On CPU (``--tiny``), float8 and torchtitan rows are refused in one line
 each (they need a CUDA GPU) and listed as such.
 """
@@ -162,6 +163,13 @@ def with_layers(cfg: ModelConfig, layers: int) -> ModelConfig:
     return replace(cfg, num_layers=layers, attention_types=cfg.attention_types[:1] * layers)
 
 
+def planned(row: Row, shape: Shape, args) -> dict:
+    """How a row is run before anything is measured: micro-batch, AC and layers (the shape's)."""
+    return {"micro_batch": args.micro_batch or max(1, shape.tokens // row.seq),
+            "ac": {"shape": shape.ac, "on": True, "off": False}[args.ac],
+            "layers": shape.cfg.num_layers, "of_layers": shape.cfg.num_layers}
+
+
 def _single_process_group(device: torch.device) -> None:
     """A one-rank group (FSDP2 needs a mesh even on one device)."""
     if dist.is_initialized():
@@ -229,10 +237,9 @@ def measure_neoxt(row: Row, shape: Shape, args, device: torch.device) -> dict:
     """One neoxt row: float8 refused in one line where it cannot run; fewer layers if 7B cannot fit."""
     from neoxt.distributed.float8 import check_float8
 
-    batch = args.micro_batch or max(1, shape.tokens // row.seq)
-    ac = {"shape": shape.ac, "on": True, "off": False}[args.ac]
+    out = planned(row, shape, args)
+    batch, ac = out["micro_batch"], out["ac"]
     mcfg = replace(shape.cfg, max_position_embeddings=max(shape.cfg.max_position_embeddings, row.seq))
-    out = {"micro_batch": batch, "ac": ac, "layers": mcfg.num_layers, "of_layers": mcfg.num_layers}
     if row.float8 != "off":
         try:
             check_float8(RunConfig(model=mcfg, training=TrainingConfig(float8_recipe=row.float8)), device)
@@ -275,10 +282,9 @@ def titan_dims(cfg: ModelConfig) -> dict:
 
 def measure_titan(row: Row, shape: Shape, layers: int, args, device: torch.device, timeout: float) -> dict:
     """One torchtitan row in its own process (``titan_peer.py``), with neoxt's row's layer count."""
-    batch = args.micro_batch or max(1, shape.tokens // row.seq)
-    ac = {"shape": shape.ac, "on": True, "off": False}[args.ac]
+    out = {**planned(row, shape, args), "layers": layers}
+    batch, ac = out["micro_batch"], out["ac"]
     mcfg = with_layers(replace(shape.cfg, max_position_embeddings=max(shape.cfg.max_position_embeddings, row.seq)), layers)
-    out = {"micro_batch": batch, "ac": ac, "layers": layers, "of_layers": shape.cfg.num_layers}
     if device.type != "cuda":
         return {**out, "status": "refused", "note": f"the torchtitan peer needs a CUDA GPU; this run is on {device.type}"}
     if shape.cfg.activation != "swiglu" or shape.cfg.norm != "rmsnorm" or shape.cfg.tie_word_embeddings:
@@ -474,16 +480,14 @@ def run_rows(rows: list[Row], table: dict[str, Shape], args, device: torch.devic
         skip = over_budget(row, results, left, args.row_guess_s)
         t0 = time.monotonic()
         if skip:
-            result = {"micro_batch": args.micro_batch or max(1, table[row.shape].tokens // row.seq),
-                      "ac": table[row.shape].ac, "layers": table[row.shape].cfg.num_layers,
-                      "of_layers": table[row.shape].cfg.num_layers, "status": "skipped", "note": skip}
+            result = {**planned(row, table[row.shape], args), "status": "skipped", "note": skip}
         elif row.side == "neoxt":
             try:
                 result = measure_neoxt(row, table[row.shape], args, device)
             except Exception as err:  # one broken row must not lose the table; the traceback goes to stderr
                 traceback.print_exc()
                 _free(device)
-                result = {"micro_batch": 0, "ac": False, "layers": 0, "of_layers": 0, "status": "failed",
+                result = {**planned(row, table[row.shape], args), "status": "failed",
                           "note": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
             if result["status"] == "ok":
                 layers_used[(row.shape, row.seq, row.float8)] = result["layers"]

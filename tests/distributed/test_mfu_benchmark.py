@@ -99,6 +99,34 @@ def test_time_budget_skips_a_row_that_would_not_finish():
     assert "~90s" in mfu.over_budget(mfu.Row("neoxt", "llama-1.1b", 2048, "off"), done, 60.0, 90.0)
 
 
+def test_a_failing_row_is_recorded_and_the_rest_still_run(monkeypatch, tmp_path, capsys):
+    """One broken row must not lose the table; a row past the time budget is listed as not run."""
+    table = mfu.shapes(True)
+    rows = mfu.plan_rows(["llama-tiny"], [64, 128], ["off"], peer=False)
+    calls = []
+
+    def fake_measure(row, shape, args, device):
+        calls.append(row.key)
+        if row.seq == 64:
+            raise RuntimeError("boom\nsecond line")
+        return {**mfu.planned(row, shape, args), "status": "ok", "note": "", "step_s": 0.5, "peak_mem_gib": None,
+                "flops_per_token": 1e6, "params_b": 1e-4}
+
+    monkeypatch.setattr(mfu, "measure_neoxt", fake_measure)
+    monkeypatch.setattr(mfu.dist, "get_world_size", lambda: 1)
+    args = mfu.parse(["--tiny", "--json", str(tmp_path / "r.json"), "--peak-tflops", "1"])
+    results = mfu.run_rows(rows, table, args, mfu.torch.device("cpu"))
+    assert calls == ["neoxt/llama-tiny/64/off", "neoxt/llama-tiny/128/off"]
+    assert results[0]["status"] == "failed" and results[0]["note"] == "RuntimeError: boom"
+    assert results[0]["micro_batch"] == 4 and results[0]["layers"] == 2
+    assert results[1]["status"] == "ok" and results[1]["tokens_per_s"] == 2 * 128 / 0.5
+    assert [r["key"] for r in json.loads((tmp_path / "r.json").read_text())["rows"]] == [r.key for r in rows]
+    args.budget_s = 1e-6
+    skipped = mfu.run_rows(rows, table, args, mfu.torch.device("cpu"))
+    assert [r["status"] for r in skipped] == ["skipped", "skipped"] and len(calls) == 2
+    assert "RuntimeError: boom" in capsys.readouterr().err  # the traceback, for the log
+
+
 def _row(side, shape, seq, f8, status="ok", tps=1000.0, note=""):
     r = {"side": side, "shape": shape, "seq": seq, "float8": f8, "key": f"{side}/{shape}/{seq}/{f8}",
          "status": status, "note": note, "micro_batch": 1, "ac": True, "layers": 24, "of_layers": 32}

@@ -42,7 +42,8 @@ fi
 
 git check-ignore -q .whl/probe.whl || { echo "gpu-kit: .whl/ is not git-ignored (add /.whl/ to .gitignore)" >&2; exit 2; }
 mkdir -p .whl
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-}"
+[[ -n "$PY" ]] || { [[ -x .venv/bin/python ]] && PY=.venv/bin/python || PY=python3; }
 "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \

@@ -241,6 +241,23 @@ def test_list_and_bad_selection_exit_cleanly(capsys):
     assert "unknown llama-9b" in capsys.readouterr().err
 
 
+def test_gpu_kit_prints_one_short_command_that_installs_the_wheels_and_runs_every_row():
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu-kit.sh"), "--command"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    cmd = proc.stdout.strip()
+    assert len(cmd.splitlines()) == 1 and len(cmd) <= 2000  # the device tool's limit
+    assert cmd.startswith("python3 -m pip install -q --no-index --no-deps") and "--target /tmp/site .whl/*.whl" in cmd
+    assert "export PYTHONPATH=/tmp/site:$PWD/src" in cmd and "PYTHONUNBUFFERED=1" in cmd
+    assert "benchmarks/mfu.py --peer torchtitan --budget-s" in cmd and "--json $OUT/" in cmd and "tee $OUT/" in cmd
+    wheels = (REPO / "scripts" / "gpu-kit.sh").read_text().split("WHEELS=(")[1].split(")")[0].split()
+    names = [w.split("==")[0].lower().replace("-", "_") for w in wheels]
+    assert all("==" in w for w in wheels) and len(names) == len(set(names))  # pinned, one version each
+    assert {"torchao", "torchtitan", "datasets"} <= set(names)
+    assert "torchtitan==0.2.2" in wheels  # 0.3.0 needs a torch newer than the GPU image's 2.11
+    assert "    " + cmd + "\n" in (REPO / "benchmarks" / "REPORT.md").read_text()  # the report shows this very command
+
+
 @pytest.mark.slow
 def test_mfu_benchmark_tiny_cpu_compiled(tmp_path):
     out = tmp_path / "mfu.json"

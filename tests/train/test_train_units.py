@@ -138,3 +138,30 @@ def test_dynamic_loss_scaler_follows_deepspeed_rules():
     static = LossScaler.from_config(TrainingConfig(precision="fp16", loss_scale=128.0))
     static.update(True)
     assert static.scale == 128.0
+
+
+def test_adamw_is_fused_for_plain_and_sharded_parameters(tmp_path):
+    """One fused AdamW kernel per step, for FSDP2/TP/EP DTensor shards too (not foreach's passes)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from neoxt.config.schema import OptimizerConfig
+    from neoxt.train.optim import build_optimizer
+
+    plain = torch.nn.Linear(4, 4)
+    assert build_optimizer(plain, OptimizerConfig()).defaults["fused"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = torch.nn.Linear(4, 4)
+        sharded.weight = torch.nn.Parameter(distribute_tensor(sharded.weight.data, init_device_mesh("cpu", (1,)),
+                                                              [Shard(0)]))
+        opt = build_optimizer(sharded, OptimizerConfig())
+        assert opt.defaults["fused"]
+        for p in sharded.parameters():
+            p.grad = torch.ones_like(p)
+        before = sharded.weight.full_tensor().clone()
+        opt.step()  # the fused kernel takes the DTensor shards
+        assert not torch.equal(sharded.weight.full_tensor(), before)
+    finally:
+        dist.destroy_process_group()

@@ -17,9 +17,9 @@ steps (compile happens there), then ``--steps`` timed ones between two device sy
 Each shape fixes the tokens per step (micro-batch = tokens // seq) and activation checkpointing
 (``llama-7b``: full AC, 8192 tokens; the 1B shapes: no AC, 16384 tokens). On one GPU FSDP2 still
 wraps the model on a one-rank mesh (bf16 params, fp32 master weights and reduce), as a multi-GPU
-run would. 7B on one H200: fp32 params + grads + AdamW states are 16 B/param (108 GB for 6.7B) and
-neoxt's optimizer (foreach AdamW on DTensors) adds one fp32 temporary per param during its step, so
-the row is planned from an estimate against the device's memory: if the estimate does not fit, the
+run would. 7B on one H200: fp32 params + grads + AdamW states are 16 B/param (108 GB for 6.7B; the
+optimizer is torch's fused AdamW, which needs no per-param temporary), so the row is planned from an
+estimate against the device's memory: if the estimate does not fit, the
 row runs with fewer layers of the same width and says so (``layers`` column and note); an OOM at run
 time retries once with 3/4 of the layers, also said in the note. MFU per layer hardly depends on depth.
 
@@ -139,16 +139,16 @@ def select_rows(rows: list[Row], patterns: list[str] | None) -> list[Row]:
 
 
 def estimate_bytes(cfg: ModelConfig, batch: int, seq: int, ac: bool) -> float:
-    """Rough peak device memory of one neoxt step (bf16 compute, FSDP2 fp32 master, foreach AdamW).
+    """Rough peak device memory of one neoxt step (bf16 compute, FSDP2 fp32 master, fused AdamW).
 
-    20 B/param: fp32 param + grad + Adam m, v + the optimizer's fp32 temporary; activations of a
+    16 B/param: fp32 param + grad + Adam m, v; activations of a
     LLaMA block ~2 B x (16 H + 5 F) per token (kept for every layer without AC, recomputed one layer
     at a time with AC, which keeps each block's input); 6 GiB for gathered bf16 blocks, the output
     chunk, workspaces and allocator slack."""
     tokens, H, F, L = batch * seq, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
     block = tokens * 2 * (16 * H + 5 * F)
     act = tokens * 2 * H * L + block if ac else block * L
-    return 20 * num_params(cfg) + act + 6 * 2**30
+    return 16 * num_params(cfg) + act + 6 * 2**30
 
 
 def fit_layers(cfg: ModelConfig, batch: int, seq: int, ac: bool, device_bytes: float) -> int:

@@ -133,9 +133,6 @@ class SequenceSplit:
         ``mask`` None means causal and nothing else (the ring); otherwise it is [B|1, 1, T/cp, T] over
         the K/V rows in all-gathered order (``slots``)."""
         if mask is None:
-            groups = q.shape[1] // k.shape[1]
-            if groups > 1:  # the ring's kernels take as many K/V heads as query heads
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             return _ring_attention(q, k.contiguous(), v.contiguous(), self.group)
         k = funcol.all_gather_single_autograd(k.contiguous(), gather_dim=2, group=self.group)
         v = funcol.all_gather_single_autograd(v.contiguous(), gather_dim=2, group=self.group)
@@ -239,26 +236,49 @@ def _ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: di
     return _RingAttention.apply(q, k, v, group)
 
 
+def _gqa_forward(op: Any, groups: int):
+    """``op`` for K/V with ``groups`` times fewer heads than Q: the kernels take as many K/V heads as
+    query heads, so each block is widened just before the kernel and the ring passes the narrow K/V."""
+
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any):
+        return op(q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), **kwargs)
+
+    return forward
+
+
+def _gqa_backward(op: Any, groups: int):
+    """The backward ``op`` for narrow K/V: gradients of the widened heads summed back per K/V head."""
+
+    def backward(*, key: torch.Tensor, value: torch.Tensor, **kwargs: Any):
+        dq, dk, dv, *rest = op(key=key.repeat_interleave(groups, dim=1), value=value.repeat_interleave(groups, dim=1),
+                               **kwargs)
+        return (dq, dk.unflatten(1, (-1, groups)).sum(2), dv.unflatten(1, (-1, groups)).sum(2), *rest)
+
+    return backward
+
+
 class _RingAttention(torch.autograd.Function):
     """Causal attention of head-tail sequence shards over the cp group, forward and backward."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dist.ProcessGroup):
-        kernel = _kernel(q)
+        kernel, groups = _kernel(q), q.shape[1] // k.shape[1]
+        op = _gqa_forward(kernel.forward, groups) if groups > 1 else kernel.forward
         with _head_tail_ring():
             out, lse, *rest = torch_cp._templated_ring_attention(
-                group, 2, kernel.forward, query=q, key=k, value=v, is_causal=True, **kernel.forward_kwargs)
+                group, 2, op, query=q, key=k, value=v, is_causal=True, **kernel.forward_kwargs)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.kernel, ctx.rest = group, kernel, tuple(rest)
+        ctx.group, ctx.kernel, ctx.rest, ctx.groups = group, kernel, tuple(rest), groups
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         kernel: _Kernel = ctx.kernel
+        op = _gqa_backward(kernel.backward, ctx.groups) if ctx.groups > 1 else kernel.backward
         with _head_tail_ring():
             dq, dk, dv = torch_cp._templated_ring_attention_backward(
-                ctx.group, 2, kernel.backward, grad_out=grad.contiguous(), grad_out_name=kernel.grad_name,
+                ctx.group, 2, op, grad_out=grad.contiguous(), grad_out_name=kernel.grad_name,
                 query=q, key=k, value=v, out=out, logsumexp=lse, is_causal=True,
                 **kernel.backward_kwargs(ctx.rest))[:3]
         return dq, dk, dv, None

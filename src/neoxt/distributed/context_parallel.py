@@ -14,8 +14,9 @@ Attention, two ways (``SequenceSplit.attend``, called by ``neoxt.model.attention
   ring attention, ``_templated_ring_attention`` from torch.distributed.tensor.experimental's context
   parallel. K/V blocks travel round the cp group, each step runs the fused SDPA kernel on one block
   and the partial outputs are merged by their log-sum-exp; the backward passes K/V gradients round
-  the same way. We call torch's ring directly with the kernel for the device (CPU flash on CPU, flash
-  for bf16/fp16 and memory-efficient for fp32 on CUDA) instead of going through torch's public
+  the same way; under GQA the K/V travel with their own (fewer) heads and are widened per block
+  just before the kernel. We call torch's ring directly with the kernel for the device (CPU flash on
+  CPU, flash for bf16/fp16 and memory-efficient for fp32 on CUDA) instead of going through torch's public
   ``context_parallel``: that one only dispatches the CUDA kernels — so nothing could be checked on
   the CPU machines CI has — and monkey-patches ``F.scaled_dot_product_attention`` for the whole
   process while it is active.

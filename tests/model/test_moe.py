@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from neoxt.model import Transformer, flops_per_token, num_params, preset
-from neoxt.model.moe import MoE, capacity_mask, load_balancing_loss, router_z_loss, sinkhorn
+from neoxt.model.moe import MoE, capacity_mask, load_balancing_loss, moe_layers, router_z_loss, sinkhorn
 from neoxt.model.transformer import _ACTIVATIONS
 
 
@@ -232,3 +232,16 @@ def test_xavier_init_uses_one_experts_fans_and_matches_torch_on_matrices():
     assert torch.equal(matrix, expected)  # dense weights: unchanged from torch's initialiser
     experts = Transformer(cfg).layers[0].mlp.experts.up  # [16, 172, 64]
     assert experts.std().item() == pytest.approx((2 / (172 + 64)) ** 0.5, rel=0.05)
+
+
+def test_a_moe_model_copies_after_a_training_forward():
+    """The router's last auxiliary losses hang on the forward's graph: copies leave them out."""
+    import copy
+
+    cfg = preset("llama-tiny", moe_num_experts=4, moe_top_k=2, moe_router_type="topk", padded_vocab_size=64)
+    model = Transformer(cfg).train()
+    model(torch.randint(0, 64, (2, 8)))
+    assert model.aux_losses()  # recorded by the training forward
+    twin = copy.deepcopy(model)
+    assert all(not m.aux for m in moe_layers(twin)) and all(m.aux for m in moe_layers(model))
+    assert torch.equal(twin(torch.ones(1, 4, dtype=torch.long)), model(torch.ones(1, 4, dtype=torch.long)))

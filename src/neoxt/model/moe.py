@@ -232,6 +232,13 @@ class MoE(nn.Module):
         self.shared = shared
         self.aux: dict[str, torch.Tensor] = {}
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave out the last forward's auxiliary losses: they hang on that forward's
+        graph, which ``copy.deepcopy`` cannot copy (a reference model copied after training started)."""
+        state = dict(super().__getstate__())
+        state["aux"] = {}
+        return state
+
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights [N, k] fp32, expert ids [N, k], logits [N, E] fp32) for tokens h [N, H]."""
         cfg = self.cfg

@@ -6,11 +6,8 @@ averaged over the pairs of the global batch (so gradient accumulation does not c
 holds the chosen rows then the rejected rows. ``dpo_reference_free`` uses 0 for the reference terms;
 precomputed reference log-probs (``precompute_model_name``) come with the batch as ``ref``.
 Log-probabilities are always taken in fp32 (upstream's ``dpo_fp32`` default; false is accepted).
-MoE policies: the weighted auxiliary losses (load balancing, router z-loss) of each micro-batch's
-policy forward join the backward as for the LM objective (``moe_aux_term``: a mean over micro-batches x
-data-parallel ranks), never the frozen reference's (a module of its own, in eval mode: it records
-none; its forward runs before the policy's anyway); the reported loss stays the DPO loss and the
-unweighted losses are logged as ``moe_aux_loss`` / ``moe_z_loss``.
+MoE policies add their routers' auxiliary losses to the backward as the LM objective does, never the
+reference's (``objectives/base.moe_aux_term`` says how); the reported loss stays the DPO loss.
 """
 
 from __future__ import annotations

@@ -6,11 +6,8 @@ detached mean log-ratio. Per sequence:
 half's mean of ``kto_desirable_weight`` (reward > 0) / ``kto_undesirable_weight`` (reward < 0). The
 micro-batch loss is the mean over its pairs of sequences; the step loss the mean over micro-batches
 (and data-parallel ranks), as upstream's per-micro-batch mean averaged by accumulation.
-MoE policies: the weighted auxiliary losses (load balancing, router z-loss) of each micro-batch's
-policy forward join the backward as for the LM objective (``moe_aux_term``: a mean over micro-batches x
-data-parallel ranks), never the frozen reference's (a module of its own, in eval mode: it records
-none; its forward runs before the policy's anyway); the reported loss stays the KTO loss and the
-unweighted losses are logged as ``moe_aux_loss`` / ``moe_z_loss``.
+MoE policies add their routers' auxiliary losses to the backward as the LM objective does, never the
+reference's (``objectives/base.moe_aux_term`` says how); the reported loss stays the KTO loss.
 """
 
 from __future__ import annotations
